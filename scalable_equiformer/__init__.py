@@ -1,0 +1,1 @@
+"""Equiformer interatomic potential with memory levers for large molecules."""
