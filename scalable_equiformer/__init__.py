@@ -1,1 +1,4 @@
 """Equiformer interatomic potential with memory levers for large molecules."""
+
+from .config import Config, load_config
+from .errors import CheckpointError, ConfigError, DataError, TrainingError, UserError

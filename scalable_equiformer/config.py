@@ -1,0 +1,421 @@
+"""Typed configuration: one dataclass per section, YAML files, ``--set`` overrides, validation.
+
+Precedence is ``dataclass defaults < config file < --set overrides``. Every final value remembers
+where it came from (:attr:`Config.sources`), and the resolved config is written into each run folder
+with the units of every physical quantity as comments.
+
+>>> cfg = load_config(None, ["train.max_epochs=3", "model.cutoff=4.5"])
+>>> cfg.train.max_epochs, cfg.model.cutoff
+(3, 4.5)
+
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and the
+file (or ``--set``) they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # folder holding the dataset files (catalog names resolve here)
+    name: Optional[str] = None  # catalog name, e.g. md17_aspirin, rmd17_ethanol, md22_AT-AT
+    path: Optional[str] = None  # a file; wins over name
+    train_size: int = 950  # frames
+    val_size: int = 50  # frames
+    test_size: Optional[int] = None  # frames; None = all frames left after train and val
+    seed: int = 1  # split seed (Equiformer's MD17 split uses 1)
+    split_index: Optional[int] = None  # rMD17 only: use the published split 0-4 instead of a seeded one
+
+    def validate(self, check):
+        check(self.name is not None or self.path is not None, "name", "set data.name or data.path")
+        check(self.train_size >= 1, "train_size", "must be >= 1")
+        check(self.val_size >= 0, "val_size", "must be >= 0")
+        check(self.test_size is None or self.test_size >= 0, "test_size", "must be >= 0 or null")
+        check(self.split_index is None or 0 <= self.split_index <= 4, "split_index", "must be 0-4")
+
+
+@dataclass
+class ModelConfig:
+    """Defaults are the paper's MD17 model at Lmax 2 (3.50 M parameters)."""
+
+    irreps_node: str = "128x0e+64x1e+32x2e"
+    lmax: int = 2  # spherical harmonics 1x0e+1x1e+...+1x{lmax}e
+    num_blocks: int = 6
+    num_heads: int = 4
+    irreps_head: str = "32x0e+16x1e+8x2e"  # per attention head
+    irreps_feedforward: str = "384x0e+192x1e+96x2e"
+    irreps_feature: str = "512x0e"  # output of the last block, read by the energy head
+    num_radial: int = 32
+    radial_basis: str = "exp_normal"  # exp_normal | gaussian | bessel
+    radial_hidden: list[int] = field(default_factory=lambda: [64, 64])
+    cutoff: float = 5.0  # Å
+    attention: str = "mlp"  # mlp | dot
+    message: str = "nonlinear"  # nonlinear | linear
+    alpha_drop: float = 0.0
+    proj_drop: float = 0.0
+    drop_path: float = 0.0
+    max_atomic_number: int = 64
+    avg_num_neighbors: Optional[float] = None  # None = from the training split
+    avg_num_atoms: Optional[float] = None  # None = from the training split
+    dtype: str = "float32"  # float32 | float64
+
+    def validate(self, check):
+        from e3nn import o3
+
+        for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
+            try:
+                o3.Irreps(getattr(self, key))
+            except Exception:
+                check(False, key, f"not an irreps string: {getattr(self, key)!r}")
+        check(0 <= self.lmax <= 6, "lmax", "must be 0-6")
+        check(self.num_blocks >= 1, "num_blocks", "must be >= 1")
+        check(self.num_heads >= 1, "num_heads", "must be >= 1")
+        check(self.num_radial >= 1, "num_radial", "must be >= 1")
+        check(self.radial_basis in ("exp_normal", "gaussian", "bessel"), "radial_basis",
+              f"must be exp_normal, gaussian or bessel, not {self.radial_basis!r}")
+        check(self.cutoff > 0, "cutoff", "must be > 0 Å")
+        check(self.attention in ("mlp", "dot"), "attention", f"must be mlp or dot, not {self.attention!r}")
+        check(self.message in ("nonlinear", "linear"), "message",
+              f"must be nonlinear or linear, not {self.message!r}")
+        for key in ("alpha_drop", "proj_drop", "drop_path"):
+            check(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
+        check(self.max_atomic_number >= 1, "max_atomic_number", "must be >= 1")
+        check(self.avg_num_neighbors is None or self.avg_num_neighbors > 0, "avg_num_neighbors", "must be > 0")
+        check(self.avg_num_atoms is None or self.avg_num_atoms > 0, "avg_num_atoms", "must be > 0")
+        check(self.dtype in ("float32", "float64"), "dtype", f"must be float32 or float64, not {self.dtype!r}")
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 1500
+    max_steps: Optional[int] = None  # optimizer steps; None = no limit
+    batch_size: int = 8  # molecules per optimizer step, over all data-parallel ranks
+    eval_batch_size: int = 16
+    energy_weight: float = 1.0
+    force_weight: float = 80.0
+    loss: str = "l2mae"  # l2mae (original: mean per-atom L2 norm of the force error) | mae | mse
+    ema_decay: Optional[float] = None  # None = no EMA; e.g. 0.999
+    grad_clip: Optional[float] = None  # max gradient norm; None = off
+    eval_every: int = 1  # epochs
+    log_every: int = 50  # optimizer steps between metrics.csv rows of training loss
+    max_eval_frames: Optional[int] = None  # cap on validation frames per evaluation; None = all
+    out_dir: str = "runs"
+    run_name: Optional[str] = None  # None = <data name>_<timestamp>
+    seed: int = 0  # model init and shuffling
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0
+    progress: bool = True  # progress bar (rank 0 only)
+
+    def validate(self, check):
+        check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check(self.energy_weight >= 0, "energy_weight", "must be >= 0")
+        check(self.force_weight >= 0, "force_weight", "must be >= 0")
+        check(self.energy_weight + self.force_weight > 0, "force_weight", "energy and force weights are both 0")
+        check(self.loss in ("l2mae", "mae", "mse"), "loss", f"must be l2mae, mae or mse, not {self.loss!r}")
+        check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay", "must be in (0, 1) or null")
+        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
+        check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.max_eval_frames is None or self.max_eval_frames >= 1, "max_eval_frames", "must be >= 1")
+        check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, not {self.device!r}")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 10.0
+    warmup_lr: float = 1e-6  # learning rate at the start of the warm-up
+    min_lr: float = 1e-6
+
+    def validate(self, check):
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        check(self.scheduler in ("cosine", "constant"), "scheduler", f"must be cosine or constant, not {self.scheduler!r}")
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(self.warmup_lr >= 0, "warmup_lr", "must be >= 0")
+        check(0 <= self.min_lr <= self.lr, "min_lr", "must be between 0 and optim.lr")
+
+
+@dataclass
+class MemoryConfig:
+    """One key per memory lever; `tools/memory_profile.py --levers` uses these names."""
+
+    checkpointing: str = "none"  # none | blocks (per-block activation checkpointing) | forces (block-wise force recomputation)
+    micro_batch_size: Optional[int] = None  # molecules per forward; gradients accumulate to train.batch_size; None = whole batch
+    edge_chunk_size: Optional[int] = None  # edges per attention chunk; None = all at once
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with loss scaling); norms, energy sums and forces stay fp32
+
+    def validate(self, check):
+        check(self.checkpointing in ("none", "blocks", "forces"), "checkpointing",
+              f"must be none, blocks or forces, not {self.checkpointing!r}")
+        check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1 or null")
+        check(self.edge_chunk_size is None or self.edge_chunk_size >= 1, "edge_chunk_size", "must be >= 1 or null")
+        check(self.precision in ("fp32", "bf16", "fp16"), "precision", f"must be fp32, bf16 or fp16, not {self.precision!r}")
+
+
+@dataclass
+class ParallelConfig:
+    graph_partitions: int = 1  # ranks that share one molecule's graph (halo exchange)
+
+    def validate(self, check):
+        check(self.graph_partitions >= 1, "graph_partitions", "must be >= 1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: str = "auto"  # auto (when launched with several ranks or by the deepspeed launcher) | true | false
+    zero_stage: int = 0  # 0 = plain data parallel; 1, 2, 3 shard optimizer state / gradients / parameters
+    extra: dict = field(default_factory=dict)  # raw DeepSpeed config keys merged last
+
+    def validate(self, check):
+        check(str(self.enabled).lower() in ("auto", "true", "false"), "enabled", "must be auto, true or false")
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    plot: bool = True  # learning_curve.png at the end of training
+    level: str = "info"  # debug | info | warning
+
+    def validate(self, check):
+        check(self.level in ("debug", "info", "warning"), "level", "must be debug, info or warning")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # where each non-default value came from: "a.b" -> "<file>" or "--set"
+    sources: dict = field(default_factory=dict, repr=False, compare=False)
+
+    SECTIONS = ("data", "model", "train", "optim", "memory", "parallel", "deepspeed", "logging")
+
+    def to_dict(self) -> dict:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}
+
+    def dump(self, path: Union[str, Path, None] = None) -> str:
+        """YAML of the resolved config, with units and the origin of each non-default value."""
+        lines = ["# scalable_equiformer resolved config", "# units: lengths Å, energies eV, forces eV/Å"]
+        for section in self.SECTIONS:
+            lines.append(f"{section}:")
+            obj = getattr(self, section)
+            comments = _field_comments(type(obj))
+            for f in dataclasses.fields(obj):
+                value = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True).strip()
+                if value.endswith("\n...") or value.endswith("..."):
+                    value = value.replace("\n...", "").replace("...", "").strip()
+                note = comments.get(f.name, "")
+                origin = self.sources.get(f"{section}.{f.name}")
+                tail = "  # " + "; ".join(x for x in (note, f"from {origin}" if origin else "") if x) if (note or origin) else ""
+                lines.append(f"  {f.name}: {value}{tail}")
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def validate(self, origin: str = "config") -> None:
+        for section in self.SECTIONS:
+            obj = getattr(self, section)
+
+            def check(ok, key, message, _section=section):
+                if not ok:
+                    name = f"{_section}.{key}"
+                    where = self.sources.get(name, origin)
+                    raise ConfigError(f"{where}: {name}: {message}")
+
+            obj.validate(check)
+        if self.memory.micro_batch_size is not None and self.memory.micro_batch_size > self.train.batch_size:
+            raise ConfigError(f"{self.sources.get('memory.micro_batch_size', origin)}: memory.micro_batch_size "
+                              f"({self.memory.micro_batch_size}) is larger than train.batch_size ({self.train.batch_size})")
+
+
+def _field_comments(cls) -> dict:
+    """Trailing ``# comment`` of each field in the dataclass source (units, choices)."""
+    import inspect
+
+    out = {}
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return out
+    for line in src.splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith(("#", "def", '"')):
+            name = line.split(":", 1)[0].strip()
+            if name.isidentifier():
+                out[name] = line.split("#", 1)[1].strip()
+    return out
+
+
+_MISSING = object()
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings from ``--set`` are parsed first."""
+    if from_string and isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            pass
+    origin_tp = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin_tp in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, origin, from_string)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else ConfigError(f"{origin}: {key}: bad value {value!r}")
+    if origin_tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{origin}: {key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", origin, from_string) for i, v in enumerate(value)] if args else list(value)
+    if tp is dict or origin_tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{origin}: {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{origin}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)  # YAML 1.1 reads "5e-4" as a string
+                except ValueError:
+                    pass
+            raise ConfigError(f"{origin}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) and key.endswith("enabled"):
+            return str(value).lower()
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{origin}: {key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+# One home per setting: mixed precision is a memory lever (it applies with or without DeepSpeed),
+# so the name users know from DeepSpeed configs is an alias of memory.precision.
+ALIASES = {("deepspeed", "precision"): ("memory", "precision")}
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str, from_string: bool) -> None:
+    section, key = ALIASES.get((section, key), (section, key))
+    if section not in Config.SECTIONS:
+        hint = difflib.get_close_matches(section, Config.SECTIONS, n=1)
+        raise ConfigError(f"{origin}: unknown section {section!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; sections: {', '.join(Config.SECTIONS)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        hint = difflib.get_close_matches(key, list(hints), n=1)
+        raise ConfigError(f"{origin}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)" if hint else ""))
+    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}", origin, from_string))
+    cfg.sources[f"{section}.{key}"] = origin
+
+
+def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
+    """A path as given, or a bare name looked up in ``configs/`` (with or without ``.yaml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml", CONFIG_DIR / f"{p.name}.yml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    hint = difflib.get_close_matches(p.stem, known, n=3)
+    raise ConfigError(f"{name_or_path}: no such config file, and no configs/{p.stem}.yaml"
+                      + (f" (close: {', '.join(hint)})" if hint else ""))
+
+
+def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file (path or name in ``configs/``), then ``a.b=value`` overrides."""
+    cfg = Config()
+    origin = "defaults"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        origin = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            if section not in Config.SECTIONS:
+                _apply(cfg, str(section), "", None, origin, False)  # raises: unknown section
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
+            for key, value in values.items():
+                _apply(cfg, section, str(key), value, origin, False)
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.max_epochs=10")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        _apply(cfg, section, key, value, "--set", True)
+    cfg.validate(origin)
+    return cfg
+
+
+def config_from_dict(data: dict, origin: str = "checkpoint") -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in (values or {}).items():
+            _apply(cfg, section, key, value, origin, False)
+    cfg.validate(origin)
+    return cfg
