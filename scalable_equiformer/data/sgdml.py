@@ -42,17 +42,18 @@ KJ_PER_EV = KCAL_PER_EV * 4.184
 #: 1 Bohr in Å (CODATA 2018).
 ANGSTROM_PER_BOHR = 0.529177210903
 
-#: energy unit marker (lower case) -> multiply by this to get eV.
+#: energy unit marker (lower case) -> how many of that unit make 1 eV (values are divided by it,
+#: so kcal/mol converts as E / 23.060547830619026 exactly).
 ENERGY_UNITS: dict[str, float] = {
-    "kcal/mol": 1.0 / KCAL_PER_EV,
-    "kcal mol-1": 1.0 / KCAL_PER_EV,
-    "kcal": 1.0 / KCAL_PER_EV,
+    "kcal/mol": KCAL_PER_EV,
+    "kcal mol-1": KCAL_PER_EV,
+    "kcal": KCAL_PER_EV,
     "ev": 1.0,
-    "mev": 1e-3,
-    "kj/mol": 1.0 / KJ_PER_EV,
-    "ha": EV_PER_HARTREE,
-    "hartree": EV_PER_HARTREE,
-    "eh": EV_PER_HARTREE,
+    "mev": 1e3,
+    "kj/mol": KJ_PER_EV,
+    "ha": 1.0 / EV_PER_HARTREE,
+    "hartree": 1.0 / EV_PER_HARTREE,
+    "eh": 1.0 / EV_PER_HARTREE,
 }
 #: length unit marker (lower case) -> multiply by this to get Å.
 LENGTH_UNITS: dict[str, float] = {
@@ -66,6 +67,7 @@ LENGTH_UNITS: dict[str, float] = {
 }
 
 SGDML_KEYS = ("R", "E", "F", "z")
+_FORMAT_LABEL = {"sgdml": "sGDML", "rmd17": "rMD17"}
 RMD17_KEYS = ("coords", "energies", "forces", "nuclear_charges")
 
 
@@ -128,7 +130,8 @@ def _text(value) -> str:
 
 
 def unit_factor(marker: str, kind: str, path) -> float:
-    """Factor that converts ``marker`` to eV (kind='energy') or Å (kind='length').
+    """kind='energy': units of ``marker`` per eV (divide by it to get eV); kind='length': Å per
+    ``marker`` (multiply by it to get Å).
 
     Raises DataError naming the file for an unknown marker.
     """
@@ -253,7 +256,7 @@ def read_npz(
 
     Returns:
         RawData with positions [n, N, 3] Å, energies [n] eV, forces [n, N, 3] eV/Å (float64),
-        z [N] int64. Forces are converted with (energy factor / length factor).
+        z [N] int64. Forces are converted with both factors (kcal/mol/Å: F / KCAL_PER_EV).
     """
     path = Path(path)
     npz = _open_npz(path)
@@ -266,7 +269,7 @@ def read_npz(
         missing = [k for k in names if k not in keys]
         if missing:
             raise DataError(
-                f"{path}: missing key {missing[0]!r} ({fmt} files need {', '.join(names)}; "
+                f"{path}: missing key {missing[0]!r} ({_FORMAT_LABEL[fmt]} files need {', '.join(names)}; "
                 f"found {', '.join(sorted(keys)) or 'none'})"
             )
         raw = {short: _get(npz, key, path) for short, key in zip(("R", "E", "F", "z"), names)}
@@ -289,8 +292,8 @@ def read_npz(
     return RawData(
         z=z,
         positions=R * r_fac if r_fac != 1.0 else R,
-        energies=E * e_fac,
-        forces=F * (e_fac / r_fac),
+        energies=E / e_fac,
+        forces=F / e_fac / r_fac if r_fac != 1.0 else F / e_fac,
         path=path,
         name=meta.get("name", path.stem),
         theory=meta.get("theory", ""),
@@ -364,9 +367,9 @@ def read_ase(
     r_fac = unit_factor(r_unit, "length", path)
     return RawData(
         z=z,
-        positions=R * r_fac,
-        energies=E * e_fac,
-        forces=F * (e_fac / r_fac),
+        positions=R * r_fac if r_fac != 1.0 else R,
+        energies=E / e_fac,
+        forces=F / e_fac / r_fac if r_fac != 1.0 else F / e_fac,
         path=path,
         name=path.stem,
         theory=str(info0.get("theory", "")),
