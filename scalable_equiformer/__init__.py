@@ -2,3 +2,4 @@
 
 from .config import Config, load_config
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
+from .model import build_model

@@ -72,6 +72,7 @@ class ModelConfig:
     avg_num_neighbors: Optional[float] = None  # None = from the training split
     avg_num_atoms: Optional[float] = None  # None = from the training split
     dtype: str = "float32"  # float32 | float64
+    smooth_cutoff: bool = True  # envelope on attention weights and values (energy continuous at the cutoff); false = the original
 
     def validate(self, check):
         from e3nn import o3

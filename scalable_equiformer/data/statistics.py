@@ -1,0 +1,133 @@
+"""Normalisation statistics of a training split (never module constants).
+
+``compute_statistics(dataset, cutoff)`` -> :class:`DatasetStatistics`:
+
+* ``energy_per_atom_mean`` (eV/atom): mean over frames of E / n_atoms — the per-atom energy shift;
+* ``force_rms`` (eV/Å): root mean square of all force components — the energy/force scale;
+* ``avg_num_neighbors``: mean number of neighbours within ``cutoff`` per atom (edges / atoms);
+* ``avg_num_atoms``: mean number of atoms per frame.
+
+Frames are subsampled evenly to at most ``max_frames`` (default 2,000). Datasets with bulk
+tensors (``positions`` [n, N, 3], ``energies`` [n], ``forces`` [n, N, 3], ``z`` [N]) are read
+in bulk, including through a ``torch.utils.data.Subset``; anything else is iterated item by item
+(``pos``, ``z``, ``energy``, ``forces``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+_FIELDS = ("energy_per_atom_mean", "force_rms", "avg_num_neighbors", "avg_num_atoms")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetStatistics:
+    energy_per_atom_mean: float  # eV / atom (energy shift per atom)
+    force_rms: float  # eV / Å (energy and force scale)
+    avg_num_neighbors: float  # neighbours within the cutoff, per atom
+    avg_num_atoms: float  # atoms per frame
+
+    def __post_init__(self) -> None:
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DataError(f"statistic {name} must be a finite number, got {value!r}")
+        if self.force_rms <= 0 or self.avg_num_neighbors <= 0 or self.avg_num_atoms <= 0:
+            raise DataError(f"statistics force_rms, avg_num_neighbors and avg_num_atoms must be > 0, got {self}")
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in _FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetStatistics":
+        unknown = sorted(set(d) - set(_FIELDS))
+        missing = sorted(set(_FIELDS) - set(d))
+        if unknown or missing:
+            raise DataError(f"dataset statistics: unknown keys {unknown}, missing keys {missing}")
+        return cls(**{name: float(d[name]) for name in _FIELDS})
+
+    def describe(self) -> str:
+        return (
+            f"energy shift {self.energy_per_atom_mean:.6f} eV/atom, force RMS (scale) {self.force_rms:.6f} eV/Å, "
+            f"avg neighbours {self.avg_num_neighbors:.4f}, avg atoms {self.avg_num_atoms:.4f}"
+        )
+
+
+def _bulk(dataset):
+    """(positions [n,N,3], energies [n], forces [n,N,3], z [N]) as tensors, or None."""
+    indices = None
+    base = dataset
+    if isinstance(dataset, torch.utils.data.Subset):
+        indices, base = list(dataset.indices), dataset.dataset
+    if not all(hasattr(base, a) for a in ("positions", "energies", "forces", "z")):
+        return None
+    pos, energies, forces, z = (torch.as_tensor(np.asarray(getattr(base, a))) if not torch.is_tensor(getattr(base, a)) else getattr(base, a) for a in ("positions", "energies", "forces", "z"))
+    if indices is not None:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        pos, energies, forces = pos[idx], energies[idx], forces[idx]
+    return pos, energies.reshape(-1), forces, z.reshape(-1)
+
+
+def _count_neighbors(pos: torch.Tensor, cutoff: float) -> int:
+    """Ordered pairs (i != j) closer than cutoff (exact differences), summed over frames; pos [n, N, 3]."""
+    total = 0
+    n_atoms = pos.shape[1]
+    chunk = max(1, (1 << 21) // max(n_atoms * n_atoms, 1))
+    for s in range(0, pos.shape[0], chunk):
+        p = pos[s : s + chunk]
+        d2 = (p[:, :, None, :] - p[:, None, :, :]).pow(2).sum(-1)  # [c, N, N]
+        total += int((d2 < cutoff * cutoff).sum()) - p.shape[0] * n_atoms  # remove self pairs
+    return total
+
+
+def _even_subsample(n: int, max_frames: int) -> torch.Tensor:
+    if n <= max_frames:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, max_frames, dtype=torch.float64).round().long()
+
+
+def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> DatasetStatistics:
+    """Statistics of ``dataset`` (the training split) for a model with this ``cutoff`` (Å)."""
+    n = len(dataset)
+    if n == 0:
+        raise DataError("cannot compute statistics of an empty training split")
+    bulk = _bulk(dataset)
+    if bulk is not None:
+        pos, energies, forces, z = bulk
+        sel = _even_subsample(pos.shape[0], max_frames)
+        pos, energies, forces = pos[sel].to(torch.float64), energies[sel].to(torch.float64), forces[sel].to(torch.float64)
+        n_atoms = z.numel()
+        e_per_atom = float((energies / n_atoms).mean())
+        f_rms = float(forces.pow(2).mean().sqrt())
+        avg_neighbors = _count_neighbors(pos, cutoff) / (pos.shape[0] * n_atoms)
+        avg_atoms = float(n_atoms)
+    else:
+        sel = _even_subsample(n, max_frames).tolist()
+        e_sum = f_sq = 0.0
+        f_count = edges = atoms = 0
+        for i in sel:
+            item = dataset[i]
+            p = torch.as_tensor(item.pos, dtype=torch.float64)
+            na = p.shape[0]
+            e_sum += float(torch.as_tensor(item.energy, dtype=torch.float64).reshape(-1)[0]) / na
+            f = torch.as_tensor(item.forces, dtype=torch.float64)
+            f_sq += float(f.pow(2).sum())
+            f_count += f.numel()
+            edges += _count_neighbors(p.unsqueeze(0), cutoff)
+            atoms += na
+        e_per_atom = e_sum / len(sel)
+        f_rms = math.sqrt(f_sq / max(f_count, 1))
+        avg_neighbors = edges / atoms
+        avg_atoms = atoms / len(sel)
+    stats = DatasetStatistics(e_per_atom, f_rms, float(avg_neighbors), float(avg_atoms))
+    log.info("training-split statistics (%d of %d frames, cutoff %.3f Å): %s", len(sel), n, cutoff, stats.describe())
+    return stats

@@ -1,0 +1,56 @@
+"""Energy and forces, F = -dE/dpos, behind one strategy switch.
+
+``energy_and_forces(model, batch, training, compute_forces=True, strategy=None)`` returns
+``{"energy": [B] eV (float64), "forces": [N, 3] eV/Å (model dtype)}``.
+
+Strategies (``strategy`` argument, else ``model.force_strategy``):
+  * ``"autograd"`` — the plain path and the oracle: run the stages, then
+    ``torch.autograd.grad(E.sum(), pos, create_graph=training)``. In training the graph is kept
+    for ``loss.backward()``; at evaluation nothing is kept (energy and forces are detached).
+  * (to be added here) ``"blockwise"`` — block-by-block recomputation with explicit VJPs
+    (``../shared/DESIGN.md``, "Memory levers"); register it in ``_STRATEGIES`` with the same
+    signature and result as ``_autograd``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def prepare_inputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(pos in the model dtype, z long, batch vector, num_graphs) from a torch-geometric Batch."""
+    pos = batch.pos.to(model.dtype)
+    z = batch.z.long()
+    vec = getattr(batch, "batch", None)
+    if vec is None:
+        vec = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+    num_graphs = int(getattr(batch, "num_graphs", 0) or (int(vec.max()) + 1 if vec.numel() else 1))
+    return pos, z, vec, num_graphs
+
+
+def _autograd(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
+    with torch.enable_grad():
+        if not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        energy = model.energy(pos, z, batch_vec, num_graphs)
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+    forces = -grad
+    if not training:
+        energy, forces = energy.detach(), forces.detach()
+    return {"energy": energy, "forces": forces}
+
+
+_STRATEGIES: dict[str, Callable] = {"autograd": _autograd}
+
+
+def energy_and_forces(model, batch, training: bool, compute_forces: bool = True, strategy: str | None = None) -> dict[str, torch.Tensor]:
+    pos, z, batch_vec, num_graphs = prepare_inputs(model, batch)
+    if not compute_forces:
+        return {"energy": model.energy(pos, z, batch_vec, num_graphs)}
+    name = strategy or getattr(model, "force_strategy", "autograd")
+    if name not in _STRATEGIES:
+        raise ValueError(f"unknown force strategy {name!r}; known: {sorted(_STRATEGIES)}")
+    return _STRATEGIES[name](model, pos, z, batch_vec, num_graphs, training)
+

@@ -1,0 +1,35 @@
+"""Shared test helpers: the equivariance battery (``helpers.equivariance``) and tiny model configs."""
+
+from __future__ import annotations
+
+from scalable_equiformer.config import ModelConfig
+
+TINY_IRREPS = {
+    2: dict(irreps_node="8x0e+4x1e+2x2e", irreps_head="4x0e+2x1e+1x2e", irreps_feedforward="16x0e+8x1e+4x2e"),
+    3: dict(irreps_node="8x0e+4x1e+2x2e+2x3e", irreps_head="4x0e+2x1e+1x2e+1x3e", irreps_feedforward="16x0e+8x1e+4x2e+4x3e"),
+}
+
+PAPER_IRREPS = {  # the original's graph_attention_transformer_nonlinear_exp_l{2,3}_md17
+    2: dict(irreps_node="128x0e+64x1e+32x2e", irreps_head="32x0e+16x1e+8x2e", irreps_feedforward="384x0e+192x1e+96x2e"),
+    3: dict(irreps_node="128x0e+64x1e+64x2e+32x3e", irreps_head="32x0e+16x1e+16x2e+8x3e", irreps_feedforward="384x0e+192x1e+192x2e+96x3e"),
+}
+
+
+def tiny_model_config(lmax: int = 2, attention: str = "mlp", message: str = "nonlinear", **overrides) -> ModelConfig:
+    """A 2-block model with a few channels per l, 2 heads, cutoff 4 Å: milliseconds per molecule."""
+    kw = dict(
+        lmax=lmax,
+        num_blocks=2,
+        num_heads=2,
+        irreps_feature="16x0e",
+        num_radial=8,
+        radial_hidden=[16],
+        cutoff=4.0,
+        attention=attention,
+        message=message,
+        avg_num_neighbors=3.0,
+        avg_num_atoms=5.0,
+        **TINY_IRREPS[lmax],
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)

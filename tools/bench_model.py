@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Benchmark the Equiformer: forward, forward + forces, and a full training step.
+
+    python tools/bench_model.py                       # paper-size Lmax-2 model, shipped aspirin + AT-AT
+    python tools/bench_model.py --tiny --repeats 3    # a tiny model (smoke test)
+    python tools/bench_model.py --data a.npz --batch-size 8 --json out.json
+
+Modes (each: one warm-up, then ``--repeats`` timed runs; the median is reported):
+  forward        eval, energy only, under no_grad
+  forces         eval, energy and forces (autograd, no graph kept)
+  train_step     train: forces with create_graph, loss = mean|dE| + mean|dF| (eV, eV/Å),
+                 loss.backward() and an AdamW step
+Peak memory per mode: CUDA ``max_memory_allocated`` on a GPU; on the CPU the process's resident
+high-water mark (VmHWM, reset before each mode through /proc/self/clear_refs where the kernel
+allows, else the lifetime ``ru_maxrss``), reported as the peak and its growth over the RSS at the
+start of the mode. Times in seconds, memory in bytes (MiB in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch_geometric.data import Batch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scalable_equiformer import build_model  # noqa: E402
+from scalable_equiformer.config import ModelConfig  # noqa: E402
+from scalable_equiformer.data.dataset import load_dataset  # noqa: E402
+from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
+from scalable_equiformer.errors import UserError  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "xtb"
+DEFAULT_DATA = [SHARED / "aspirin_xtb_500K.npz", SHARED / "AT-AT_xtb_500K.npz"]
+TINY = dict(
+    irreps_node="16x0e+8x1e+4x2e", num_blocks=2, num_heads=2, irreps_head="8x0e+4x1e+2x2e",
+    irreps_feedforward="32x0e+16x1e+8x2e", irreps_feature="32x0e", num_radial=16, radial_hidden=[32],
+)
+LMAX3 = dict(irreps_node="128x0e+64x1e+64x2e+32x3e", irreps_head="32x0e+16x1e+16x2e+8x3e", irreps_feedforward="384x0e+192x1e+192x2e+96x3e")
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def _rss_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryMeter:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda max_memory_allocated"
+        else:
+            self.reset = _reset_cpu_peak()
+            self.base = _rss_bytes("VmRSS") or 0
+            self.method = "VmHWM (reset per mode)" if self.reset else "ru_maxrss (process lifetime)"
+
+    def stop(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _rss_bytes("VmHWM") if self.reset else None
+            if peak is None:
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_bytes": int(peak), "peak_growth_bytes": int(max(peak - self.base, 0)), "memory_method": self.method}
+
+
+# -- benchmark ---------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_batch(ds, batch_size: int, device: torch.device) -> Batch:
+    frames = [ds[i] for i in range(min(batch_size, len(ds)))]
+    return Batch.from_data_list(frames).to(device)
+
+
+def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimizer) -> dict:
+    def step():
+        if mode == "forward":
+            model.eval()
+            with torch.no_grad():
+                model(batch, compute_forces=False)
+        elif mode == "forces":
+            model.eval()
+            model(batch)
+        else:
+            model.train()
+            out = model(batch)
+            loss = (out["energy"] - batch.energy.reshape(-1).to(out["energy"].dtype)).abs().mean() + (
+                out["forces"] - batch.forces.to(out["forces"].dtype)
+            ).abs().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    meter = MemoryMeter(device)
+    meter.start()
+    step()  # warm-up (also part of the peak: same work)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    mem = meter.stop()
+    optimizer.zero_grad(set_to_none=True)
+    return {"median_s": statistics.median(times), "times_s": times, **mem}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="sGDML npz files (default: shipped aspirin and AT-AT xTB data)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model instead of the paper's")
+    p.add_argument("--lmax", type=int, choices=(2, 3), default=2, help="paper model at Lmax 2 (3.50 M) or 3 (5.50 M)")
+    p.add_argument("--attention", choices=("mlp", "dot"), default="mlp")
+    p.add_argument("--message", choices=("nonlinear", "linear"), default="nonlinear")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--batch-size", type=int, default=1, help="frames per batch (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per mode after one warm-up (default 5)")
+    p.add_argument("--modes", nargs="+", choices=("forward", "forces", "train_step"), default=["forward", "forces", "train_step"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    results = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "units": {"time": "s", "memory": "bytes"},
+        "datasets": [],
+    }
+    try:
+        for path in args.data:
+            ds = load_dataset(path)
+            stats = compute_statistics(ds, cutoff=5.0)
+            kw = dict(attention=args.attention, message=args.message, dtype=args.dtype)
+            kw.update(TINY if args.tiny else (LMAX3 if args.lmax == 3 else {}))
+            if args.lmax == 3:
+                kw["lmax"] = 3
+            cfg = ModelConfig(**kw)
+            model = build_model(cfg, stats=stats).to(device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            batch = _make_batch(ds, args.batch_size, device)
+            edges = int(model.build_graph(batch.pos.to(model.dtype), batch.batch).shape[1])
+            entry = {
+                "data": str(path),
+                "atoms_per_frame": ds.num_atoms,
+                "atoms": int(batch.num_nodes),
+                "edges": edges,
+                "parameters": sum(q.numel() for q in model.parameters()),
+                "model": "tiny" if args.tiny else f"paper lmax {args.lmax}",
+                "attention": args.attention,
+                "message": args.message,
+                "modes": {},
+            }
+            for mode in args.modes:
+                entry["modes"][mode] = run_mode(model, batch, mode, args.repeats, device, optimizer)
+                r = entry["modes"][mode]
+                print(
+                    f"{path.name:28s} {mode:11s} atoms {entry['atoms']:5d} edges {edges:6d}  median {r['median_s'] * 1e3:9.1f} ms  "
+                    f"peak {r['peak_bytes'] / 2**20:8.1f} MiB  (+{r['peak_growth_bytes'] / 2**20:7.1f} MiB)",
+                    flush=True,
+                )
+            results["datasets"].append(entry)
+            del model, optimizer
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
