@@ -223,3 +223,19 @@ def test_blocks_under_non_reentrant_checkpoint_give_the_same_forces_and_gradient
     for a, b in zip(g1, g0):
         assert_close(a, b, torch.float64, "parameter gradients with checkpointed blocks")
     model.zero_grad(set_to_none=True)
+
+
+def test_molecule_without_edges():
+    """An isolated atom (or a graph part with no edges) has an energy and zero forces, no crash."""
+    from torch_geometric.data import Batch, Data
+
+    from scalable_equiformer import build_model
+
+    model = build_model(tiny_model_config())
+    model.train()
+    for pos in (torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])):
+        batch = Batch.from_data_list([Data(pos=pos.double(), z=torch.full((pos.shape[0],), 6))])
+        out = model(batch)
+        assert torch.isfinite(out["energy"]).all()
+        assert torch.equal(out["forces"], torch.zeros_like(out["forces"]))
+        out["energy"].sum().backward()

@@ -66,7 +66,7 @@ class Vec2Heads(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        return torch.cat([c.reshape(n, self.num_heads, -1) for c in x.split(self._chunks, dim=1)], dim=2)
+        return torch.cat([c.reshape(n, self.num_heads, size // self.num_heads) for c, size in zip(x.split(self._chunks, dim=1), self._chunks)], dim=2)
 
 
 class Heads2Vec(torch.nn.Module):
@@ -79,7 +79,7 @@ class Heads2Vec(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        return torch.cat([c.reshape(n, -1) for c in x.split(self._chunks, dim=2)], dim=1)
+        return torch.cat([c.reshape(n, x.shape[1] * size) for c, size in zip(x.split(self._chunks, dim=2), self._chunks)], dim=1)
 
 
 def _even_scalar_mul(irreps: o3.Irreps) -> int:
