@@ -85,6 +85,6 @@ class SumReplicated(torch.autograd.Function):
 
 def sum_replicated(x: torch.Tensor, group=None) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``group``; see the module docstring for the gradient."""
-    if dist.get_world_size(group) == 1:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return x
     return SumReplicated.apply(x, group)

@@ -1,0 +1,206 @@
+"""The same Equiformer over the P ranks of a partition group (see :mod:`scalable_equiformer.parallel`)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+from .halo import halo_exchange, sum_replicated
+from .partition import GraphPartition, LocalPart, partition_graph
+
+__all__ = [
+    "PartitionedModel",
+    "make_groups",
+    "allreduce_gradients",
+    "gradient_scale",
+    "group_rank",
+    "group_size",
+]
+
+
+def group_size(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def group_rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def make_groups(world_size: int, partitions: int):
+    """``(data_parallel_group, partition_group)`` of this rank for a world of D x P ranks.
+
+    Ranks ``d*P .. d*P + P - 1`` share one molecule (partition group ``d``); ranks
+    ``p, p + P, p + 2P, ...`` form data-parallel group ``p``. Every rank must call this (it
+    creates all groups, in the same order everywhere). The data-parallel rank that picks this
+    rank's batch is ``rank // P``: all ranks of a partition group must be fed the same batch.
+    """
+    if partitions < 1 or world_size % partitions:
+        raise ValueError(
+            f"parallel.graph_partitions={partitions} must divide the world size {world_size}"
+        )
+    rank = dist.get_rank()
+    D = world_size // partitions
+    dp_group = part_group = None
+    for p in range(partitions):
+        g = dist.new_group([d * partitions + p for d in range(D)])
+        if rank % partitions == p:
+            dp_group = g
+    for d in range(D):
+        g = dist.new_group([d * partitions + p for p in range(partitions)])
+        if rank // partitions == d:
+            part_group = g
+    return dp_group, part_group
+
+
+def gradient_scale(partition_group=None) -> int:
+    """Factor to multiply the loss by when gradients are then *averaged* over all D x P ranks
+    (DeepSpeed, DDP): each rank holds a partial gradient, whose sum over the partition group is
+    the molecule's gradient, so the average over D x P ranks needs a factor P to equal the
+    average over the D data-parallel batches."""
+    return group_size(partition_group)
+
+
+def allreduce_gradients(parameters, partition_group=None) -> None:
+    """Sum each parameter's partial gradient over the partition group (plain torch, no DP
+    averaging): afterwards every rank holds the gradient a single process would compute."""
+    if group_size(partition_group) == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=partition_group)
+
+
+class PartitionedModel(torch.nn.Module):
+    """Run ``model`` (an :class:`~scalable_equiformer.nn.equiformer.Equiformer`, or anything with
+    its stage API) over the ranks of ``group``, one part of the graph per rank.
+
+    ``forward(batch, compute_forces=True)`` returns the model's dict: ``energy`` [B] (float64,
+    replicated on every rank of the group) and ``forces`` [N, 3] (all atoms, replicated). In
+    training mode the forces keep their graph (``create_graph``) for the force loss, as the
+    single-process model does. Parameter gradients after ``loss.backward()`` are partial per
+    rank: see :func:`allreduce_gradients` and :func:`gradient_scale`.
+
+    Every rank of the group must call ``forward`` with the same batch (``check_inputs`` verifies
+    it with one small all-reduce). ``checkpoint_blocks`` recomputes each block in the backward
+    (non-reentrant checkpoint of the block only; the halo exchange is not repeated); by default
+    it follows ``model.force_strategy`` (``memory.checkpointing``: ``blocks``, and for now also
+    ``forces``, whose block-wise recomputation is not partitioned yet).
+    After each call, ``last_partition`` holds the :class:`GraphPartition` and
+    ``last_partition_seconds`` the time spent building it (graph excluded).
+    """
+
+    def __init__(self, model, group=None, check_inputs: bool = True, checkpoint_blocks: bool | None = None):
+        super().__init__()
+        self.model = model
+        self.group = group
+        self.check_inputs = check_inputs
+        if checkpoint_blocks is None:  # follow the model's force strategy (memory.checkpointing)
+            strategy = getattr(model, "force_strategy", "autograd")
+            checkpoint_blocks = strategy in ("blocks", "forces")
+            if strategy == "forces":
+                warnings.warn(
+                    "PartitionedModel: the block-wise force recomputation (memory.checkpointing="
+                    "forces) is not partitioned yet; using per-block checkpointing (same numbers, "
+                    "more memory)", stacklevel=2,
+                )
+        self.checkpoint_blocks = bool(checkpoint_blocks)
+        self.last_partition: GraphPartition | None = None
+        self.last_partition_seconds = 0.0
+        self._warned_dropout = False
+
+    @property
+    def num_parts(self) -> int:
+        return group_size(self.group)
+
+    @property
+    def part_rank(self) -> int:
+        return group_rank(self.group)
+
+    def partition(self, pos: torch.Tensor, batch_vec: torch.Tensor) -> tuple[GraphPartition, LocalPart]:
+        """Radius graph, partition and this rank's :class:`LocalPart` (on ``pos``'s device)."""
+        edge_index = self.model.build_graph(pos, batch_vec)
+        t0 = time.perf_counter()
+        gp = partition_graph(pos, edge_index, self.num_parts, batch=batch_vec)
+        part = gp.local(self.part_rank).to(pos.device)
+        self.last_partition_seconds = time.perf_counter() - t0
+        self.last_partition = gp
+        return gp, part
+
+    def local_energy(self, pos, z, batch_vec, num_graphs, part: LocalPart) -> torch.Tensor:
+        """This rank's share of the energy per graph [num_graphs] (float64): the stages on the
+        local nodes, with a halo exchange before each block."""
+        model, group = self.model, self.group
+        nodes, n_own = part.nodes, part.num_owned
+        pos_l = pos.index_select(0, nodes)  # [n_local, 3]; grads flow back to all of pos
+        z_l, b_l = z.index_select(0, nodes), batch_vec.index_select(0, nodes)
+        edge_index = part.edge_index  # [2, E_p], local numbering: only edges into owned atoms
+        edges = model.edge_features(pos_l, edge_index)
+        x = model.embed(z_l, edges, pos_l.shape[0])  # halo rows incomplete: replaced below
+        node_attr = model.node_attr(x)
+        for block in model.blocks:
+            x = self._block(block, halo_exchange(x[:n_own], part, group), node_attr, edges, b_l)  # [n_local, irreps.dim]
+        return model.readout(x[:n_own], z_l[:n_own], b_l[:n_own], num_graphs)
+
+    def _block(self, block, x, node_attr, edges, b_l):
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            with set_checkpoint_early_stop(False):  # see nn/force_checkpoint.py
+                return checkpoint(block, x, node_attr, edges, b_l, use_reentrant=False, preserve_rng_state=True)
+        return block(x, node_attr, edges, b_l)
+
+    def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
+        from ..nn.forces import prepare_inputs  # noqa: PLC0415
+
+        model, group = self.model, self.group
+        training = model.training
+        self._check_dropout(training)
+        pos, z, batch_vec, num_graphs = prepare_inputs(model, batch)
+        if self.check_inputs and self.num_parts > 1:
+            self._check_same_inputs(pos, z)
+        _, part = self.partition(pos, batch_vec)
+        with torch.enable_grad() if compute_forces else contextlib.nullcontext():
+            if compute_forces and not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            energy = sum_replicated(self.local_energy(pos, z, batch_vec, num_graphs, part), group)
+            if not compute_forces:
+                return {"energy": energy}
+            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+            forces = -sum_replicated(grad, group)  # each rank's grad covers its own edges
+        if not training:
+            energy, forces = energy.detach(), forces.detach()
+        return {"energy": energy, "forces": forces}
+
+    def _check_same_inputs(self, pos, z) -> None:
+        n = pos.shape[0]
+        w = torch.arange(1, n + 1, dtype=torch.float64, device=pos.device)
+        sig = torch.stack([
+            torch.tensor(float(n), dtype=torch.float64, device=pos.device),
+            (pos.detach().double().sum(-1) * w).sum(),
+            (z.double() * w).sum(),
+        ])
+        lo, hi = sig.clone(), sig.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(
+                "PartitionedModel: the ranks of a partition group got different batches; feed every "
+                "rank of a group the same batch (data-parallel rank = rank // graph_partitions)"
+            )
+
+    def _check_dropout(self, training: bool) -> None:
+        if not training or self._warned_dropout:
+            return
+        drops = [
+            m for m in self.model.modules()
+            if "drop" in type(m).__name__.lower() and float(getattr(m, "p", 0.0) or 0.0) > 0
+        ]
+        if drops:
+            warnings.warn(
+                "PartitionedModel: dropout / drop-path is on; its random masks are drawn per rank, "
+                "so a partitioned training step is not the single-process step", stacklevel=3
+            )
+            self._warned_dropout = True

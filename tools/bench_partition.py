@@ -1,0 +1,301 @@
+"""Benchmark graph partitioning: per-rank peak memory and step time for P ranks, halo traffic.
+
+    python tools/bench_partition.py [--partitions 1 2 4] [--out bench_partition.json]
+
+For each P, P gloo processes on this machine run, with the same weights:
+  * a training step (energy, forces with create_graph, loss.backward) on a >= 1,000-atom system;
+  * inference (energy and forces, no graph kept) on a >= 10,000-atom system;
+both tiles of the AT-AT frame (``--data``) on a grid, ``--gap`` Å apart, so neighbouring copies
+interact. Default model: the tiny model of ``scalable_equiformer.parallel.check`` (lmax 2, every
+stage of the paper's model, a few thousand parameters) because the paper's model is slow on CPUs;
+``--config NAME`` uses a config's model.
+
+Per rank: step time (median of ``--repeats``), peak memory growth of the step (CPU: the peak
+resident set, VmHWM reset through /proc/self/clear_refs, minus the resident set before the step,
+with glibc told to mmap tensors >= 64 KiB and trim at once so the resident set follows the live
+tensors;
+CUDA: ``max_memory_allocated`` growth), owned / halo atoms, edges. Per system and P: the time to
+partition (recursive bisection + halo maps, radius graph excluded), the radius graph's time, edge
+balance (max / mean edges per part), and the bytes one halo exchange moves (all ranks together,
+per block, forward) against an all-gather of all node features (each rank receiving the N - n_own
+rows it does not own), for this model's node irreps and for the paper's (128x0e+64x1e+32x2e).
+
+Timings on a CPU with fewer cores than ranks measure oversubscription as much as the method; the
+JSON records the core count. Memory per rank is the number that carries over to GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scalable_equiformer.parallel import check as C  # noqa: E402
+from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
+from scalable_equiformer.parallel.partitioned import PartitionedModel  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "xtb" / "AT-AT_xtb_500K.npz"
+PAPER_NODE_DIM = 128 * 1 + 64 * 3 + 32 * 5  # 128x0e+64x1e+32x2e
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure(fn, device):
+    """(seconds, peak memory growth in bytes) of ``fn()``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        import gc
+
+        gc.collect()
+        base = _rss()
+        _reset_peak()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _hwm() - base
+    return time.perf_counter() - t0, peak
+
+
+def _tight_malloc() -> None:
+    """glibc: serve tensors >= 64 KiB by mmap and return freed memory at once, so the resident
+    set follows the live tensors (otherwise freed-but-kept heap blurs the per-rank peak)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(rank: int, world: int, workdir: str) -> None:
+    torch.set_num_threads(1)
+    _tight_malloc()
+    job = torch.load(Path(workdir) / "job.pt", weights_only=False)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/init", rank=rank, world_size=world)
+    try:
+        device = torch.device("cpu")
+        model = C._build(job["model_config"], job["state_dict"]).to(device)
+        pmodel = PartitionedModel(model, check_inputs=False)
+        out = {}
+        # warm-up (lazy initialisation, allocator) on the small molecule
+        model.train()
+        o = pmodel(C._as_batch(job["warmup"]))
+        C._loss(o).backward()
+        model.zero_grad(set_to_none=True)
+        for task in job["tasks"]:
+            batch = C._as_batch(task["system"])
+            times, peaks = [], []
+            for _ in range(job["repeats"]):
+                if task["mode"] == "train":
+                    model.train()
+
+                    def step():
+                        o = pmodel(batch)
+                        C._loss(o).backward()
+                        model.zero_grad(set_to_none=True)
+                else:
+                    model.eval()
+
+                    def step():
+                        pmodel(batch)
+
+                dist.barrier()
+                t, p = _measure(step, device)
+                times.append(t)
+                peaks.append(p)
+            part = pmodel.last_partition.local(pmodel.part_rank)
+            out[task["name"]] = {
+                "seconds": statistics.median(times),
+                "seconds_all": times,
+                "peak_bytes": max(peaks),
+                "owned": part.num_owned,
+                "halo": part.num_halo,
+                "edges": int(part.edge_ids.numel()),
+                "partition_seconds": pmodel.last_partition_seconds,
+            }
+        torch.save(out, Path(workdir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run(model, tasks, warmup, P: int, repeats: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {
+            "model_config": dataclasses.asdict(model._check_config),
+            "state_dict": model.state_dict(),
+            "tasks": tasks,
+            "warmup": warmup,
+            "repeats": repeats,
+        }
+        torch.save(job, Path(tmp) / "job.pt")
+        method = "fork" if sys.platform == "linux" else "spawn"
+        mp.start_processes(_worker, args=(P, tmp), nprocs=P, join=True, start_method=method)
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(P)]
+
+
+def partition_figures(system, cutoff: float, P: int, node_dim: int, itemsize: int) -> dict:
+    """Partition cost, balance and halo traffic of ``system`` cut into ``P`` parts."""
+    pos, batch = system["pos"], system["batch"]
+    t0 = time.perf_counter()
+    ei = C.radius_graph(pos, cutoff, batch)
+    t_graph = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gp = partition_graph(pos, ei, P, batch=batch)
+    for p in range(P):
+        gp.local(p)
+    t_part = time.perf_counter() - t0
+    s = gp.stats()
+    n = s["num_atoms"]
+    halo_rows = s["halo_total"]
+    allgather_rows = (P - 1) * n  # every rank receives the rows it does not own
+    return {
+        "atoms": n,
+        "edges": s["num_edges"],
+        "radius_graph_seconds": t_graph,
+        "partition_seconds_all_parts": t_part,
+        "edges_per_part": s["edges_per_part"],
+        "edge_imbalance": s["edge_imbalance"],
+        "atoms_per_part": s["atoms_per_part"],
+        "halo_per_part": s["halo_per_part"],
+        "halo_rows_per_block": halo_rows,
+        "allgather_rows_per_block": allgather_rows,
+        "halo_bytes_per_block": halo_rows * node_dim * itemsize,
+        "allgather_bytes_per_block": allgather_rows * node_dim * itemsize,
+        "halo_bytes_per_block_paper_irreps": halo_rows * PAPER_NODE_DIM * itemsize,
+        "allgather_bytes_per_block_paper_irreps": allgather_rows * PAPER_NODE_DIM * itemsize,
+        "halo_vs_allgather": halo_rows / allgather_rows if allgather_rows else 0.0,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--config", help="config name or path (its model); default: the tiny model")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--cutoff", type=float, default=5.0)
+    ap.add_argument("--partitions", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--train-tile", default="3x3x2", help="copies for the training system (>= 1,000 atoms)")
+    ap.add_argument("--infer-tile", default="7x6x4", help="copies for the inference system (>= 10,000 atoms)")
+    ap.add_argument("--gap", type=float, default=2.0, help="Å between copies")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--skip-infer", action="store_true")
+    ap.add_argument("--out", default="bench_partition.json")
+    args = ap.parse_args(argv)
+
+    if args.config:
+        from scalable_equiformer.config import load_config
+
+        mcfg = load_config(args.config, [f"data.path={args.data}"]).model
+        mcfg = dataclasses.replace(mcfg, dtype=args.dtype, cutoff=args.cutoff)
+        if mcfg.avg_num_neighbors is None or mcfg.avg_num_atoms is None:
+            mcfg = dataclasses.replace(mcfg, avg_num_neighbors=20.0, avg_num_atoms=60.0)
+    else:
+        mcfg = C.tiny_model_config(dtype=args.dtype, cutoff=args.cutoff)
+    model = C.build_checked_model(mcfg)
+    R, z = C.load_npz_frames(args.data, 1)
+    warmup = C.make_system("warmup", [(R[0], z)])
+    systems = {"train": C.make_system("train", [C.tile_system(R[0], z, C._parse_tile(args.train_tile), args.gap)])}
+    if not args.skip_infer:
+        systems["infer"] = C.make_system("infer", [C.tile_system(R[0], z, C._parse_tile(args.infer_tile), args.gap)])
+    tasks = [{"name": k, "mode": k, "system": s} for k, s in systems.items()]
+    node_dim = model.irreps_node.dim
+    itemsize = torch.empty(0, dtype=model.dtype).element_size()
+
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "device": "cpu", "backend": "gloo", "threads_per_rank": 1},
+        "model": {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype),
+                  "irreps_node": str(model.irreps_node), "num_blocks": len(model.blocks),
+                  "cutoff": model.cutoff, "config": args.config or "tiny (scalable_equiformer.parallel.check.TINY_MODEL)"},
+        "systems": {k: {"atoms": int(s["pos"].shape[0]), "mode": k} for k, s in systems.items()},
+        "runs": {},
+    }
+    for P in args.partitions:
+        t0 = time.perf_counter()
+        ranks = run(model, tasks, warmup, P, args.repeats)
+        wall = time.perf_counter() - t0
+        for name, s in systems.items():
+            per_rank = [r[name] for r in ranks]
+            entry = {
+                "per_rank": per_rank,
+                "max_seconds": max(r["seconds"] for r in per_rank),
+                "max_peak_bytes": max(r["peak_bytes"] for r in per_rank),
+                **partition_figures(s, model.cutoff, P, node_dim, itemsize),
+            }
+            report["runs"].setdefault(name, {})[str(P)] = entry
+            print(
+                f"{name:5s} {entry['atoms']:6d} atoms {entry['edges']:8d} edges P={P}: step {entry['max_seconds']:7.2f} s "
+                f"(max over ranks), peak/rank {entry['max_peak_bytes'] / 2**20:8.1f} MiB, "
+                f"edges max/mean {entry['edge_imbalance']:.3f}, halo/block {entry['halo_bytes_per_block'] / 2**10:.1f} KiB "
+                f"= {100 * entry['halo_vs_allgather']:.1f} % of all-gather, partition {entry['partition_seconds_all_parts'] * 1e3:.1f} ms "
+                f"(radius graph {entry['radius_graph_seconds'] * 1e3:.1f} ms)"
+            )
+        print(f"P={P}: {wall:.1f} s wall (spawn included)")
+    # targets of the issue
+    summary = {}
+    for name, runs in report["runs"].items():
+        if "1" in runs:
+            base = runs["1"]["max_peak_bytes"]
+            summary[name] = {
+                P: {
+                    "peak_vs_P1": runs[P]["max_peak_bytes"] / base if base else None,
+                    "target_1.25_over_P": 1.25 / int(P),
+                    "halo_vs_allgather": runs[P]["halo_vs_allgather"],
+                    "speedup_vs_P1": runs["1"]["max_seconds"] / runs[P]["max_seconds"],
+                }
+                for P in runs
+            }
+    report["summary"] = summary
+    print(json.dumps(summary, indent=1))
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
