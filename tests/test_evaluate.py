@@ -1,0 +1,104 @@
+"""tools/evaluate.py: metrics of a checkpoint equal the trainer's; 2 ranks equal 1 rank; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_train_common import DEMO_DATA, PY, REPO, free_port, launch, results, tiny_config
+
+EVALUATE = str(REPO / "tools" / "evaluate.py")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from scalable_equiformer.training import run
+
+    root = tmp_path_factory.mktemp("evaluate")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(tiny_config(root, "train.ema_decay=0.8", test=20, dtype="float64"))
+    finally:
+        torch.set_num_threads(n)
+    return root / "run"
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_evaluate_reproduces_the_test_metrics_of_the_run(trained, tmp_path):
+    out = tmp_path / "m.json"
+    proc = launch([PY, EVALUATE, str(trained / "best.pt"), "--data", str(DEMO_DATA), "--split", "test", "--json", str(out)],
+                  cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "meV per molecule" in proc.stdout and "meV/Å" in proc.stdout
+    m, r = _json(out), results(trained)
+    assert m["n_frames"] == r["n_test_frames"] == 20
+    assert m["energy_mae_meV"] == pytest.approx(r["test_energy_mae_meV"], rel=1e-12)
+    assert m["force_mae_meV_per_A"] == pytest.approx(r["test_force_mae_meV_per_A"], rel=1e-12)
+    assert m["force_mae_kcal_per_mol_per_A"] == pytest.approx(r["test_force_mae_kcal_per_mol_per_A"], rel=1e-12)
+    assert "splits.npz" in m["split_source"]
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_equals_one_rank(trained, tmp_path):
+    """20 test frames dealt over 2 ranks (10 + 10, batches of 8: 8 + 2 each): sums all-reduced."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    args = [str(trained / "best.pt"), "--data", str(DEMO_DATA), "--split", "test", "--batch-size", "8"]
+    p1 = launch([PY, EVALUATE, *args, "--json", str(one)], cwd=tmp_path)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = launch([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), EVALUATE,
+                 *args, "--json", str(two)], cwd=tmp_path)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    a, b = _json(one), _json(two)
+    assert a["n_frames"] == b["n_frames"] == 20
+    for k in ("energy_mae_meV", "force_mae_meV_per_A", "energy_rmse_meV", "force_rmse_meV_per_A", "force_l2mae_meV_per_A"):
+        assert b[k] == pytest.approx(a[k], rel=1e-12), k
+
+
+def test_evaluate_in_process_two_shards_sum_exactly(trained):
+    """The aggregation itself: per-rank sums added, then divided (not a mean of per-rank means)."""
+    import numpy as np
+
+    from scalable_equiformer.config import config_from_dict
+    from scalable_equiformer.data import load_dataset
+    from scalable_equiformer.data.statistics import DatasetStatistics
+    from scalable_equiformer.model import build_model
+    from scalable_equiformer.training.batches import collate, eval_shards
+    from scalable_equiformer.training.checkpoint import load_checkpoint, load_model_state
+    from scalable_equiformer.training.metrics import ErrorSums, evaluate
+
+    ck = load_checkpoint(trained / "best.pt")
+    cfg = config_from_dict(ck["config"])
+    model = build_model(cfg, DatasetStatistics.from_dict(ck["stats"]))
+    load_model_state(model, ck["model"], "best.pt")
+    ds = load_dataset(DEMO_DATA)
+    idx = np.arange(7)  # uneven: 4 + 3 frames
+    whole = evaluate(model, ds, idx, cfg, torch.device("cpu"), batch_size=3)
+    sums = []
+    for rank in range(2):
+        s = ErrorSums()
+        for b in eval_shards(idx, rank, 2, 3):
+            batch = collate(ds, b, torch.device("cpu"))
+            model.eval()
+            s.add(model(batch), batch)
+        sums.append(s)
+    total = ErrorSums()
+    total.v = sums[0].v + sums[1].v
+    for k, v in total.metrics().items():
+        assert v == pytest.approx(whole[k], rel=1e-12), k
+
+
+def test_evaluate_bad_input_is_one_line(trained, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    proc = launch([PY, EVALUATE, str(bad), "--data", str(DEMO_DATA)], cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not a readable checkpoint" in lines[0]
+    proc = launch([PY, EVALUATE, str(trained / "best.pt"), "--data", "md17_aspirin", "--root", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 2 and "tools/download.py" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

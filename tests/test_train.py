@@ -1,0 +1,214 @@
+"""Training end to end on one process: the run folder, resume equality, micro-batching, bad input.
+
+Tiny model (see test_train_common.TINY) on 16 frames of the shipped aspirin file, fp64 on CPU,
+one torch thread (two threads on a busy 2-core machine are many times slower).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from test_train_common import DEMO_DATA, epoch_rows, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, REPO
+
+from scalable_equiformer.errors import CheckpointError, ConfigError, DataError, TrainingError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(cfg, **kw):
+    from scalable_equiformer.training import run
+
+    return run(cfg, **kw)
+
+
+# ---- launch mode 1: python train.py (one process, no launcher) ------------------------------
+
+@pytest.mark.slow
+def test_python_launch_writes_the_run_folder(tmp_path):
+    over = tiny_overrides(tmp_path, "train.ema_decay=0.9", dtype="float32")
+    proc = launch(train_cmd("--config", "demo", *sets(over)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "meV per molecule" in out and "meV/Å per force component" in out  # units in the log header
+    assert "val force MAE" in out
+    run = tmp_path / "run"
+    for name in ("config.yaml", "versions.json", "splits.npz", "metrics.csv", "last.pt", "best.pt",
+                 "results.json", "learning_curve.png", "train.log"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    res = results(run)
+    for key in ("test_energy_mae_meV", "test_force_mae_meV_per_A", "test_energy_mae_kcal_per_mol",
+                "test_force_mae_kcal_per_mol_per_A", "n_test_frames", "checkpoint"):
+        assert key in res
+    assert res["n_test_frames"] == 8
+    assert math.isclose(res["test_energy_mae_kcal_per_mol"], res["test_energy_mae_meV"] / 1000 * 23.060547830619026)
+    versions = json.loads((run / "versions.json").read_text())
+    for key in ("python", "torch", "e3nn", "deepspeed", "torch_geometric", "git"):
+        assert key in versions
+    rows = read_metrics(run)
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time"]
+    assert [int(r["epoch"]) for r in epoch_rows(run)] == [1, 2]
+    # checkpoints hold only plain types and load with weights_only=True
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(run / name, weights_only=True)
+        assert ck["config"]["model"]["irreps_node"] == "8x0e+4x1e"
+        assert set(ck["stats"]) >= {"force_rms", "energy_per_atom_mean"}
+    # the resolved config reloads to the same values
+    from scalable_equiformer.config import load_config
+
+    again = load_config(run / "config.yaml")
+    assert again.to_dict() == load_config("demo", over).to_dict()
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_continues_the_same_run(tmp_path):
+    """Interrupted after 1 of 3 epochs and resumed == uninterrupted (fp64, EMA on)."""
+    extra = ("train.ema_decay=0.8", "train.log_every=1")
+    full = tiny_config(tmp_path, *extra, epochs=3, run_name="full")
+    _run(full)
+    part = tiny_config(tmp_path, *extra, epochs=3, run_name="part")
+    assert _run(part, stop_after_epochs=1) is None
+    assert not (tmp_path / "part" / "results.json").exists()
+    assert len(epoch_rows(tmp_path / "part")) == 1
+    _run(part, resume=str(tmp_path / "part"))
+
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for k in ("epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A"):
+            if ra[k] == "":
+                assert rb[k] == ""
+            else:
+                assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-9, abs=1e-12), (k, ra, rb)
+    ra, rb = results(tmp_path / "full"), results(tmp_path / "part")
+    assert rb["test_force_mae_meV_per_A"] == pytest.approx(ra["test_force_mae_meV_per_A"], rel=1e-9)
+    assert rb["test_energy_mae_meV"] == pytest.approx(ra["test_energy_mae_meV"], rel=1e-9)
+
+
+# ---- micro-batching ----------------------------------------------------------------------------
+
+def _first_step_grads(tmp_path, name, *extra):
+    from scalable_equiformer.training import engine
+
+    captured = {}
+    original = engine.PlainEngine.step
+
+    class Stop(Exception):
+        pass
+
+    def step(self, lr):
+        if self.world > 1:
+            raise AssertionError("single process expected")
+        captured.update({n: p.grad.detach().clone() for n, p in self.module.named_parameters() if p.grad is not None})
+        raise Stop
+
+    engine.PlainEngine.step = step
+    try:
+        with pytest.raises(Stop):
+            _run(tiny_config(tmp_path, *extra, batch=8, run_name=name))
+    finally:
+        engine.PlainEngine.step = original
+    return captured
+
+
+@pytest.mark.parametrize("loss", ["l2mae", "mse"])
+def test_micro_batches_with_accumulation_equal_one_full_batch(tmp_path, loss):
+    full = _first_step_grads(tmp_path, f"full_{loss}", f"train.loss={loss}")
+    for micro in (4, 1):
+        acc = _first_step_grads(tmp_path, f"micro{micro}_{loss}", f"train.loss={loss}", f"memory.micro_batch_size={micro}")
+        assert full.keys() == acc.keys() and len(full) > 5
+        for n in full:
+            torch.testing.assert_close(acc[n], full[n], rtol=1e-10, atol=1e-13, msg=lambda m: f"{n}: {m}")
+
+
+# ---- bad input: each a one-line error ----------------------------------------------------------
+
+def test_unknown_config_key_is_one_line_error(tmp_path):
+    proc = launch(train_cmd("--config", "demo", "--set", "train.max_epoch=3"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "train.max_epoch" in err[0] and "max_epochs" in err[0]
+
+
+def test_missing_dataset_file_names_url_and_download_command(tmp_path):
+    cfg = tiny_config(tmp_path, "data.path=null", "data.name=md17_aspirin", f"data.root={tmp_path / 'nodata'}")
+    with pytest.raises(DataError) as e:
+        _run(cfg)
+    msg = str(e.value)
+    assert "md17_aspirin" in msg and "http" in msg and "tools/download.py" in msg and "\n" not in msg
+    cfg = tiny_config(tmp_path, f"data.path={tmp_path / 'missing.npz'}")
+    with pytest.raises(DataError, match="missing.npz"):
+        _run(cfg)
+
+
+def test_batch_larger_than_training_set(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) is larger than the training split \(4 frames"):
+        _run(tiny_config(tmp_path, train=4, batch=8))
+
+
+def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from scalable_equiformer.training import steps
+
+    calls = {"n": 0}
+    original = steps.loss_parts
+
+    def poisoned(out, batch, cfg, *a, **kw):
+        calls["n"] += 1
+        terms = original(out, batch, cfg, *a, **kw)
+        if calls["n"] == 6:  # epoch 2 (4 steps per epoch), batch 2
+            return terms._replace(loss=terms.loss * float("nan"))
+        return terms
+
+    monkeypatch.setattr(steps, "loss_parts", poisoned)
+    cfg = tiny_config(tmp_path, epochs=3)
+    with pytest.raises(TrainingError) as e:
+        _run(cfg)
+    msg = str(e.value)
+    assert "epoch 2, batch 2 of 4" in msg and "last.pt" in msg and "\n" not in msg
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2)
+    _run(cfg, stop_after_epochs=1)
+    other = tiny_config(tmp_path, "model.num_blocks=2", epochs=2)
+    with pytest.raises(CheckpointError, match=r"different model config \(model.num_blocks: checkpoint 1 vs config 2"):
+        _run(other, resume=str(tmp_path / "run"))
+
+
+def test_run_folder_that_holds_a_run_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("data: {}\n")
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        _run(tiny_config(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_checkpoint_is_one_line_error(tmp_path, damage):
+    cfg = tiny_config(tmp_path, epochs=2)
+    _run(cfg, stop_after_epochs=1)
+    last = tmp_path / "run" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(b"not a checkpoint at all" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint") as e:
+        _run(cfg, resume=str(tmp_path / "run"))
+    assert "\n" not in str(e.value)
+    proc = launch(train_cmd("--resume", str(tmp_path / "run")), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "last.pt" in lines[0], proc.stderr[-2000:]

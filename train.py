@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Train an Equiformer potential.
+
+    python train.py --config demo
+    python train.py --config md17_aspirin --set train.max_epochs=10 --set data.root=/data
+    torchrun --nproc_per_node 2 train.py --config md17_aspirin
+    deepspeed --num_gpus 2 train.py --config md22_atat --set deepspeed.zero_stage=2
+    python train.py --resume runs/<run>          # continue an interrupted run
+
+``--config`` takes a path or a name in ``configs/``; ``--set section.key=value`` overrides any key
+(repeatable; also ``--set a=1 b=2``). With ``--resume RUN_DIR`` the run's own ``config.yaml`` is used
+unless ``--config`` is given; ``--set`` applies on top (e.g. ``train.max_epochs`` to train longer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", help="config file, or a name in configs/ (e.g. demo, md17_aspirin)")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_epochs=10 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = p.parse_args(argv)
+    overrides = [x for group in args.overrides for x in group]
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+        os.environ.setdefault("SE_DEEPSPEED_LAUNCHER", "1")
+
+    from scalable_equiformer.config import load_config
+    from scalable_equiformer.errors import UserError
+
+    try:
+        if args.config is None and args.resume is None:
+            p.error("give --config (or --resume RUN_DIR)")
+        source = args.config
+        if source is None:
+            source = Path(args.resume) / "config.yaml"
+            if not source.is_file():
+                from scalable_equiformer.errors import CheckpointError
+
+                raise CheckpointError(f"{args.resume}: no config.yaml in it: not a run folder")
+        config = load_config(source, overrides)
+        from scalable_equiformer.training import run
+
+        run(config, resume=args.resume)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with: python train.py --resume <run folder>", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
