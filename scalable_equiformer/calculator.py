@@ -13,6 +13,23 @@ isolated molecules (no periodic boundary conditions); a periodic ``Atoms`` is re
 The calculator is a thin adapter: ``Atoms`` -> a one-molecule torch-geometric ``Batch`` (``pos``,
 ``z``, ``batch``) -> ``model(batch, compute_forces=True)`` -> ``energy`` [1] and ``forces`` [N, 3].
 It computes exactly what ``model(batch)`` computes (tested), in the model's dtype, on ``device``.
+A checkpoint is read by :func:`scalable_equiformer.training.checkpoint.load_model` (the loader
+``tools/evaluate.py`` uses too): the run's evaluated weights, EMA when training kept one.
+
+Graph partitions (``partitions=P``), for a system too big for one process: the calculator is then
+one rank of an already initialised ``torch.distributed`` process group of P ranks (or of the
+``group`` passed), and every rank runs the same ASE script with the same atoms; each call runs
+the molecule's graph partitioned over the P ranks (:class:`scalable_equiformer.parallel.PartitionedModel`)
+and every rank gets the full energy and forces, so the ranks' dynamics stay identical::
+
+    # torchrun --nproc_per_node 2 md.py
+    import torch.distributed as dist
+    dist.init_process_group("gloo")                       # "nccl" with one GPU per rank
+    atoms.calc = EquiformerCalculator("best.pt", device="cpu", partitions=2)
+    VelocityVerlet(atoms, timestep=0.5 * ase.units.fs).run(1000)   # write files from rank 0 only
+
+Without such a group, ``partitions > 1`` raises a UserError that says so (the calculator starts no
+processes of its own).
 """
 
 from __future__ import annotations
@@ -24,7 +41,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .errors import CheckpointError, UserError
+from .errors import UserError
 
 
 def _pick_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -34,33 +51,6 @@ def _pick_device(device: Union[str, torch.device, None]) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device} asked for, but CUDA is not available here; use device='cpu'")
     return device
-
-
-def load_checkpoint_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
-    """The model stored in a training checkpoint (``best.pt`` / ``last.pt``, or a run folder: its
-    ``best.pt``), in eval mode on ``device``: the config and training-split statistics stored in
-    the checkpoint rebuild it, then its weights are loaded (the EMA weights when training used EMA).
-
-    Returns ``(model, config)``. Raises CheckpointError (one line) for a missing, corrupt or
-    foreign file.
-    """
-    from .config import config_from_dict
-    from .data.statistics import DatasetStatistics
-    from .model import build_model
-    from .training.checkpoint import load_checkpoint, load_model_state
-
-    path = Path(path)
-    if path.is_dir() and (path / "best.pt").is_file():
-        path = path / "best.pt"  # a run folder: its best checkpoint, as tools/evaluate.py
-    ckpt = load_checkpoint(path, map_location="cpu")
-    try:
-        config = config_from_dict(ckpt["config"], origin=f"{path} (stored config)")
-        stats = DatasetStatistics.from_dict(ckpt["stats"]) if ckpt.get("stats") is not None else None
-    except UserError as exc:
-        raise CheckpointError(f"{path}: stored config or statistics unusable: {exc}") from None
-    model = build_model(config, stats)
-    load_model_state(model, ckpt["model"], path)
-    return model.to(device).eval(), config
 
 
 class EquiformerCalculator(Calculator):
@@ -75,7 +65,11 @@ class EquiformerCalculator(Calculator):
         dtype: None = the model's precision; ``'float64'`` (or ``torch.float64``) casts the model,
             e.g. to run MD in double precision with a model trained in float32.
         partitions: split the molecule's graph over this many ranks (``parallel.graph_partitions``).
-            1 = the whole graph in this process; larger values need the partitioned runtime.
+            1 = the whole graph in this process; P > 1 needs an initialised process group of P
+            ranks, all running the same script (see the module docstring).
+        group: the process group of the P ranks (default: the world group, which must then have
+            exactly P ranks), e.g. the partition group of
+            :func:`scalable_equiformer.parallel.make_groups`.
         **kwargs: passed to ``ase.calculators.calculator.Calculator`` (e.g. ``label``).
 
     Attributes:
@@ -87,7 +81,7 @@ class EquiformerCalculator(Calculator):
     implemented_properties = ["energy", "forces", "free_energy"]
 
     def __init__(self, checkpoint_or_model: Union[str, Path, torch.nn.Module], device=None, *,
-                 dtype: Union[str, torch.dtype, None] = None, partitions: int = 1, **kwargs):
+                 dtype: Union[str, torch.dtype, None] = None, partitions: int = 1, group=None, **kwargs):
         super().__init__(**kwargs)
         if int(partitions) < 1:
             raise UserError(f"partitions must be >= 1, not {partitions}")
@@ -100,7 +94,11 @@ class EquiformerCalculator(Calculator):
         elif isinstance(checkpoint_or_model, (str, Path)):
             self.device = _pick_device(device)
             self.checkpoint = Path(checkpoint_or_model)
-            self.model, self.config = load_checkpoint_model(self.checkpoint, device=self.device)
+            # the force strategy stays plain autograd (no memory.checkpointing): nothing is kept for
+            # a force loss at inference
+            from .training.checkpoint import load_model
+
+            self.model, self.config, _ = load_model(self.checkpoint, device=self.device, configure=False)
         else:
             raise TypeError(f"EquiformerCalculator needs a checkpoint path or a torch module, "
                             f"not {type(checkpoint_or_model).__name__}")
@@ -112,6 +110,26 @@ class EquiformerCalculator(Calculator):
         self.model.eval()
         self.dtype = _module_dtype(self.model)
         self.max_atomic_number = getattr(self.model, "max_atomic_number", None)  # z must be below it
+        self.partitioned = self._partitioned_model(group) if self.partitions > 1 else None
+
+    def _partitioned_model(self, group):
+        """The model over the ranks of ``group`` (a :class:`PartitionedModel`); UserError without
+        an initialised process group of ``partitions`` ranks."""
+        import torch.distributed as dist
+
+        from .parallel import PartitionedModel
+
+        P = self.partitions
+        if not (dist.is_available() and dist.is_initialized()):
+            raise UserError(
+                f"partitions={P}: the calculator runs the graph over the ranks of an initialised torch.distributed "
+                f"process group and none is initialised in this process; run the same ASE script on {P} ranks "
+                f"(e.g. torchrun --nproc_per_node {P} md.py) and call torch.distributed.init_process_group first")
+        size = dist.get_world_size(group)
+        if size != P:
+            raise UserError(f"partitions={P}, but the process group has {size} ranks; pass group= a group of {P} ranks "
+                            "(e.g. the partition group of scalable_equiformer.parallel.make_groups)")
+        return PartitionedModel(self.model, group=group)
 
     # -- Atoms -> Batch -> model ---------------------------------------------------------------
 
@@ -130,14 +148,11 @@ class EquiformerCalculator(Calculator):
         return Batch.from_data_list([Data(pos=pos, z=z)])
 
     def _forward(self, batch) -> dict:
-        """Energy [1] eV and forces [N, 3] eV/Å of a one-molecule batch. The seam for the
-        partitioned runtime: with ``partitions > 1`` it will run the graph over the partition group."""
-        if self.partitions > 1:
-            raise NotImplementedError(
-                f"partitions={self.partitions}: graph partitions in the calculator need the partitioned "
-                "runtime (scalable_equiformer.parallel); use partitions=1")
+        """Energy [1] eV and forces [N, 3] eV/Å of a one-molecule batch; with ``partitions > 1``
+        the graph runs over the partition group (every rank must call with the same atoms)."""
+        model = self.partitioned if self.partitioned is not None else self.model
         with torch.enable_grad():
-            return self.model(batch, compute_forces=True)
+            return model(batch, compute_forces=True)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -160,4 +175,4 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-__all__ = ["EquiformerCalculator", "load_checkpoint_model"]
+__all__ = ["EquiformerCalculator"]

@@ -120,7 +120,7 @@ def test_calculator_refuses_what_the_model_cannot_do(ethanol):
     sulfur.calc = calc
     with pytest.raises(UserError, match="max_atomic_number"):
         sulfur.get_potential_energy()
-    with pytest.raises(NotImplementedError, match="partitions"):
+    with pytest.raises(UserError, match="partitions=2: .*process group"):  # no group initialised here
         EquiformerCalculator(calc.model, partitions=2).get_potential_energy(atoms_of(ethanol[0]))
     with pytest.raises(CheckpointError):
         EquiformerCalculator(ROOT / "no_such_run" / "best.pt", device="cpu")
@@ -209,3 +209,65 @@ def test_calculator_on_gpu_equals_cpu(ethanol):
     atoms.calc = gpu
     assert atoms.get_potential_energy() == pytest.approx(e_cpu, rel=1e-10)
     np.testing.assert_allclose(atoms.get_forces(), f_cpu, atol=1e-8)
+
+
+# --- graph partitions: the calculator as one rank of a process group -----------------------------
+
+
+def _tiny_checkpoint(ethanol, path):
+    """A fp64 checkpoint in the trainer's format (config, statistics, weights), untrained."""
+    from scalable_equiformer.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(3)
+    cfg = load_config(None, TINY + ["model.dtype=float64", f"data.path={ETHANOL}"])
+    stats = compute_statistics(ethanol.subset(range(50)), cfg.model.cutoff)
+    model = build_model(cfg, stats)
+    save_checkpoint(path, {"config": cfg.to_dict(), "stats": stats.to_dict(), "model": model.state_dict(), "epoch": 0})
+    return path
+
+
+def _single_points_and_md(calc, frames, md_steps=5):
+    """Energy and forces of each frame, then positions/energy after a few VelocityVerlet steps."""
+    out = []
+    for numbers, positions in frames:
+        atoms = Atoms(numbers=numbers, positions=positions)
+        atoms.calc = calc
+        out.append((atoms.get_potential_energy(), atoms.get_forces().copy()))
+    atoms = Atoms(numbers=frames[0][0], positions=frames[0][1])
+    atoms.calc = calc
+    atoms.set_momenta(np.random.default_rng(0).normal(0, 0.05, (len(atoms), 3)) * atoms.get_masses()[:, None] ** 0.5)
+    VelocityVerlet(atoms, timestep=0.5 * units.fs).run(md_steps)
+    return {"points": out, "md_positions": atoms.positions.copy(), "md_energy": atoms.get_total_energy()}
+
+
+def _partitioned_calc_worker(rank, world, checkpoint, frames, out_dir):
+    """One rank (gloo group initialised by spawn_local): the same ASE script on every rank."""
+    calc = EquiformerCalculator(checkpoint, device="cpu", partitions=world)
+    res = _single_points_and_md(calc, frames)
+    res["edges_here"] = int(calc.partitioned.last_partition.local(rank).edge_ids.numel())
+    try:
+        EquiformerCalculator(checkpoint, device="cpu", partitions=world + 1)
+    except UserError as exc:
+        res["wrong_size_error"] = str(exc)
+    torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("P", [2])
+def test_partitioned_calculator_equals_one_process(ethanol, tmp_path, P):
+    """partitions=2 in 2 gloo processes (every rank runs the same script): energies, forces and a
+    few MD steps equal the one-process calculator (fp64, 1e-10)."""
+    from scalable_equiformer.parallel.launch import spawn_local
+
+    ckpt = _tiny_checkpoint(ethanol, tmp_path / "best.pt")
+    frames = [(ethanol[i].z.numpy(), ethanol[i].pos.numpy()) for i in (0, 11)]
+    ref = _single_points_and_md(EquiformerCalculator(ckpt, device="cpu"), frames)
+    spawn_local(_partitioned_calc_worker, P, args=(str(ckpt), frames, str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(P)]
+    assert all(r["edges_here"] > 0 for r in ranks)  # both ranks did part of the work
+    for r in ranks:
+        for (e, f), (e0, f0) in zip(r["points"], ref["points"]):
+            assert e == pytest.approx(e0, rel=1e-10)
+            np.testing.assert_allclose(f, f0, atol=1e-10 * np.abs(f0).max(), rtol=0)
+        np.testing.assert_allclose(r["md_positions"], ref["md_positions"], atol=1e-9, rtol=0)
+        assert r["md_energy"] == pytest.approx(ref["md_energy"], rel=1e-10)
+        assert f"partitions={P + 1}, but the process group has {P} ranks" in r["wrong_size_error"]

@@ -102,3 +102,55 @@ def test_evaluate_bad_input_is_one_line(trained, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not a readable checkpoint" in lines[0]
     proc = launch([PY, EVALUATE, str(trained / "best.pt"), "--data", "md17_aspirin", "--root", str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 2 and "tools/download.py" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_partitioned_evaluation_equals_one_process(trained, tmp_path):
+    """--partitions 2 from a plain process: 2 local gloo ranks share each molecule's graph; the
+    metrics equal the one-process evaluation (fp64 model, 1e-9 relative)."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    args = [str(trained), "--data", str(DEMO_DATA), "--split", "test", "--batch-size", "8", "--max-frames", "10"]
+    p1 = launch([PY, EVALUATE, *args, "--json", str(one)], cwd=tmp_path)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = launch([PY, EVALUATE, *args, "--partitions", "2", "--json", str(two)], cwd=tmp_path)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert "over 2 partitions" in p2.stdout and p2.stdout.count("wrote ") == 1  # rank 0 reports
+    a, b = _json(one), _json(two)
+    assert a["n_frames"] == b["n_frames"] == 10 and b["partitions"] == 2
+    for k in ("energy_mae_meV", "force_mae_meV_per_A", "energy_rmse_meV", "force_rmse_meV_per_A", "force_l2mae_meV_per_A"):
+        assert b[k] == pytest.approx(a[k], rel=1e-9), k
+    bad = launch([PY, EVALUATE, str(trained), "--data", str(tmp_path / "missing.npz"), "--partitions", "2"], cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr[-2000:]
+
+
+def test_load_model_weights_and_errors(trained, tmp_path):
+    """One loader for evaluate.py and the calculator: a run folder means best.pt; EMA weights by
+    default (what the run evaluated), live weights from last.pt; one-line errors naming the file."""
+    from scalable_equiformer.errors import CheckpointError
+    from scalable_equiformer.training.checkpoint import load_checkpoint, load_model
+
+    model, cfg, info = load_model(trained)
+    assert info["path"] == trained / "best.pt" and info["weights"] == "ema" and not model.training
+    best = load_checkpoint(trained / "best.pt")["model"]
+    name = next(k for k, v in model.state_dict().items() if v.is_floating_point() and k in best)
+    assert torch.equal(model.state_dict()[name], best[name])
+    last = load_checkpoint(trained / "last.pt")
+    live, _, info = load_model(trained / "last.pt", ema=False)
+    assert info["weights"] == "live"
+    assert any(not torch.equal(live.state_dict()[k], last["model"][k]) for k in last["live_model"] if k in last["model"]
+               and last["model"][k].is_floating_point())
+    assert all(torch.equal(live.state_dict()[k], v) for k, v in last["live_model"].items() if k in live.state_dict())
+    m32, _, _ = load_model(trained, dtype="float32")
+    assert next(m32.parameters()).dtype == torch.float32
+    with pytest.raises(CheckpointError, match="only the EMA weights"):
+        load_model(trained / "best.pt", ema=False)
+    with pytest.raises(CheckpointError, match="best.pt: checkpoint not found"):
+        load_model(tmp_path)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pt: not a scalable_equiformer checkpoint"):
+        load_model(foreign)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((trained / "best.pt").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt.pt: not a readable checkpoint") as exc:
+        load_model(corrupt)
+    assert "\n" not in str(exc.value)

@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scalable_equiformer.parallel import check as C  # noqa: E402
+from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
 from scalable_equiformer.parallel.partitioned import PartitionedModel  # noqa: E402
 
@@ -113,54 +113,50 @@ def _tight_malloc() -> None:
 
 
 def _worker(rank: int, world: int, workdir: str) -> None:
-    torch.set_num_threads(1)
+    """One rank (started by ``spawn_local``: gloo group initialised, one thread)."""
     _tight_malloc()
     job = torch.load(Path(workdir) / "job.pt", weights_only=False)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/init", rank=rank, world_size=world)
-    try:
-        device = torch.device("cpu")
-        model = C._build(job["model_config"], job["state_dict"]).to(device)
-        pmodel = PartitionedModel(model, check_inputs=False)
-        out = {}
-        # warm-up (lazy initialisation, allocator) on the small molecule
-        model.train()
-        o = pmodel(C._as_batch(job["warmup"]))
-        C._loss(o).backward()
-        model.zero_grad(set_to_none=True)
-        for task in job["tasks"]:
-            batch = C._as_batch(task["system"])
-            times, peaks = [], []
-            for _ in range(job["repeats"]):
-                if task["mode"] == "train":
-                    model.train()
+    device = torch.device("cpu")
+    model = C._build(job["model_config"], job["state_dict"]).to(device)
+    pmodel = PartitionedModel(model, check_inputs=False)
+    out = {}
+    # warm-up (lazy initialisation, allocator) on the small molecule
+    model.train()
+    o = pmodel(C._as_batch(job["warmup"]))
+    C._loss(o).backward()
+    model.zero_grad(set_to_none=True)
+    for task in job["tasks"]:
+        batch = C._as_batch(task["system"])
+        times, peaks = [], []
+        for _ in range(job["repeats"]):
+            if task["mode"] == "train":
+                model.train()
 
-                    def step():
-                        o = pmodel(batch)
-                        C._loss(o).backward()
-                        model.zero_grad(set_to_none=True)
-                else:
-                    model.eval()
+                def step():
+                    o = pmodel(batch)
+                    C._loss(o).backward()
+                    model.zero_grad(set_to_none=True)
+            else:
+                model.eval()
 
-                    def step():
-                        pmodel(batch)
+                def step():
+                    pmodel(batch)
 
-                dist.barrier()
-                t, p = _measure(step, device)
-                times.append(t)
-                peaks.append(p)
-            part = pmodel.last_partition.local(pmodel.part_rank)
-            out[task["name"]] = {
-                "seconds": statistics.median(times),
-                "seconds_all": times,
-                "peak_bytes": max(peaks),
-                "owned": part.num_owned,
-                "halo": part.num_halo,
-                "edges": int(part.edge_ids.numel()),
-                "partition_seconds": pmodel.last_partition_seconds,
-            }
-        torch.save(out, Path(workdir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+            dist.barrier()
+            t, p = _measure(step, device)
+            times.append(t)
+            peaks.append(p)
+        part = pmodel.last_partition.local(pmodel.part_rank)
+        out[task["name"]] = {
+            "seconds": statistics.median(times),
+            "seconds_all": times,
+            "peak_bytes": max(peaks),
+            "owned": part.num_owned,
+            "halo": part.num_halo,
+            "edges": int(part.edge_ids.numel()),
+            "partition_seconds": pmodel.last_partition_seconds,
+        }
+    torch.save(out, Path(workdir) / f"rank{rank}.pt")
 
 
 def run(model, tasks, warmup, P: int, repeats: int) -> list[dict]:
@@ -173,8 +169,7 @@ def run(model, tasks, warmup, P: int, repeats: int) -> list[dict]:
             "repeats": repeats,
         }
         torch.save(job, Path(tmp) / "job.pt")
-        method = "fork" if sys.platform == "linux" else "spawn"
-        mp.start_processes(_worker, args=(P, tmp), nprocs=P, join=True, start_method=method)
+        spawn_local(_worker, P, args=(tmp,), workdir=tmp)
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(P)]
 
 

@@ -5,6 +5,15 @@ per component), RMSEs, and kcal/mol twins.
     python tools/evaluate.py runs/<run>/best.pt --data md17_aspirin --root data
     python tools/evaluate.py runs/<run>/best.pt --data my.npz --split all --json out.json
     torchrun --nproc_per_node 2 tools/evaluate.py CKPT --data NAME   # frames shared over ranks, sums all-reduced
+    python tools/evaluate.py CKPT --data big.npz --partitions 4      # each molecule's graph over 4 ranks
+    torchrun --nproc_per_node 4 tools/evaluate.py CKPT --data NAME --partitions 2   # 2 data-parallel x 2 partitions
+
+``--partitions P`` splits every molecule's radius graph over P ranks (halo exchange before each
+block; energies and forces equal the one-process model's to float rounding), for systems too big
+for one process. Started by torchrun / deepspeed with W ranks, P must divide W: W / P
+data-parallel groups share the frames, the P ranks of a group share each molecule. Started as a
+plain ``python`` process, it runs P local CPU processes (gloo) itself; for GPUs start the ranks
+with torchrun.
 
 ``--split test|val|train`` uses the run's ``splits.npz`` (next to the checkpoint) when the data is
 the file the run trained on, else the seeded split of the checkpoint's config; ``all`` takes every
@@ -31,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="molecules per batch (default train.eval_batch_size)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N frames of the split")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="split each molecule's graph over P ranks (parallel.graph_partitions); without a launcher, "
+                        "P local CPU processes are started")
     args = p.parse_args(argv)
 
     from scalable_equiformer.errors import UserError
@@ -44,36 +56,69 @@ def main(argv=None) -> int:
 
 
 def evaluate_checkpoint(args) -> dict:
+    from scalable_equiformer.errors import UserError
+    from scalable_equiformer.parallel.launch import launched_ranks
+
+    if args.partitions < 1:
+        raise UserError(f"--partitions must be >= 1, not {args.partitions}")
+    if args.partitions > 1 and launched_ranks() == 1:
+        return _evaluate_on_local_ranks(args)
+    return _evaluate(args)
+
+
+def _evaluate_on_local_ranks(args) -> dict:
+    """``--partitions P`` from a plain process: P local gloo ranks run :func:`_evaluate`; rank 0
+    prints and writes the metrics, which are returned here."""
+    import tempfile
+
+    from scalable_equiformer.errors import UserError
+    from scalable_equiformer.parallel.launch import spawn_local
+    from scalable_equiformer.training.checkpoint import load_checkpoint, resolve_model_checkpoint
+
+    if args.device == "cuda":
+        raise UserError(f"--partitions {args.partitions} without a launcher runs {args.partitions} local CPU processes "
+                        f"(gloo); for GPUs start the ranks with torchrun --nproc_per_node {args.partitions} "
+                        f"tools/evaluate.py ... --partitions {args.partitions}")
+    load_checkpoint(resolve_model_checkpoint(args.checkpoint))  # a bad file: one line, before any process starts
+    args = argparse.Namespace(**{**vars(args), "device": "cpu"})
+    with tempfile.TemporaryDirectory(prefix="se_evaluate_") as tmp:
+        spawn_local(_rank_main, args.partitions, args=(args, tmp), threads=None)
+        result = json.loads((Path(tmp) / "result.json").read_text())
+    if "error" in result:
+        raise UserError(result["error"])
+    return result["metrics"]
+
+
+def _rank_main(rank: int, world: int, args, tmp: str) -> None:
+    """One local rank of :func:`_evaluate_on_local_ranks` (the gloo group is initialised)."""
+    from scalable_equiformer.errors import UserError
+
+    try:
+        result = {"metrics": _evaluate(args)}
+    except UserError as exc:  # raised alike on every rank (same files, same config)
+        result = {"error": str(exc)}
+    if rank == 0:
+        Path(tmp, "result.json").write_text(json.dumps(result, default=str))
+
+
+def _evaluate(args) -> dict:
     import numpy as np
 
     from scalable_equiformer import runtime
-    from scalable_equiformer.config import config_from_dict
     from scalable_equiformer.data import load_dataset, load_splits, make_splits
-    from scalable_equiformer.data.statistics import DatasetStatistics
-    from scalable_equiformer.errors import DataError
-    from scalable_equiformer.model import build_model
-    from scalable_equiformer.training import steps
-    from scalable_equiformer.training.checkpoint import load_checkpoint, load_model_state, write_json
+    from scalable_equiformer.errors import DataError, UserError
+    from scalable_equiformer.training.checkpoint import load_model, write_json
     from scalable_equiformer.training.metrics import UNITS_HEADER, evaluate
     from scalable_equiformer.training.trainer import resolve_data_path
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "best.pt"
-    ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"], origin=str(path))
     info, device = runtime.init_distributed(False, args.device)
+    model, cfg, meta = load_model(args.checkpoint, device=device)
+    path = meta["path"]
     root = args.root if args.root is not None else cfg.data.root
     data_arg = args.data
     if Path(data_arg).suffix or "/" in data_arg:
         data_arg = resolve_data_path(data_arg, root)
     dataset = load_dataset(data_arg, root=root)
-    stats = DatasetStatistics.from_dict(ckpt["stats"])
-    with runtime.default_dtype(cfg.model.dtype):
-        model = build_model(cfg, stats)
-    steps.configure_model(model, cfg)
-    load_model_state(model, ckpt["model"], path)
-    model = model.to(device)
 
     n = len(dataset)
     if args.split == "all":
@@ -99,14 +144,24 @@ def evaluate_checkpoint(args) -> dict:
         indices = indices[: args.max_frames]
     if len(indices) == 0:
         raise DataError(f"{dataset.path}: the {args.split} split is empty")
-    group_rank, group_world = info.rank, info.world_size
-    if group_world > 1 and not info.initialized:
+    if info.world_size > 1 and not info.initialized:
         raise DataError("several ranks but no process group")
-    metrics = evaluate(model, dataset, indices, cfg, device, rank=group_rank, world=group_world,
+    P = args.partitions
+    eval_model, dp_rank, dp_world, dp_group = model, info.rank, info.world_size, None
+    if P > 1:
+        from scalable_equiformer.parallel import PartitionedModel, make_groups
+
+        if info.world_size % P:
+            raise UserError(f"--partitions {P} must divide the number of ranks ({info.world_size})")
+        dp_group, part_group = make_groups(info.world_size, P)  # ranks d*P .. d*P+P-1 share a molecule
+        eval_model = PartitionedModel(model, group=part_group)
+        dp_rank, dp_world = info.rank // P, info.world_size // P
+    metrics = evaluate(eval_model, dataset, indices, cfg, device, rank=dp_rank, world=dp_world, group=dp_group,
                        batch_size=args.batch_size or cfg.train.eval_batch_size)
     out = {
         "checkpoint": str(path),
-        "epoch": ckpt.get("epoch"),
+        "epoch": meta["epoch"],
+        "partitions": P,
         "data": str(dataset.path),
         "split": args.split,
         "split_source": split_note,
@@ -115,7 +170,8 @@ def evaluate_checkpoint(args) -> dict:
     }
     if info.is_main:
         print(UNITS_HEADER)
-        print(f"{path} (epoch {ckpt.get('epoch')}) on {dataset.path} [{split_note}], {metrics['n_frames']} frames:")
+        print(f"{path} (epoch {meta['epoch']}) on {dataset.path} [{split_note}], {metrics['n_frames']} frames"
+              + (f", each molecule over {P} partitions" if P > 1 else "") + ":")
         print(f"  energy MAE {metrics['energy_mae_meV']:.4f} meV   ({metrics['energy_mae_kcal_per_mol']:.5f} kcal/mol)   "
               f"RMSE {metrics['energy_rmse_meV']:.4f} meV")
         print(f"  force  MAE {metrics['force_mae_meV_per_A']:.4f} meV/Å ({metrics['force_mae_kcal_per_mol_per_A']:.5f} kcal/mol/Å) "

@@ -9,7 +9,8 @@ gradients to the owners and adds them there, so forces and parameter gradients a
 
 Modules: :mod:`.partition` (recursive coordinate bisection balanced by incoming-edge count, halo
 and send/receive maps), :mod:`.halo` (differentiable exchange and replicated sums over
-``torch.distributed``), :mod:`.partitioned` (the model wrapper and group helpers), :mod:`.check`
+``torch.distributed``), :mod:`.partitioned` (the model wrapper and group helpers), :mod:`.launch`
+(:func:`spawn_local`: P local gloo processes, the one spawner of the package), :mod:`.check`
 (``python -m scalable_equiformer.parallel.check``: partitioned vs single process).
 
 Use in training (world = D data-parallel groups x P partitions)::
@@ -31,7 +32,9 @@ Use in training (world = D data-parallel groups x P partitions)::
 ``out`` is replicated on every rank of the group (energy of each molecule, forces of all atoms),
 as the single-process ``model(batch)`` returns it; in ``model.train()`` the forces keep their
 graph for the force loss. ``group=None`` means the default (world) group; P = 1 is the plain
-model. Inference for a large system: the same call in ``model.eval()`` on P ranks.
+model. Inference for a large system: the same call in ``model.eval()`` on P ranks
+(``tools/evaluate.py --partitions P``; ``EquiformerCalculator(..., partitions=P)`` on each rank
+of a P-rank group).
 
 Notes for integration:
   * ``PartitionedModel`` calls the model's stages (``build_graph``, ``edge_features``, ``embed``,
@@ -47,6 +50,7 @@ Notes for integration:
 """
 
 from .halo import halo_exchange, sum_replicated
+from .launch import spawn_local
 from .partition import GraphPartition, LocalPart, bisect_atoms, partition_graph
 from .partitioned import (
     PartitionedModel,
@@ -70,4 +74,5 @@ __all__ = [
     "LocalPart",
     "halo_exchange",
     "sum_replicated",
+    "spawn_local",
 ]

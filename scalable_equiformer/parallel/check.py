@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ..data import radius_graph
+from .launch import spawn_local
 
 __all__ = [
     "TINY_MODEL",
@@ -216,36 +216,31 @@ def _build(model_config: dict, state_dict):
 
 
 def _worker(rank: int, world: int, workdir: str) -> None:
-    torch.set_num_threads(1)
+    """One rank of :func:`run_partitioned` (started by :func:`.launch.spawn_local`: the gloo
+    group is initialised, one thread)."""
     job = torch.load(Path(workdir) / "job.pt", weights_only=False)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{workdir}/init", rank=rank, world_size=world
-    )
     from .partitioned import PartitionedModel, gradient_scale, make_groups  # noqa: PLC0415
 
-    try:
-        results = {}
-        for case in job["cases"]:  # one partition group of all ranks
-            pmodel = PartitionedModel(_build(case["model_config"], case["state_dict"]), **case["options"])
-            for system in case["systems"]:
-                results[system["name"]] = partitioned_step(pmodel, system)
-        dp = job.get("data_parallel")
-        if dp is not None:  # D x P: data-parallel group d takes system d; world-averaged grads
-            P = dp["partitions"]
-            _, part_group = make_groups(world, P)
-            pmodel = PartitionedModel(_build(dp["model_config"], dp["state_dict"]), group=part_group)
-            system = dp["systems"][rank // P]
-            r = partitioned_step(pmodel, system, loss_scale=gradient_scale(part_group), reduce_grads=False)
-            for g in r["grads"].values():  # what DeepSpeed / DDP do: average over all ranks
-                dist.all_reduce(g)
-                g /= world
-            results["data_parallel"] = r
-        if rank != 0:  # grads are the same on every rank after the reduction: keep one copy
-            for r in results.values():
-                r["grads"] = None
-        torch.save(results, Path(workdir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for case in job["cases"]:  # one partition group of all ranks
+        pmodel = PartitionedModel(_build(case["model_config"], case["state_dict"]), **case["options"])
+        for system in case["systems"]:
+            results[system["name"]] = partitioned_step(pmodel, system)
+    dp = job.get("data_parallel")
+    if dp is not None:  # D x P: data-parallel group d takes system d; world-averaged grads
+        P = dp["partitions"]
+        _, part_group = make_groups(world, P)
+        pmodel = PartitionedModel(_build(dp["model_config"], dp["state_dict"]), group=part_group)
+        system = dp["systems"][rank // P]
+        r = partitioned_step(pmodel, system, loss_scale=gradient_scale(part_group), reduce_grads=False)
+        for g in r["grads"].values():  # what DeepSpeed / DDP do: average over all ranks
+            dist.all_reduce(g)
+            g /= world
+        results["data_parallel"] = r
+    if rank != 0:  # grads are the same on every rank after the reduction: keep one copy
+        for r in results.values():
+            r["grads"] = None
+    torch.save(results, Path(workdir) / f"rank{rank}.pt")
 
 
 def _case(model, systems, options=None) -> dict:
@@ -272,8 +267,6 @@ def run_partitioned(cases, world: int, data_parallel=None, workdir=None, start_m
     workers without re-importing torch, seconds instead of tens of seconds on a busy CPU (the
     workers run single-threaded); ``"spawn"`` elsewhere.
     """
-    if start_method is None:
-        start_method = "fork" if sys.platform == "linux" and not torch.cuda.is_initialized() else "spawn"
     job = {"cases": [_case(*c) for c in cases], "data_parallel": None}
     if data_parallel is not None:
         m, systems, P = data_parallel
@@ -282,7 +275,7 @@ def run_partitioned(cases, world: int, data_parallel=None, workdir=None, start_m
         job["data_parallel"] = {**_case(m, systems), "partitions": P}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         torch.save(job, Path(tmp) / "job.pt")
-        mp.start_processes(_worker, args=(world, tmp), nprocs=world, join=True, start_method=start_method)
+        spawn_local(_worker, world, args=(tmp,), start_method=start_method, workdir=tmp)
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
