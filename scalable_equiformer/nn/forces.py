@@ -54,3 +54,8 @@ def energy_and_forces(model, batch, training: bool, compute_forces: bool = True,
         raise ValueError(f"unknown force strategy {name!r}; known: {sorted(_STRATEGIES)}")
     return _STRATEGIES[name](model, pos, z, batch_vec, num_graphs, training)
 
+
+# Memory levers (memory.checkpointing = blocks | forces): same signature and result as _autograd.
+from .force_checkpoint import blockwise_forces, checkpointed_blocks  # noqa: E402
+
+_STRATEGIES.update({"blocks": checkpointed_blocks, "forces": blockwise_forces})

@@ -18,6 +18,8 @@ import math
 import torch
 from e3nn import o3
 
+from .precision import fp32_island
+
 RADIAL_BASES = ("exp_normal", "gaussian", "bessel")
 
 
@@ -159,6 +161,7 @@ class RadialProfile(torch.nn.Module):
         self.offset = torch.nn.Parameter(torch.empty(channels[-1]).uniform_(-bound, bound))
         self.channels = list(channels)
 
+    @fp32_island(only=torch.float16)  # memory.precision=fp16: its layer norm's double backward overflows fp16
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [E, channels[0]] -> [E, channels[-1]]
         return self.net(x) + self.offset

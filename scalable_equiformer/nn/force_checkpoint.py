@@ -1,0 +1,349 @@
+"""Memory-saving force strategies: per-block checkpointing and block-wise force recomputation.
+
+Both give the same energies, forces and parameter gradients as the plain path
+(``nn/forces.py``, strategy ``"autograd"``, the oracle); ``tests/test_memory_levers.py`` checks
+it to 1e-10 in fp64. The config key ``memory.checkpointing`` picks one:
+
+``"blocks"`` (:func:`checkpointed_blocks`)
+    The plain path with every transformer block in a non-reentrant
+    ``torch.utils.checkpoint`` (the reentrant form does not support ``autograd.grad``). Forces
+    come from ``autograd.grad(E, pos, create_graph=True)``, which recomputes each block; the
+    double-backward graph captures the recomputed activations and keeps them alive, so only the
+    forward half of the memory is saved.
+
+``"forces"`` (:func:`blockwise_forces`), the force-aware design of ``shared/DESIGN.md``
+    1. edge features (spherical harmonics, radial basis, envelope) with their small graph in pos;
+    2. forward: embedding and blocks, each in a non-reentrant checkpoint, so only each block's
+       input node features ``x_k`` are kept;
+    3. ``g_L = dE/dx_L`` through the (per-atom) energy head;
+    4. backward, block by block, ``k = L-1 .. 0``: ``(g_k, e_k) = VJP of block k at x_k with
+       cotangent g_{k+1}``, where ``e_k`` is the block's *direct* share of dE/d(edge features).
+       Each VJP is a :class:`_RecomputedVJP`: its forward computes the VJP values and keeps only
+       its inputs; its backward (during ``loss.backward()``) recomputes the block and the VJP
+       with ``create_graph=True`` and differentiates through it, so one block's double-backward
+       graph is alive at a time;
+    5. the embedding's VJP likewise, then ``dE/dpos`` = VJP of the edge features with
+       ``sum_k e_k``; forces = -dE/dpos.
+
+    Two traps (both covered by the tests): a block's VJP must be taken with respect to fresh
+    aliases of the shared edge features made inside that block's function, else
+    ``autograd.grad`` returns the total derivative through earlier blocks and counts those paths
+    twice; and checkpoint's early stop raises inside a hook when the checkpointed function
+    itself calls ``autograd.grad`` (``set_checkpoint_early_stop(False)`` is used throughout).
+    :class:`_RecomputedVJP` is a custom autograd Function rather than a checkpoint around
+    ``autograd.grad``: under a checkpoint the inner ``autograd.grad`` would unpack the packed
+    activations and trigger a second recomputation during the forward pass.
+
+At evaluation (``training=False``) nothing has to be kept for a second backward: ``"forces"``
+runs the blocks without a graph and each VJP directly, so the peak is one block's graph.
+
+Dropout and drop-path draw the same random numbers in every recomputation: the random state
+before each block's first call is captured and restored around every later call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+from ..errors import ConfigError
+
+#: ``memory.checkpointing`` -> the strategy name registered in ``nn/forces.py``.
+STRATEGY_OF_CHECKPOINTING = {"none": "autograd", "blocks": "blocks", "forces": "forces"}
+
+#: EdgeFeatures fields that carry gradients to pos (``index`` does not).
+_EDGE_FIELDS = ("vec", "length", "sh", "radial", "envelope")
+
+
+def configure_model(model, memory) -> None:
+    """Point ``model.force_strategy`` at the strategy that ``memory.checkpointing`` names."""
+    try:
+        model.force_strategy = STRATEGY_OF_CHECKPOINTING[memory.checkpointing]
+    except KeyError:
+        raise ValueError(f"memory.checkpointing must be one of {sorted(STRATEGY_OF_CHECKPOINTING)}, "
+                         f"got {memory.checkpointing!r}") from None
+    chunk = getattr(memory, "edge_chunk_size", None)
+    if chunk is not None and memory.checkpointing != "forces":
+        # under plain autograd every chunk's graph is kept for the force loss: chunking saves nothing
+        raise ConfigError(f"memory.edge_chunk_size ({chunk}) needs memory.checkpointing=forces, "
+                          f"not {memory.checkpointing!r}")
+    model.edge_chunk_size = chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# random state
+
+
+def _rng_capture(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _rng_restored(state, device: torch.device):
+    """Run with the random state ``state``; the surrounding state is put back afterwards."""
+    if state is None:
+        yield
+        return
+    saved = _rng_capture(device)
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        if saved[1] is not None:
+            torch.cuda.set_rng_state(saved[1], device)
+
+
+def _autocast_state(device: torch.device):
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return kind, torch.get_autocast_dtype(kind), torch.is_autocast_cache_enabled()
+
+
+def _autocast_restored(state):
+    if state is None:
+        return contextlib.nullcontext()
+    kind, dtype, cache = state
+    return torch.autocast(kind, dtype=dtype, cache_enabled=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _grad_fields(edges) -> list[str]:
+    return [f for f in _EDGE_FIELDS if getattr(edges, f, None) is not None and getattr(edges, f).requires_grad]
+
+
+def _with_fields(edges, names, tensors):
+    return edges._replace(**dict(zip(names, tensors)))
+
+
+def _ckpt(fn, *args):
+    with set_checkpoint_early_stop(False):
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def _zeros_for_none(grads, like):
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, like))
+
+
+class _RecomputedVJP(torch.autograd.Function):
+    """``outputs = vjp_fn(*inputs)`` keeping only ``inputs``; backward recomputes with a graph.
+
+    ``vjp_fn(create_graph, *inputs) -> tuple of tensors`` computes a VJP (it calls
+    ``autograd.grad`` inside). ``params`` are passed as extra inputs so that their gradients
+    flow through autograd's normal accumulation (and DeepSpeed's hooks on it).
+    """
+
+    @staticmethod
+    def forward(ctx, vjp_fn, rng, device, n_inputs, *inputs_and_params):
+        inputs = inputs_and_params[:n_inputs]
+        ctx.vjp_fn, ctx.rng, ctx.device, ctx.n_inputs = vjp_fn, rng, device, n_inputs
+        ctx.autocast = _autocast_state(device)  # the recomputation runs in the same precision
+        ctx.n_params = len(inputs_and_params) - n_inputs
+        ctx.save_for_backward(*inputs)
+        with torch.enable_grad(), _rng_restored(rng, device):
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            outs = vjp_fn(False, *leaves)
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        inputs = ctx.saved_tensors
+        params = ctx.vjp_fn.params
+        with torch.enable_grad(), _rng_restored(ctx.rng, ctx.device), _autocast_restored(ctx.autocast):
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad[4:4 + ctx.n_inputs])]
+            outs = ctx.vjp_fn(True, *leaves)
+            wrt_idx = [i for i, t in enumerate(leaves) if t.requires_grad]
+            wrt = [leaves[i] for i in wrt_idx] + list(params)
+            pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
+            if pairs and wrt:
+                grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            else:
+                grads = (None,) * len(wrt)
+        in_grads = [None] * len(inputs)
+        for i, g in zip(wrt_idx, grads[: len(wrt_idx)]):
+            in_grads[i] = g
+        return (None, None, None, None, *in_grads, *grads[len(wrt_idx):])
+
+
+class _BlockVJP:
+    """``(x, g, *feats) -> (dE/dx, *dE/dfeats)`` of one block (or the embedding) at cotangent g.
+
+    The VJP is taken with respect to ``x`` and fresh aliases of the edge features made here
+    (``f.view_as(f)``), so ``dE/dfeats`` is this block's direct share only.
+    """
+
+    def __init__(self, fn, names, params, wrt_x: bool = True):
+        self.fn, self.names, self.params, self.wrt_x = fn, names, params, wrt_x
+
+    def __call__(self, create_graph: bool, x, g, *feats):
+        aliases = [f.view_as(f) for f in feats]
+        y = self.fn(x, aliases)
+        wrt = ([x] if self.wrt_x else []) + aliases
+        grads = torch.autograd.grad(y, wrt, g, create_graph=create_graph, allow_unused=True)
+        return _zeros_for_none(grads, wrt)
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies (signature and result as nn/forces.py's ``_autograd``)
+
+
+def checkpointed_blocks(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
+    """The plain path with each block in a non-reentrant checkpoint."""
+    with torch.enable_grad():
+        if not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        edge_index = model.build_graph(pos, batch_vec)
+        edges = model.edge_features(pos, edge_index)
+        x = model.embed(z, edges, pos.shape[0])
+        node_attr = model.node_attr(x)
+        for block in model.blocks:
+            x = _ckpt(block, x, node_attr, edges, batch_vec)
+        energy = model.readout(x, z, batch_vec, num_graphs)
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+    forces = -grad
+    if not training:
+        energy, forces = energy.detach(), forces.detach()
+    return {"energy": energy, "forces": forces}
+
+
+def edge_chunks(edge_index: torch.Tensor, num_nodes: int, chunk_size) -> list[tuple[int, int, int, int]]:
+    """Split nodes into contiguous ranges whose incoming edges number at most ``chunk_size``.
+
+    Edges must be sorted by target (``edge_index[1]``, as ``radius_graph`` returns them). Returns
+    ``(n0, n1, e0, e1)`` per chunk: nodes ``[n0, n1)`` receive exactly the edges ``[e0, e1)``. A
+    node with more incoming edges than ``chunk_size`` gets a chunk of its own. ``None`` = one chunk.
+
+    >>> ei = torch.tensor([[1, 2, 0, 2, 0, 1], [0, 0, 1, 1, 2, 2]])
+    >>> edge_chunks(ei, 3, 4)
+    [(0, 2, 0, 4), (2, 3, 4, 6)]
+    """
+    num_edges = edge_index.shape[1]
+    if chunk_size is None or num_edges <= chunk_size:
+        return [(0, num_nodes, 0, num_edges)]
+    dst = edge_index[1]
+    if num_edges > 1 and bool((dst[1:] < dst[:-1]).any()):
+        raise ValueError("edge chunking needs edges sorted by target (edge_index[1])")
+    # first edge of every node: starts[n] = number of edges with target < n
+    starts = torch.searchsorted(dst, torch.arange(num_nodes + 1, device=dst.device)).tolist()
+    chunks, n0 = [], 0
+    while n0 < num_nodes:
+        n1 = n0 + 1
+        while n1 < num_nodes and starts[n1 + 1] - starts[n0] <= chunk_size:
+            n1 += 1
+        chunks.append((n0, n1, starts[n0], starts[n1]))
+        n0 = n1
+    return chunks
+
+
+def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
+    """Force-aware checkpointing: block-by-block VJPs, one block's double-backward graph at a time.
+
+    With ``model.edge_chunk_size`` (``memory.edge_chunk_size``) every stage also runs in chunks
+    of receiving atoms (:func:`edge_chunks`): chunk ``c`` calls the stage with only the edges into
+    its atoms and keeps its rows, which are exact because a stage's output for an atom depends on
+    that atom's incoming edges only. Each chunk has its own checkpoint and VJP, so one chunk's
+    graph is alive at a time; node-level work is repeated per chunk.
+    """
+    device = pos.device
+    num_nodes = pos.shape[0]
+    stochastic = model.training
+    with torch.enable_grad():
+        if not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        edge_index = model.build_graph(pos, batch_vec)
+        edges = model.edge_features(pos, edge_index)  # small graph in pos, kept
+        names = _grad_fields(edges)
+        feats = [getattr(edges, n) for n in names]
+        params = [p for p in model.parameters() if p.requires_grad] if training else []
+        chunks = edge_chunks(edge_index, num_nodes, getattr(model, "edge_chunk_size", None))
+        whole = len(chunks) == 1
+        # per chunk: its edges (index only; features come in as arguments) and its features
+        chunk_edges = [edges if whole else edges._replace(index=edge_index[:, e0:e1]) for _, _, e0, e1 in chunks]
+        chunk_feats = [feats if whole else [f[e0:e1] for f in feats] for _, _, e0, e1 in chunks]
+
+        def stage_fn(stage, c):
+            """``(x, feats of chunk c) -> rows of chunk c`` of one stage (block, or the embedding)."""
+            n0, n1, _, _ = chunks[c]
+            sub = chunk_edges[c]
+
+            def fn(x, fs):
+                e = _with_fields(sub, names, fs)
+                y = model.embed(z, e, num_nodes) if stage is None else stage(x, node_attr, e, batch_vec)
+                return y if whole else y[n0:n1]
+
+            return fn
+
+        def run_stage(stage, x, rng):
+            """Forward of one stage over all chunks; keeps only the stage input (training)."""
+            outs = []
+            for c in range(len(chunks)):
+                fn = stage_fn(stage, c)
+                ctx = contextlib.nullcontext() if c == 0 else _rng_restored(rng, device)
+                with ctx:
+                    if training:
+                        outs.append(_ckpt(lambda x_, *fs, fn=fn: fn(x_, list(fs)), x, *chunk_feats[c]))
+                    else:
+                        with torch.no_grad():
+                            outs.append(fn(x, chunk_feats[c]))
+            return outs[0] if whole else torch.cat(outs, 0)
+
+        # forward: keep each stage's input node features only
+        node_attr = None
+        rngs = [_rng_capture(device) if stochastic else None]
+        dummy = pos.new_zeros(num_nodes, 1)
+        x = run_stage(None, dummy, rngs[0])
+        node_attr = model.node_attr(x)
+        xs = [x]
+        for block in model.blocks:
+            rngs.append(_rng_capture(device) if stochastic else None)
+            x = run_stage(block, x, rngs[-1])
+            xs.append(x)
+
+        # energy and dE/dx_L through the per-atom head
+        x_last = xs[-1] if training else xs[-1].detach().requires_grad_(True)
+        energy = model.readout(x_last, z, batch_vec, num_graphs)
+        (g,) = torch.autograd.grad(energy.sum(), x_last, create_graph=training)
+
+        # backward, stage by stage and chunk by chunk: g_k = sum_c VJP_c, e = cat_c e_c
+        total = [[None] * len(chunks) for _ in feats]  # [feature][chunk]
+        for k in range(len(model.blocks) - 1, -2, -1):
+            stage = model.blocks[k] if k >= 0 else None
+            x_in = xs[k] if k >= 0 else dummy
+            g_next = None
+            for c, (n0, n1, _, _) in enumerate(chunks):
+                vjp = _BlockVJP(stage_fn(stage, c), names, params, wrt_x=stage is not None)
+                g_c = g if whole else g[n0:n1]
+                if training:
+                    outs = _RecomputedVJP.apply(vjp, rngs[k + 1], device, 2 + len(feats),
+                                                x_in if vjp.wrt_x else x_in.detach(), g_c, *chunk_feats[c], *params)
+                else:
+                    with _rng_restored(rngs[k + 1], device):
+                        x_leaf = x_in.detach().requires_grad_(vjp.wrt_x)
+                        outs = vjp(False, x_leaf, g_c.detach(), *[f.detach().requires_grad_(True) for f in chunk_feats[c]])
+                    outs = [o.detach() for o in outs]
+                if vjp.wrt_x:
+                    g_next = outs[0] if g_next is None else g_next + outs[0]
+                    outs = outs[1:]
+                for i, e in enumerate(outs):
+                    total[i][c] = e if total[i][c] is None else total[i][c] + e
+            g = g_next
+        total = [parts[0] if whole else torch.cat(parts, 0) for parts in total]
+
+        # dE/dpos through the edge features
+        (grad,) = torch.autograd.grad(feats, pos, total, create_graph=training)
+    forces = -grad
+    if not training:
+        energy, forces = energy.detach(), forces.detach()
+    return {"energy": energy, "forces": forces}
+
+
+__all__ = ["STRATEGY_OF_CHECKPOINTING", "configure_model", "edge_chunks", "checkpointed_blocks", "blockwise_forces"]

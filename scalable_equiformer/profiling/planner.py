@@ -1,0 +1,135 @@
+"""Pick the lever set with the best expected speed whose estimated peak fits a memory budget.
+
+Candidates combine ``memory.checkpointing`` (none, blocks, forces), ``memory.precision`` (the
+config's, or also bf16 when allowed), ``memory.micro_batch_size`` (divisors of the molecules per
+rank per step) and, with ``forces``, ``memory.edge_chunk_size``. Each gets an estimated peak
+(``estimate.py``) and an expected step time relative to the levers-off step
+(:func:`relative_time`), from factors measured on this project's benchmarks
+(``benchmarks/memory.md``). The plan is the fastest candidate that fits
+``usable = gpu_memory * (1 - headroom) - reserve``; ties go to the smaller peak.
+Graph partitions (``parallel.graph_partitions``) are not planned yet.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from ..errors import UserError
+from .estimate import Levers
+
+#: step time of each checkpointing mode relative to none (CPU, Lmax 2; benchmarks/memory.md)
+CHECKPOINT_TIME = {"none": 1.0, "blocks": 1.22, "forces": 1.75}
+#: step time of each precision relative to fp32 (cuda: tensor cores, assumed, not measured here;
+#: cpu bf16: measured 0.98 on aspirin; cpu fp16: assumed)
+PRECISION_TIME = {"cuda": {"fp32": 1.0, "bf16": 0.75, "fp16": 0.75}, "cpu": {"fp32": 1.0, "bf16": 1.0, "fp16": 1.5}}
+#: cost of each extra micro-batch (kernel launches, smaller matrices) relative to one
+MICRO_OVERHEAD = {"cuda": 0.05, "cpu": 0.01}
+#: cost of each extra edge chunk (node-level work repeated per chunk)
+CHUNK_OVERHEAD = 0.08
+
+HEADROOM = 0.10  # allocator fragmentation and caching
+RESERVE = 0.5 * 2**30  # bytes: CUDA context, kernels, workspace (not in max_memory_allocated)
+
+
+def parse_bytes(text: str) -> int:
+    """``"40GB"``, ``"40 GiB"``, ``"512MB"``, ``"1.5e9"`` -> bytes (GB = GiB = 2**30: GPUs are sold
+    in binary gigabytes).
+
+    >>> parse_bytes("40GB") == 40 * 2**30
+    True
+    """
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise UserError(f"--gpu-memory {text!r}: expected a size such as 40GB or 80GiB")
+    value = float(m.group(1))
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
+    if not value > 0:
+        raise UserError(f"--gpu-memory {text!r}: must be > 0")
+    return int(value * 1024 ** power)
+
+
+def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda") -> float:
+    """Expected step time of ``levers`` relative to the levers-off step (same batch)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    micro = min(levers.micro_batch_size or batch, batch)
+    n_micro = math.ceil(batch / micro)
+    t = CHECKPOINT_TIME[levers.checkpointing] * PRECISION_TIME[kind][levers.precision]
+    t *= 1.0 + MICRO_OVERHEAD[kind] * (n_micro - 1)
+    if levers.edge_chunk_size is not None:
+        n_chunks = math.ceil(edges * micro / levers.edge_chunk_size)
+        t *= 1.0 + CHUNK_OVERHEAD * max(n_chunks - 1, 0)
+    return t
+
+
+@dataclass
+class Candidate:
+    levers: Levers
+    peak_bytes: int
+    relative_time: float
+    fits: bool = False
+    detail: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"levers": self.levers.as_dict(), "peak_bytes": self.peak_bytes,
+                "relative_time": self.relative_time, "fits": self.fits}
+
+
+@dataclass
+class Plan:
+    budget_bytes: int
+    usable_bytes: int
+    candidates: list  # sorted: fitting first, fastest first
+    best: Optional[Candidate]
+
+    def overrides(self) -> list[str]:
+        return self.best.levers.overrides() if self.best is not None else []
+
+
+def candidate_levers(batch: int, edges: int, precisions: Iterable[str] = ("fp32",),
+                     chunk_sizes: Optional[Iterable[int]] = None) -> list[Levers]:
+    """All combinations worth considering for ``batch`` molecules of ``edges`` edges each."""
+    micro_sizes = [m for m in range(batch, 0, -1) if batch % m == 0]
+    out = []
+    for precision in precisions:
+        for micro in micro_sizes:
+            micro_value = None if micro == batch else micro
+            for ckpt in ("none", "blocks", "forces"):
+                out.append(Levers(ckpt, micro_value, None, precision))
+            if micro == 1:
+                sizes = chunk_sizes if chunk_sizes is not None else _default_chunks(edges)
+                for c in sizes:
+                    out.append(Levers("forces", micro_value, int(c), precision))
+    return out
+
+
+def _default_chunks(edges: int) -> list[int]:
+    """Chunk sizes halving the edges of one molecule, rounded to 256, down to 1/16."""
+    sizes = []
+    for div in (2, 4, 8, 16):
+        c = max(256, int(math.ceil(edges / div / 256.0)) * 256)
+        if c < edges and c not in sizes:
+            sizes.append(c)
+    return sizes
+
+
+def plan(estimator: Callable[[Levers], int], budget_bytes: int, *, batch: int, edges: int,
+         device: str = "cuda", precisions: Iterable[str] = ("fp32",), headroom: float = HEADROOM,
+         reserve: float = RESERVE, timer: Optional[Callable[[Levers], float]] = None,
+         chunk_sizes: Optional[Iterable[int]] = None) -> Plan:
+    """The fastest lever set whose ``estimator(levers)`` peak fits ``budget_bytes``.
+
+    ``estimator`` maps Levers to peak bytes (e.g. :func:`estimate.estimate`); ``timer`` to
+    relative step time (default :func:`relative_time`).
+    """
+    usable = int(budget_bytes * (1.0 - headroom) - (reserve if device.startswith("cuda") else 0))
+    timer = timer or (lambda lv: relative_time(lv, batch=batch, edges=edges, device=device))
+    cands = []
+    for lv in candidate_levers(batch, edges, precisions, chunk_sizes):
+        peak = int(estimator(lv))
+        cands.append(Candidate(lv, peak, float(timer(lv)), peak <= usable))
+    cands.sort(key=lambda c: (not c.fits, c.relative_time, c.peak_bytes))
+    best = cands[0] if cands and cands[0].fits else None
+    return Plan(budget_bytes, usable, cands, best)

@@ -1,0 +1,288 @@
+"""Measure the peak memory of one full training step, one fresh subprocess per measurement.
+
+A measurement builds the model and optimizer from the config, runs one warm-up step on a tiny
+molecule (it initialises the libraries and allocates the optimizer state), then measures one
+training step on the requested batch: forward, forces with ``create_graph=True``, loss, backward,
+optimizer step (with micro-batching, checkpointing and precision as the levers say).
+
+* **CUDA**: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: the peak of all
+  tensors on the device during the step (parameters, optimizer state, gradients, activations).
+* **CPU**: peak resident memory of the process (``VmHWM`` in ``/proc/self/status``) over the step,
+  minus the resident memory just before it; ``VmHWM`` is reset by writing ``5`` to
+  ``/proc/self/clear_refs`` (when that is not allowed the warm-up peak is tiny, so the growth is
+  still the step's). Large allocations are served by ``mmap`` with a fixed threshold
+  (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the process at once and resident
+  memory follows the live tensors, as the CUDA allocator's count does. The reported
+  ``peak_bytes`` adds the resident parameters and optimizer state, so both devices report the same
+  quantity.
+
+``activation_bytes`` is the peak minus parameters, gradients and optimizer state.
+``step_seconds`` is the median of ``timing_steps`` steps after the measured one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import UserError
+
+RESULT_TAG = "MEMORY_PROFILE_RESULT "
+MMAP_THRESHOLD = 1 << 17  # bytes; fixed, which also turns off glibc's dynamic threshold
+
+
+class ProfileError(UserError, RuntimeError):
+    """A measurement subprocess failed."""
+
+
+@dataclass
+class Request:
+    """One measurement: a config (as :meth:`Config.to_dict`), a molecule, a batch size, levers."""
+
+    config: dict
+    config_name: str = ""
+    data: Optional[str] = None  # a data file: frames 0..batch-1
+    atoms: Optional[int] = None  # or a synthetic molecule of this many atoms
+    batch: int = 1
+    levers: dict = field(default_factory=dict)  # memory.* keys
+    device: str = "cpu"
+    threads: int = 1
+    timing_steps: int = 2
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+# --------------------------------------------------------------------------------------------
+# the measuring side (runs in the subprocess)
+
+
+def _read_status(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise ProfileError(f"/proc/self/status has no {key}")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _Meter:
+    """Peak memory over a region: CUDA allocator or process RSS."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+        self.method = "cuda_max_memory_allocated" if self.cuda else "cpu_vmhwm"
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+            self.base = self.torch.cuda.memory_allocated()
+        else:
+            _malloc_trim()
+            if _reset_hwm():
+                self.method = "cpu_vmhwm_clear_refs"
+            else:
+                self.method = "cpu_vmhwm_baseline"
+            self.base = _read_status("VmRSS")
+
+    def stop(self) -> int:
+        """Growth of the peak over the resident (or allocated) memory at :meth:`start`."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            return int(self.torch.cuda.max_memory_allocated() - self.base)
+        return max(_read_status("VmHWM") - self.base, 0)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def measure_in_process(req: Request) -> dict:
+    """Run the measurement here (the subprocess calls this). Returns the result record."""
+    import numpy as np
+    import torch
+
+    from ..config import config_from_dict
+    from . import stepper, systems
+
+    torch.manual_seed(req.seed)
+    if req.threads:
+        torch.set_num_threads(req.threads)
+    cfg_dict = json.loads(json.dumps(req.config))
+    cfg_dict.setdefault("memory", {}).update(req.levers)
+    cfg_dict.setdefault("train", {})["batch_size"] = req.batch
+    cfg = config_from_dict(cfg_dict, origin=req.config_name or "profile request")
+    device = torch.device(req.device)
+
+    if req.data is not None:
+        z, frames = systems.load_frames(req.data, req.batch)
+    else:
+        z, pos = systems.synthetic_molecule(int(req.atoms), seed=req.seed)
+        frames = np.repeat(pos[None], req.batch, axis=0)
+    atoms = len(z)
+    edges = sum(systems.count_edges(f, cfg.model.cutoff) for f in frames)
+
+    model, dtype = stepper.build(cfg, device, atoms)
+    batch = stepper.make_batch(z, frames, dtype, device)
+    small = min(atoms, 8)
+    warm = stepper.make_batch(z[:small], np.repeat(frames[:1, :small], req.batch, axis=0), dtype, device)
+    step, engine = stepper.make_step(model, cfg)
+    optimizer = engine.optimizer
+
+    step(warm)  # libraries initialised, optimizer state allocated
+    optimizer.zero_grad(set_to_none=True)
+    params_bytes = _tensor_bytes(model.parameters())
+    grads_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    opt_bytes = _tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    del warm
+
+    meter = _Meter(device)
+    meter.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    info = step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
+    growth = meter.stop()
+
+    times, cpu_times = [], []
+    for _ in range(req.timing_steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+
+    if device.type == "cuda":
+        peak = meter.base + growth  # everything allocated on the device at the peak
+    else:
+        peak = params_bytes + opt_bytes + growth  # resident model states + the step's growth
+    activation = max(peak - params_bytes - grads_bytes - opt_bytes, 0)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "config": req.config_name,
+        "atoms": atoms,
+        "edges": int(edges),
+        "batch": req.batch,
+        "levers": {**asdict_levers(cfg.memory)},
+        "peak_bytes": int(peak),
+        "activation_bytes": int(activation),
+        "step_growth_bytes": int(growth),
+        "params_bytes": int(params_bytes),
+        "grads_bytes": int(grads_bytes),
+        "optimizer_bytes": int(opt_bytes),
+        "num_params": int(n_params),
+        "step_seconds": statistics.median(times) if times else first,
+        "step_cpu_seconds": statistics.median(cpu_times) if cpu_times else first_cpu,
+        "first_step_seconds": first,
+        "method": meter.method,
+        "device": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "loss": float(info.get("loss", float("nan"))),
+    }
+
+
+def asdict_levers(memory) -> dict:
+    return {k: getattr(memory, k) for k in ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision")}
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"cpu:{cpu}"
+
+
+# --------------------------------------------------------------------------------------------
+# the calling side
+
+
+def measure(req: Request, *, timeout: Optional[float] = None, python: str = sys.executable) -> dict:
+    """Measure ``req`` in a fresh subprocess; return its record (``oom: true`` when it ran out)."""
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    env.setdefault("DS_ACCELERATOR", "cuda" if req.device.startswith("cuda") else "cpu")
+    if req.threads:
+        env["OMP_NUM_THREADS"] = str(req.threads)
+        env["MKL_NUM_THREADS"] = str(req.threads)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run([python, "-m", "scalable_equiformer.profiling.profiler", "--worker"],
+                              input=req.to_json(), capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise ProfileError(f"measurement timed out after {timeout} s ({req.atoms or req.data}, batch {req.batch})") from None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    if any("out of memory" in x.lower() for x in tail) or proc.returncode in (-9, 137):
+        return {"config": req.config_name, "batch": req.batch, "levers": req.levers, "oom": True,
+                "error": "\n".join(tail[-3:])}
+    raise ProfileError("measurement subprocess failed (exit %s):\n%s" % (proc.returncode, "\n".join(tail)))
+
+
+def _worker() -> int:
+    req = Request(**json.loads(sys.stdin.read()))
+    result = measure_in_process(req)
+    sys.stdout.write("\n" + RESULT_TAG + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        sys.exit(_worker())
+    sys.exit("usage: python -m scalable_equiformer.profiling.profiler --worker < request.json")

@@ -1,0 +1,219 @@
+"""The memory profiler: synthetic molecules, the estimate's bookkeeping, the planner's choice, one
+real measurement in a subprocess, and the command line end to end (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scalable_equiformer.config import load_config
+from scalable_equiformer.data.graph import radius_graph
+from scalable_equiformer.profiling import estimate as est
+from scalable_equiformer.profiling import planner, systems
+from scalable_equiformer.profiling.profiler import Request, measure
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.irreps_node=16x0e+8x1e+4x2e", "model.irreps_head=8x0e+4x1e+2x2e",
+         "model.irreps_feedforward=32x0e+16x1e+8x2e", "model.irreps_feature=32x0e", "model.num_blocks=2",
+         "model.num_heads=2", "model.num_radial=8", "model.radial_hidden=[16]",
+         "model.avg_num_neighbors=20", "model.avg_num_atoms=20"]
+
+
+# ---- molecules --------------------------------------------------------------------------------
+
+
+def test_synthetic_molecule_has_real_density_and_no_clashes():
+    z, pos = systems.synthetic_molecule(130)
+    assert z.shape == (130,) and pos.shape == (130, 3)
+    edges = systems.count_edges(pos, 5.0)
+    assert 24 <= edges / 130 <= 32  # the original's 120-atom system: 27.6 edges per atom
+    # copies never overlap: atoms of different copies stay >= 2.5 Å apart (within a copy: bonds)
+    d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+    copy = np.arange(130) // 60
+    assert d[copy[:, None] != copy[None]].min() >= systems.CONTACT - 1e-6
+    z2, pos2 = systems.synthetic_molecule(70)  # prefixes of one build: sweeps share atoms
+    np.testing.assert_array_equal(pos2, pos[:70])
+    np.testing.assert_array_equal(z2, z[:70])
+
+
+def test_count_edges_matches_the_models_radius_graph():
+    _, pos = systems.synthetic_molecule(90)
+    assert systems.count_edges(pos, 5.0) == radius_graph(torch.as_tensor(pos), 5.0).shape[1]
+
+
+def test_load_frames_cycles_through_a_data_file(tmp_path):
+    f = tmp_path / "m.npz"
+    R = np.random.default_rng(0).normal(size=(3, 4, 3)) * 2
+    np.savez(f, R=R, z=np.array([1, 6, 7, 8]), E=np.zeros((3, 1)), F=np.zeros((3, 4, 3)))
+    z, frames = systems.load_frames(f, 5)
+    assert z.tolist() == [1, 6, 7, 8] and frames.shape == (5, 4, 3)
+    np.testing.assert_allclose(frames[3], R[0])
+
+
+# ---- estimate bookkeeping --------------------------------------------------------------------
+
+
+def test_model_states_per_zero_stage_and_ranks():
+    p = 3_500_000
+    s0 = est.model_states(p)
+    assert (s0.params, s0.grads, s0.optimizer) == (4 * p, 4 * p, 8 * p)
+    s1 = est.model_states(p, zero_stage=1, ranks=4)
+    assert (s1.params, s1.grads, s1.optimizer) == (4 * p, 4 * p, 2 * p)
+    s2 = est.model_states(p, zero_stage=2, ranks=4)
+    assert (s2.grads, s2.optimizer) == (p, 2 * p)
+    s3 = est.model_states(p, zero_stage=3, ranks=4, largest_layer=1000)
+    assert s3.params == p + 4000 and s3.total < s2.total
+    assert est.model_states(p, param_bytes=8).total == 2 * s0.total
+    with pytest.raises(ValueError):
+        est.model_states(p, zero_stage=4)
+
+
+def _fake_profile():
+    lin = est.Linear
+    return est.ActivationProfile(plain=lin(1000.0, 500.0), blocks=lin(700.0, 400.0), forces_kept=lin(10.0, 20.0),
+                                 stage=lin(150.0, 80.0), stage_node=80.0)
+
+
+def test_activation_estimate_follows_the_levers():
+    prof = _fake_profile()
+
+    def act(**kw):
+        return est.activation_bytes(prof, est.Levers(**kw), atoms=100, edges=3000, batch=4, calibration={
+            "none": 1.0, "blocks": 1.0, "forces": 1.0})[0]
+
+    none = act()
+    assert none == 4 * (1000 * 3000 + 500 * 100)
+    assert act(checkpointing="blocks") < none
+    assert act(checkpointing="forces") < act(checkpointing="blocks")
+    assert act(micro_batch_size=1) == pytest.approx(none / 4, rel=1e-6)
+    forces1 = act(checkpointing="forces", micro_batch_size=1)
+    chunked = act(checkpointing="forces", micro_batch_size=1, edge_chunk_size=500)
+    assert chunked == int(10 * 3000 + 20 * 100 + 150 * 500 + 80 * 100) and chunked < forces1
+    assert act(checkpointing="forces", micro_batch_size=1, edge_chunk_size=10**6) == forces1
+
+
+def test_levers_overrides_and_labels():
+    lv = est.Levers("forces", 2, None, "bf16")
+    assert lv.overrides() == ["memory.checkpointing=forces", "memory.micro_batch_size=2",
+                              "memory.edge_chunk_size=null", "memory.precision=bf16"]
+    assert lv.label() == "ckpt=forces+micro=2+bf16" and est.Levers().label() == "none"
+    cfg = load_config(None, ["data.name=x", *[f"--set {o}".split()[1] for o in lv.overrides()]])
+    assert est.Levers.from_config(cfg.memory) == lv
+
+
+# ---- planner ------------------------------------------------------------------------------------
+
+
+def test_parse_bytes():
+    assert planner.parse_bytes("40GB") == 40 * 2**30
+    assert planner.parse_bytes("80 GiB") == 80 * 2**30
+    assert planner.parse_bytes("512MB") == 512 * 2**20
+    assert planner.parse_bytes("1e9") == 10**9
+    with pytest.raises(Exception, match="gpu-memory"):
+        planner.parse_bytes("lots")
+
+
+def test_planner_picks_the_fastest_lever_set_that_fits():
+    gib = 2**30
+
+    def fake(lv):  # a fake estimate: 10 GiB per molecule in the graph, less with levers
+        micro = lv.micro_batch_size or 8
+        per = {"none": 10.0, "blocks": 7.0, "forces": 1.5}[lv.checkpointing]
+        if lv.edge_chunk_size:
+            per = 0.5
+        if lv.precision == "bf16":
+            per *= 0.6
+        return int((1.0 + micro * per) * gib)
+
+    kw = dict(batch=8, edges=4000, device="cuda", reserve=0, headroom=0.0)
+    big = planner.plan(fake, 200 * gib, **kw)
+    assert big.best.levers == est.Levers()  # everything fits: levers off is fastest
+    mid = planner.plan(fake, 12 * gib, **kw)
+    assert mid.best.levers == est.Levers(micro_batch_size=1)  # micro-batching costs least time
+    small = planner.plan(fake, 2.8 * gib, **kw)
+    assert small.best.levers.checkpointing == "forces" and small.best.peak_bytes <= 2.8 * gib
+    assert small.best.levers.edge_chunk_size is None  # chunks only when needed
+    tiny = planner.plan(fake, 1.6 * gib, **kw)
+    assert tiny.best.levers.edge_chunk_size is not None
+    assert planner.plan(fake, 1.0 * gib, **kw).best is None
+    with_bf16 = planner.plan(fake, 12 * gib, precisions=("fp32", "bf16"), **kw)
+    assert with_bf16.best.levers.precision == "bf16"  # faster on a GPU, when allowed
+    assert all(c.levers.precision == "fp32" for c in mid.candidates)
+    assert mid.overrides() == est.Levers(micro_batch_size=1).overrides()
+    # the candidates are sorted: fitting first, then by expected time
+    fits = [c for c in mid.candidates if c.fits]
+    assert [c.relative_time for c in fits] == sorted(c.relative_time for c in fits)
+
+
+def test_relative_time_orders_the_levers():
+    t = lambda **kw: planner.relative_time(est.Levers(**kw), batch=8, edges=3000, device="cuda")  # noqa: E731
+    assert t() == 1.0 < t(checkpointing="blocks") < t(checkpointing="forces")
+    assert t(micro_batch_size=1) > t(micro_batch_size=4) > 1.0
+    assert t(checkpointing="forces", micro_batch_size=1, edge_chunk_size=500) > t(checkpointing="forces", micro_batch_size=1)
+
+
+# ---- measurement and command line -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def census_and_runs():
+    """One census of the small model and two real measurements (fresh subprocesses)."""
+    cfg = load_config(None, ["data.name=x", *SMALL])
+    prof = est.activation_profile(cfg)
+    runs = {lev: measure(Request(config=cfg.to_dict(), config_name="small", atoms=60, batch=1,
+                                 levers={"checkpointing": lev}, timing_steps=0), timeout=600)
+            for lev in ("none", "forces")}
+    return cfg, prof, runs
+
+
+def test_measurement_reports_the_step_and_forces_checkpointing_saves(census_and_runs):
+    cfg, prof, runs = census_and_runs
+    none, forces = runs["none"], runs["forces"]
+    for r in (none, forces):
+        assert r["method"] in ("cpu_vmhwm_clear_refs", "cpu_vmhwm_baseline")
+        assert r["atoms"] == 60 and r["edges"] == systems.count_edges(systems.synthetic_molecule(60)[1], 5.0)
+        assert r["peak_bytes"] >= r["activation_bytes"] > 0 and r["step_seconds"] > 0
+        assert r["params_bytes"] == 4 * r["num_params"] and r["optimizer_bytes"] == 2 * r["params_bytes"]
+        assert np.isfinite(r["loss"])
+    assert forces["activation_bytes"] < 0.6 * none["activation_bytes"]
+    # the census estimate is in the right range (the ±20 % check on the paper's model is a benchmark)
+    e = est.activation_bytes(prof, est.Levers(), atoms=60, edges=none["edges"], batch=1)[0]
+    assert 0.5 < none["activation_bytes"] / e < 2.0
+
+
+def test_command_line_json_table_plot_and_plan(tmp_path):
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text("data:\n  name: synthetic\nmodel:\n" + "".join(
+        f"  {o.split('=')[0].split('.')[1]}: {o.split('=')[1]}\n" for o in SMALL) + "train:\n  batch_size: 2\n")
+    out, png = tmp_path / "mem.json", tmp_path / "mem.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "memory_profile.py"), "--config", str(cfg), "--atoms", "24",
+         "--levers", "none", "--levers", "checkpointing=forces,micro_batch_size", "--timing-steps", "0",
+         "--json", str(out), "--plot", str(png), "--plan", "--gpu-memory", "8GB"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "meas/est" in proc.stdout and "use: --set memory.checkpointing=none" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["device"].startswith("cpu")
+    assert len(doc["runs"]) == 2
+    for r in doc["runs"]:
+        for key in ("config", "atoms", "edges", "batch", "levers", "peak_bytes", "activation_bytes", "step_seconds"):
+            assert key in r
+        assert r["atoms"] == 24 and r["batch"] == 2
+    assert doc["runs"][1]["levers"] == {"checkpointing": "forces", "micro_batch_size": 1,
+                                        "edge_chunk_size": None, "precision": "fp32"}
+    assert doc["plan"]["best"]["levers"]["checkpointing"] == "none"
+    assert png.stat().st_size > 1000
+
+
+def test_command_line_errors_name_the_problem(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "memory_profile.py"), "--atoms", "10",
+                           "--levers", "checkpointing,speed", "--estimate-only"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown lever 'speed'" in proc.stderr

@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""What one training step costs in memory, per lever set, and which levers fit a GPU.
+
+    python tools/memory_profile.py --config md22_atat.yaml
+    python tools/memory_profile.py --config md22_atat.yaml --levers none --levers checkpointing=forces
+    python tools/memory_profile.py --config md22_atat.yaml --compare --json out.json
+    python tools/memory_profile.py --config md17_aspirin --atoms 120 --sweep atoms --plot mem.png
+    python tools/memory_profile.py --config md22_atat.yaml --gpu-memory 40GB --plan
+
+Each measurement runs one full training step (forward, forces with create_graph, loss, backward,
+optimizer step) in a fresh subprocess: on CUDA the peak is torch.cuda.max_memory_allocated, on
+the CPU the growth of the peak resident memory (VmHWM) over the step plus the resident model
+states. Next to it: the analytic estimate (scalable_equiformer/profiling/estimate.py) and the
+ratio measured/estimated. --levers takes none, all, config, or comma-separated lever names
+(memory.* keys: checkpointing, micro_batch_size, edge_chunk_size, precision), each optionally
+=value; it can be repeated to compare lever sets. Sizes are in GiB (2**30 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scalable_equiformer.errors import ConfigError, UserError  # noqa: E402
+
+GiB = 2**30
+LEVER_KEYS = ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision")
+#: the value a bare lever name turns on
+LEVER_ON = {"checkpointing": "forces", "micro_batch_size": 1, "edge_chunk_size": "auto", "precision": "bf16"}
+COMPARE = ["none", "checkpointing=blocks", "checkpointing=forces", "precision=bf16",
+           "checkpointing=forces,precision=bf16", "micro_batch_size=1", "checkpointing=forces,micro_batch_size=1",
+           "checkpointing=forces,micro_batch_size=1,edge_chunk_size=auto"]
+
+
+def parse_levers(spec: str, cfg, batch: int) -> dict:
+    """A ``--levers`` value -> memory.* values (``auto`` chunk resolved later per molecule)."""
+    base = {k: getattr(cfg.memory, k) for k in LEVER_KEYS}
+    off = {"checkpointing": "none", "micro_batch_size": None, "edge_chunk_size": None, "precision": "fp32"}
+    spec = spec.strip()
+    if spec == "config":
+        return base
+    if spec == "none":
+        return dict(off)
+    if spec == "all":
+        spec = ",".join(LEVER_KEYS)
+    out = dict(off)
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip().removeprefix("memory.")
+        if key not in LEVER_KEYS:
+            raise ConfigError(f"--levers {spec!r}: unknown lever {key!r}; levers: {', '.join(LEVER_KEYS)}, or none | all | config")
+        if not value:
+            out[key] = LEVER_ON[key]
+        elif key in ("micro_batch_size", "edge_chunk_size"):
+            out[key] = None if value in ("null", "none") else (value if value == "auto" else int(value))
+        else:
+            out[key] = value
+    if out["edge_chunk_size"] is not None:
+        out["checkpointing"] = "forces"  # chunking works inside the force-aware checkpointing
+    if out["micro_batch_size"] is not None:
+        out["micro_batch_size"] = min(int(out["micro_batch_size"]), batch)
+        if out["micro_batch_size"] == batch:
+            out["micro_batch_size"] = None
+    return out
+
+
+def resolve_levers(levers: dict, edges_per_molecule: int) -> dict:
+    out = dict(levers)
+    if out["edge_chunk_size"] == "auto":  # about a quarter of one molecule's edges
+        out["edge_chunk_size"] = max(256, int(math.ceil(edges_per_molecule / 4 / 256)) * 256)
+    return out
+
+
+def load(args):
+    from scalable_equiformer.config import load_config
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as exc:
+        if "data.name" in str(exc) and "set data.name or data.path" in str(exc):
+            return load_config(args.config, overrides + ["data.name=synthetic"])
+        raise
+
+
+def molecule_source(args, cfg):
+    """(data file or None, atoms or None, note)."""
+    if args.data:
+        return args.data, None, ""
+    if args.atoms:
+        return None, args.atoms, ""
+    if cfg.data.path:
+        p = Path(cfg.data.path)
+        if not p.is_file():
+            p = Path(__file__).resolve().parents[1] / cfg.data.path
+        if p.is_file():
+            return str(p), None, ""
+        raise UserError(f"data.path {cfg.data.path}: not found (pass --data FILE or --atoms N)")
+    if cfg.data.name and cfg.data.name != "synthetic":
+        from scalable_equiformer.data.catalog import dataset_file, get_info
+        try:
+            return str(dataset_file(cfg.data.name, cfg.data.root)), None, ""
+        except UserError:
+            n = get_info(cfg.data.name).num_atoms
+            return None, n, f"{cfg.data.name} not on disk: synthetic molecule of its {n} atoms"
+    raise UserError("no molecule: pass --data FILE or --atoms N (or a config with data.path / data.name)")
+
+
+def molecule_stats(data, atoms, batch, cutoff):
+    from scalable_equiformer.profiling import systems
+
+    if data is not None:
+        z, frames = systems.load_frames(data, batch)
+        return len(z), max(systems.count_edges(f, cutoff) for f in frames), sum(systems.count_edges(f, cutoff) for f in frames)
+    z, pos = systems.synthetic_molecule(atoms)
+    e = systems.count_edges(pos, cutoff)
+    return len(z), e, e * batch
+
+
+def fmt_gib(b):
+    return f"{'-':>8}" if b is None else f"{b / GiB:8.3f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", help="config file or name in configs/ (default: the dataclass defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="data file (sGDML npz / rMD17 npz / extxyz): frames 0..B-1")
+    src.add_argument("--atoms", type=int, help="synthetic molecule of N atoms (AT-AT copies at real density)")
+    p.add_argument("--batch-size", type=int, help="molecules per step (default train.batch_size)")
+    p.add_argument("--levers", action="append", metavar="SPEC", help="none | all | config | a,b=v,... (repeatable; default config)")
+    p.add_argument("--compare", action="store_true", help="profile the standard ladder of lever sets")
+    p.add_argument("--sweep", choices=["atoms"], help="profile a series of synthetic molecule sizes")
+    p.add_argument("--sweep-atoms", default="30,60,120,240", help="sizes for --sweep atoms (default 30,60,120,240)")
+    p.add_argument("--json", help="write the runs as JSON here")
+    p.add_argument("--plot", help="write a PNG here (memory per lever set, or memory vs atoms with --sweep)")
+    p.add_argument("--plan", action="store_true", help="pick the fastest lever set that fits --gpu-memory")
+    p.add_argument("--gpu-memory", help="memory budget for --plan, e.g. 40GB (GiB)")
+    p.add_argument("--allow-bf16", action="store_true", help="let --plan choose bf16 (changes numerics by ~2%%)")
+    p.add_argument("--estimate-only", action="store_true", help="no measurement, estimates only")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per measurement (default 1)")
+    p.add_argument("--timing-steps", type=int, default=2, help="timed steps after the measured one")
+    p.add_argument("--zero-stage", type=int, help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
+    p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks for the ZeRO breakdown")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    import torch
+
+    from scalable_equiformer.profiling import estimate as est
+    from scalable_equiformer.profiling import planner
+    from scalable_equiformer.profiling.profiler import Request, measure
+
+    cfg = load(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    batch = args.batch_size or cfg.train.batch_size
+    if args.plan and not args.gpu_memory:
+        raise UserError("--plan needs --gpu-memory, e.g. --gpu-memory 40GB")
+    data, atoms, note = molecule_source(args, cfg)
+    if note:
+        print(f"note: {note}")
+    if args.sweep == "atoms":
+        if data is not None and not args.atoms:
+            print("note: --sweep atoms uses synthetic molecules; --data is ignored")
+        sizes = [int(x) for x in args.sweep_atoms.split(",") if x.strip()]
+        sources = [(None, n) for n in sizes]
+    else:
+        sources = [(data, atoms)]
+    specs = list(args.levers or [])
+    if args.compare:
+        specs += [s for s in COMPARE if s not in specs]
+    specs = specs or ["config"]
+    lever_sets = []
+    for s in specs:  # in order, without duplicates (e.g. micro_batch_size=1 with a batch of 1 is none)
+        lv = parse_levers(s, cfg, batch)
+        if lv not in lever_sets:
+            lever_sets.append(lv)
+    zero_stage = cfg.deepspeed.zero_stage if args.zero_stage is None else args.zero_stage
+
+    from scalable_equiformer.model import build_model  # parameter count for the estimate
+
+    model_cfg = _with_stats(cfg)
+    num_params = sum(q.numel() for q in build_model(model_cfg).parameters())
+    profiles = {}
+
+    def profile_for(precision):
+        if precision not in profiles:
+            profiles[precision] = est.activation_profile(model_cfg, precision)
+        return profiles[precision]
+
+    config_name = args.config or "defaults"
+    runs = []
+    print(f"config {config_name}  device {device}  batch {batch}  parameters {num_params / 1e6:.3f} M  "
+          f"ZeRO stage {zero_stage} x {args.ranks} rank(s)  sizes in GiB")
+    header = (f"{'levers':<34} {'atoms':>6} {'edges':>7} {'peak':>8} {'activ.':>8} {'est.':>8} {'meas/est':>8} "
+              f"{'KB/edge':>8} {'step s':>7} {'cpu s':>7} {'time x':>6}")
+    print(header)
+    print("-" * len(header))
+    for data_i, atoms_i in sources:
+        n_atoms, edges_max, edges_total = molecule_stats(data_i, atoms_i, batch, cfg.model.cutoff)
+        base_time = None
+        for levers in lever_sets:
+            lv = resolve_levers(levers, edges_max)
+            lev_obj = est.Levers(**lv)
+            e = est.estimate(cfg, profile_for(lv["precision"]), lev_obj, atoms=n_atoms, edges=edges_max, batch=batch,
+                             num_params=num_params, zero_stage=zero_stage, ranks=args.ranks)
+            record = {"config": config_name, "atoms": n_atoms, "edges": edges_total, "batch": batch, "levers": lv,
+                      "data": data_i, "estimate": e.as_dict(), "estimated_peak_bytes": e.peak_bytes}
+            if not args.estimate_only:
+                req = Request(config=cfg.to_dict(), config_name=config_name, data=data_i, atoms=atoms_i, batch=batch,
+                              levers=lv, device=device, threads=args.threads, timing_steps=args.timing_steps)
+                m = measure(req, timeout=args.timeout)
+                record.update({k: v for k, v in m.items() if k not in ("config", "levers", "batch")})
+                record["edges"] = m.get("edges", edges_total)
+                if not m.get("oom"):
+                    # this process's model states replaced by the ZeRO stage's, per rank
+                    states0 = m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"]
+                    record["peak_bytes_per_rank"] = m["peak_bytes"] - states0 + e.states.total
+                    record["ratio_measured_estimated"] = m["peak_bytes"] / max(e.peak_bytes - e.states.total + states0, 1)
+                    record["bytes_per_edge"] = m["activation_bytes"] / max(record["edges"], 1)
+                    t = m.get("step_cpu_seconds") if device == "cpu" else m.get("step_seconds")
+                    if lev_obj.label() == "none" or base_time is None and levers is lever_sets[0]:
+                        base_time = t if lev_obj.label() == "none" else base_time
+                    record["time_ratio"] = t / base_time if base_time else None
+            runs.append(record)
+            _print_row(record, lev_obj)
+    if not args.estimate_only:
+        print("peak: whole step (model states + activations); activ.: peak minus parameters, gradients and AdamW state; "
+              "cpu s: process CPU time (CPU runs, contention-free); time x: step time / levers-off step time")
+    states = est.model_states(num_params, param_bytes=8 if cfg.model.dtype == "float64" else 4,
+                              zero_stage=zero_stage, ranks=args.ranks)
+    print(f"model states per rank (ZeRO {zero_stage}, {args.ranks} rank(s)): parameters {fmt_gib(states.params)}  "
+          f"gradients {fmt_gib(states.grads)}  optimizer {fmt_gib(states.optimizer)} GiB")
+
+    plan_out = None
+    if args.plan:
+        budget = planner.parse_bytes(args.gpu_memory)
+        data_p, atoms_p = sources[-1]
+        n_atoms, edges_max, _ = molecule_stats(data_p, atoms_p, batch, cfg.model.cutoff)
+        precisions = ["fp32", "bf16"] if args.allow_bf16 else [cfg.memory.precision]
+
+        def estimator(lv):
+            return est.estimate(cfg, profile_for(lv.precision), lv, atoms=n_atoms, edges=edges_max, batch=batch,
+                                num_params=num_params, zero_stage=zero_stage, ranks=args.ranks).peak_bytes
+
+        pl = planner.plan(estimator, budget, batch=batch, edges=edges_max, device="cuda", precisions=precisions)
+        print(f"\nplan for {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB), "
+              f"{n_atoms} atoms, {edges_max} edges per molecule, batch {batch}:")
+        for c in pl.candidates[:6]:
+            mark = "fits" if c.fits else "too big"
+            print(f"  {c.levers.label():<40} est. peak {fmt_gib(c.peak_bytes)} GiB  time x{c.relative_time:.2f}  {mark}")
+        if pl.best is None:
+            print("nothing fits: use graph partitions (parallel.graph_partitions) or a larger GPU")
+        else:
+            print("use: " + " ".join(f"--set {o}" for o in pl.overrides()))
+        plan_out = {"budget_bytes": budget, "usable_bytes": pl.usable_bytes,
+                    "best": pl.best.as_dict() if pl.best else None, "overrides": pl.overrides(),
+                    "candidates": [c.as_dict() for c in pl.candidates]}
+
+    if args.json:
+        dev = runs[0].get("device") if runs and runs[0].get("device") else device
+        doc = {"device": dev, "config": config_name, "num_params": num_params, "runs": runs,
+               "activation_profiles": {k: v.as_dict() for k, v in profiles.items()}}
+        if plan_out:
+            doc["plan"] = plan_out
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        _plot(runs, args.plot, sweep=args.sweep == "atoms", measured=not args.estimate_only)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _with_stats(cfg):
+    import copy
+
+    c = copy.deepcopy(cfg)
+    if c.model.avg_num_neighbors is None:
+        c.model.avg_num_neighbors = 25.0
+    if c.model.avg_num_atoms is None:
+        c.model.avg_num_atoms = 20.0
+    return c
+
+
+def _print_row(r, lev):
+    if r.get("oom"):
+        print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7}  out of memory")
+        return
+    peak = r.get("peak_bytes")
+    ratio = r.get("ratio_measured_estimated")
+    kbe = r.get("bytes_per_edge")
+    tr = r.get("time_ratio")
+    print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7} {fmt_gib(peak)} {fmt_gib(r.get('activation_bytes'))} "
+          f"{fmt_gib(r['estimated_peak_bytes'])} {('%8.2f' % ratio) if ratio else '       -'} "
+          f"{('%8.0f' % (kbe / 1024)) if kbe else '       -'} "
+          f"{('%7.2f' % r['step_seconds']) if 'step_seconds' in r else '      -'} "
+          f"{('%7.2f' % r['step_cpu_seconds']) if 'step_cpu_seconds' in r else '      -'} "
+          f"{('%6.2f' % tr) if tr else '     -'}", flush=True)
+
+
+def _plot(runs, path, sweep: bool, measured: bool):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scalable_equiformer.profiling.estimate import Levers
+
+    key = "peak_bytes" if measured else "estimated_peak_bytes"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {}
+    for r in runs:
+        if r.get("oom"):
+            continue
+        groups.setdefault(Levers(**r["levers"]).label(), []).append(r)
+    if sweep:
+        for label, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r["atoms"])
+            line, = ax.plot([r["atoms"] for r in rs], [r[key] / GiB for r in rs], "o-", label=label)
+            if measured:
+                ax.plot([r["atoms"] for r in rs], [r["estimated_peak_bytes"] / GiB for r in rs], "--",
+                        color=line.get_color(), alpha=0.6)
+        ax.set_xlabel("atoms per molecule")
+        ax.set_title("training-step peak memory (solid: measured, dashed: estimated)" if measured else "estimated peak")
+    else:
+        labels = list(groups)
+        ax.bar(range(len(labels)), [groups[k][0][key] / GiB for k in labels])
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_title("training-step peak memory per lever set")
+    ax.set_ylabel("GiB")
+    if sweep:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
