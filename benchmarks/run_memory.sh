@@ -24,3 +24,7 @@ $MP --sweep atoms --sweep-atoms 30,60,120,180 --batch-size 1 --levers none --lev
 # the plan for a 40 GB GPU, AT-AT at the paper's batch of 8 (estimates only)
 $MP --data $XTB/AT-AT_xtb_500K.npz --batch-size 8 --plan --gpu-memory 40GB --estimate-only \
     --json benchmarks/memory_plan_atat_40GB.json
+# the plans for the largest MD22 size (370 atoms, synthetic) at batch 8, 40 GB and 16 GB (estimates only)
+for g in 40GB 16GB; do
+    $MP --atoms 370 --batch-size 8 --plan --gpu-memory $g --estimate-only --allow-bf16 --json benchmarks/memory_plan_370_$g.json
+done

@@ -173,15 +173,15 @@ def run(args) -> int:
     batch = args.batch_size or cfg.train.batch_size
     if args.plan and not args.gpu_memory:
         raise UserError("--plan needs --gpu-memory, e.g. --gpu-memory 40GB")
-    data, atoms, note = molecule_source(args, cfg)
-    if note:
-        print(f"note: {note}")
     if args.sweep == "atoms":
-        if data is not None and not args.atoms:
+        if args.data:
             print("note: --sweep atoms uses synthetic molecules; --data is ignored")
         sizes = [int(x) for x in args.sweep_atoms.split(",") if x.strip()]
         sources = [(None, n) for n in sizes]
     else:
+        data, atoms, note = molecule_source(args, cfg)
+        if note:
+            print(f"note: {note}")
         sources = [(data, atoms)]
     specs = list(args.levers or [])
     if args.compare:
@@ -222,7 +222,8 @@ def run(args) -> int:
             e = est.estimate(cfg, profile_for(lv["precision"]), lev_obj, atoms=n_atoms, edges=edges_max, batch=batch,
                              num_params=num_params, zero_stage=zero_stage, ranks=args.ranks)
             record = {"config": config_name, "atoms": n_atoms, "edges": edges_total, "batch": batch, "levers": lv,
-                      "data": data_i, "estimate": e.as_dict(), "estimated_peak_bytes": e.peak_bytes}
+                      "lever_set": _set_label(levers), "data": data_i, "estimate": e.as_dict(),
+                      "estimated_peak_bytes": e.peak_bytes}
             if not args.estimate_only:
                 req = Request(config=cfg.to_dict(), config_name=config_name, data=data_i, atoms=atoms_i, batch=batch,
                               levers=lv, device=device, threads=args.threads, timing_steps=args.timing_steps)
@@ -300,6 +301,18 @@ def _with_stats(cfg):
     return c
 
 
+def _set_label(levers: dict) -> str:
+    """The lever set as asked for (an ``auto`` chunk size stays ``auto``), for grouping runs."""
+    from scalable_equiformer.profiling.estimate import Levers
+
+    lv = dict(levers)
+    auto = lv.get("edge_chunk_size") == "auto"
+    if auto:
+        lv["edge_chunk_size"] = 0
+    label = Levers(**lv).label()
+    return label.replace("chunk=0", "chunk=auto") if auto else label
+
+
 def _print_row(r, lev):
     if r.get("oom"):
         print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7}  out of memory")
@@ -322,15 +335,17 @@ def _plot(runs, path, sweep: bool, measured: bool):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scalable_equiformer.profiling.estimate import Levers
-
     key = "peak_bytes" if measured else "estimated_peak_bytes"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}
     for r in runs:
         if r.get("oom"):
             continue
-        groups.setdefault(Levers(**r["levers"]).label(), []).append(r)
+        label = r.get("lever_set")
+        if label is None:  # records written before lever_set existed
+            lv = dict(r["levers"], edge_chunk_size="auto" if r["levers"]["edge_chunk_size"] else None)
+            label = _set_label(lv)
+        groups.setdefault(label, []).append(r)
     if sweep:
         for label, rs in groups.items():
             rs = sorted(rs, key=lambda r: r["atoms"])
