@@ -39,6 +39,7 @@ from scalable_equiformer.config import ModelConfig  # noqa: E402
 from scalable_equiformer.data.dataset import load_dataset  # noqa: E402
 from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
+from scalable_equiformer.profiling.profiler import ProfileError, read_proc_status, reset_peak_rss  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "xtb"
 DEFAULT_DATA = [SHARED / "aspirin_xtb_500K.npz", SHARED / "AT-AT_xtb_500K.npz"]
@@ -54,22 +55,9 @@ LMAX3 = dict(irreps_node="128x0e+64x1e+64x2e+32x3e", irreps_head="32x0e+16x1e+16
 
 def _rss_bytes(field: str) -> int | None:
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_cpu_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+        return read_proc_status(field)
+    except (OSError, ProfileError):
+        return None
 
 
 class MemoryMeter:
@@ -84,7 +72,7 @@ class MemoryMeter:
             self.base = torch.cuda.memory_allocated(self.device)
             self.method = "cuda max_memory_allocated"
         else:
-            self.reset = _reset_cpu_peak()
+            self.reset = reset_peak_rss()
             self.base = _rss_bytes("VmRSS") or 0
             self.method = "VmHWM (reset per mode)" if self.reset else "ru_maxrss (process lifetime)"
 

@@ -46,35 +46,11 @@ sys.path.insert(0, str(ROOT))
 from scalable_equiformer.parallel import check as C  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
+from scalable_equiformer.profiling.profiler import read_proc_status, reset_peak_rss  # noqa: E402
 from scalable_equiformer.parallel.partitioned import PartitionedModel  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "xtb" / "AT-AT_xtb_500K.npz"
 PAPER_NODE_DIM = 128 * 1 + 64 * 3 + 32 * 5  # 128x0e+64x1e+32x2e
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _measure(fn, device):
@@ -87,15 +63,15 @@ def _measure(fn, device):
         import gc
 
         gc.collect()
-        base = _rss()
-        _reset_peak()
+        base = read_proc_status("VmRSS")
+        reset_peak_rss()
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _hwm() - base
+        peak = read_proc_status("VmHWM") - base
     return time.perf_counter() - t0, peak
 
 

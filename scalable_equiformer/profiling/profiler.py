@@ -68,7 +68,7 @@ class Request:
 # the measuring side (runs in the subprocess)
 
 
-def _read_status(key: str) -> int:
+def read_proc_status(key: str) -> int:
     """A ``kB`` field of ``/proc/self/status`` in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -77,7 +77,8 @@ def _read_status(key: str) -> int:
     raise ProfileError(f"/proc/self/status has no {key}")
 
 
-def _reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (VmHWM) through /proc/self/clear_refs; False where not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -111,18 +112,18 @@ class _Meter:
             self.base = self.torch.cuda.memory_allocated()
         else:
             _malloc_trim()
-            if _reset_hwm():
+            if reset_peak_rss():
                 self.method = "cpu_vmhwm_clear_refs"
             else:
                 self.method = "cpu_vmhwm_baseline"
-            self.base = _read_status("VmRSS")
+            self.base = read_proc_status("VmRSS")
 
     def stop(self) -> int:
         """Growth of the peak over the resident (or allocated) memory at :meth:`start`."""
         if self.cuda:
             self.torch.cuda.synchronize()
             return int(self.torch.cuda.max_memory_allocated() - self.base)
-        return max(_read_status("VmHWM") - self.base, 0)
+        return max(read_proc_status("VmHWM") - self.base, 0)
 
 
 def _tensor_bytes(tensors) -> int:
