@@ -243,15 +243,19 @@ class Equiformer(torch.nn.Module):
         e_atom = h * (self.energy_scale / self.avg_num_atoms.sqrt()) + self.energy_shift
         return torch.zeros(num_graphs, dtype=torch.float64, device=x.device).index_add(0, batch, e_atom)
 
-    def energy(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, num_graphs: int, edge_index: torch.Tensor | None = None) -> torch.Tensor:
-        """All stages composed: energy per graph [num_graphs] eV (float64)."""
+    def energy(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, num_graphs: int, edge_index: torch.Tensor | None = None, run_block=None) -> torch.Tensor:
+        """All stages composed: energy per graph [num_graphs] eV (float64).
+
+        ``run_block(block, x, node_attr, edges, batch)`` runs each block (default: a plain call);
+        the per-block checkpointing lever passes a checkpointing runner here.
+        """
         if edge_index is None:
             edge_index = self.build_graph(pos, batch)
         edges = self.edge_features(pos, edge_index)
         x = self.embed(z, edges, pos.shape[0])
         node_attr = self.node_attr(x)
         for block in self.blocks:
-            x = block(x, node_attr, edges, batch)
+            x = block(x, node_attr, edges, batch) if run_block is None else run_block(block, x, node_attr, edges, batch)
         return self.readout(x, z, batch, num_graphs)
 
     def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:

@@ -125,7 +125,8 @@ def _with_fields(edges, names, tensors):
     return edges._replace(**dict(zip(names, tensors)))
 
 
-def _ckpt(fn, *args):
+def checkpointed_call(fn, *args):
+    """``fn(*args)`` in a non-reentrant checkpoint, early stop off (see DESIGN: it can raise inside a hook)."""
     with set_checkpoint_early_stop(False):
         return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
 
@@ -198,21 +199,9 @@ class _BlockVJP:
 
 def checkpointed_blocks(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
     """The plain path with each block in a non-reentrant checkpoint."""
-    with torch.enable_grad():
-        if not pos.requires_grad:
-            pos = pos.detach().requires_grad_(True)
-        edge_index = model.build_graph(pos, batch_vec)
-        edges = model.edge_features(pos, edge_index)
-        x = model.embed(z, edges, pos.shape[0])
-        node_attr = model.node_attr(x)
-        for block in model.blocks:
-            x = _ckpt(block, x, node_attr, edges, batch_vec)
-        energy = model.readout(x, z, batch_vec, num_graphs)
-        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
-    forces = -grad
-    if not training:
-        energy, forces = energy.detach(), forces.detach()
-    return {"energy": energy, "forces": forces}
+    from .forces import _autograd  # noqa: PLC0415  (forces.py imports this module)
+
+    return _autograd(model, pos, z, batch_vec, num_graphs, training, run_block=checkpointed_call)
 
 
 def edge_chunks(edge_index: torch.Tensor, num_nodes: int, chunk_size) -> list[tuple[int, int, int, int]]:
@@ -290,7 +279,7 @@ def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> di
                 ctx = contextlib.nullcontext() if c == 0 else _rng_restored(rng, device)
                 with ctx:
                     if training:
-                        outs.append(_ckpt(lambda x_, *fs, fn=fn: fn(x_, list(fs)), x, *chunk_feats[c]))
+                        outs.append(checkpointed_call(lambda x_, *fs, fn=fn: fn(x_, list(fs)), x, *chunk_feats[c]))
                     else:
                         with torch.no_grad():
                             outs.append(fn(x, chunk_feats[c]))

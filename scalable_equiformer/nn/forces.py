@@ -30,11 +30,11 @@ def prepare_inputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return pos, z, vec, num_graphs
 
 
-def _autograd(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
+def _autograd(model, pos, z, batch_vec, num_graphs, training: bool, run_block=None) -> dict[str, torch.Tensor]:
     with torch.enable_grad():
         if not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
-        energy = model.energy(pos, z, batch_vec, num_graphs)
+        energy = model.energy(pos, z, batch_vec, num_graphs, run_block=run_block)
         (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
     forces = -grad
     if not training:

@@ -8,8 +8,8 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from ..nn.force_checkpoint import checkpointed_call
 from .halo import halo_exchange, sum_replicated
 from .partition import GraphPartition, LocalPart, partition_graph
 
@@ -148,8 +148,7 @@ class PartitionedModel(torch.nn.Module):
 
     def _block(self, block, x, node_attr, edges, b_l):
         if self.checkpoint_blocks and torch.is_grad_enabled():
-            with set_checkpoint_early_stop(False):  # see nn/force_checkpoint.py
-                return checkpoint(block, x, node_attr, edges, b_l, use_reentrant=False, preserve_rng_state=True)
+            return checkpointed_call(block, x, node_attr, edges, b_l)
         return block(x, node_attr, edges, b_l)
 
     def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
