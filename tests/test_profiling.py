@@ -99,12 +99,34 @@ def test_activation_estimate_follows_the_levers():
 
 
 def test_levers_overrides_and_labels():
-    lv = est.Levers("forces", 2, None, "bf16")
+    lv = est.Levers("forces", 2, None, "bf16", 4)
     assert lv.overrides() == ["memory.checkpointing=forces", "memory.micro_batch_size=2",
-                              "memory.edge_chunk_size=null", "memory.precision=bf16"]
-    assert lv.label() == "ckpt=forces+micro=2+bf16" and est.Levers().label() == "none"
+                              "memory.edge_chunk_size=null", "memory.precision=bf16", "parallel.graph_partitions=4"]
+    assert lv.label() == "P=4+ckpt=forces+micro=2+bf16" and est.Levers().label() == "none"
     cfg = load_config(None, ["data.name=x", *[f"--set {o}".split()[1] for o in lv.overrides()]])
-    assert est.Levers.from_config(cfg.memory) == lv
+    assert est.Levers.from_config(cfg.memory, cfg.parallel) == lv
+    assert est.Levers.from_config(cfg.memory).graph_partitions == 1
+
+
+def test_partition_stats_and_per_rank_activations():
+    _, pos = systems.synthetic_molecule(120)
+    edges = systems.count_edges(pos, 5.0)
+    s2, s4 = est.partition_stats(pos, 5.0, 2), est.partition_stats(pos, 5.0, 4)
+    assert s2.parts == 2 and edges / 2 <= s2.edges <= 0.6 * edges  # balanced by incoming edges
+    assert edges / 4 <= s4.edges < s2.edges and s4.edge_fraction == pytest.approx(s4.edges / edges)
+    assert 120 / 4 < s4.local_atoms < s2.local_atoms < 120  # owned + halo
+    prof = _fake_profile()
+    cal = {"none": 1.0, "blocks": 1.0, "forces": 1.0}
+
+    def act(parts, part=None, **kw):
+        return est.activation_bytes(prof, est.Levers(graph_partitions=parts, **kw), atoms=120, edges=edges, batch=1,
+                                    calibration=cal, part=part)[0]
+
+    assert act(4, s4) == int(1000 * s4.edges + 500 * s4.local_atoms)  # the largest part's graph
+    assert act(4, s4) < act(2, s2) < act(1)
+    assert act(2) == int(1000 * -(-edges // 2) + 500 * 120)  # no partition at hand: edges split evenly
+    assert act(4, s2) == act(4)  # stats of another P are not used
+    assert act(4, s4, checkpointing="forces") < act(4, s4)
 
 
 # ---- planner ------------------------------------------------------------------------------------
@@ -122,8 +144,8 @@ def test_parse_bytes():
 def test_planner_picks_the_fastest_lever_set_that_fits():
     gib = 2**30
 
-    def fake(lv):  # a fake estimate: 10 GiB per molecule in the graph, less with levers
-        micro = lv.micro_batch_size or 8
+    def fake(lv, per_group):  # a fake estimate: 10 GiB per molecule in the graph, less with levers
+        micro = lv.micro_batch_size or per_group
         per = {"none": 10.0, "blocks": 7.0, "forces": 1.5}[lv.checkpointing]
         if lv.edge_chunk_size:
             per = 0.5
@@ -149,6 +171,33 @@ def test_planner_picks_the_fastest_lever_set_that_fits():
     # the candidates are sorted: fitting first, then by expected time
     fits = [c for c in mid.candidates if c.fits]
     assert [c.relative_time for c in fits] == sorted(c.relative_time for c in fits)
+
+
+def test_planner_uses_data_parallel_first_and_graph_partitions_when_one_molecule_does_not_fit():
+    gib = 2**30
+
+    def fake(lv, per_group):  # 12 GiB per molecule, split over the partitions; forces saves 5x
+        micro = lv.micro_batch_size or per_group
+        per = 12.0 / lv.graph_partitions * (0.2 if lv.checkpointing == "forces" else 1.0)
+        return int((0.5 + micro * per) * gib)
+
+    kw = dict(batch=4, edges=3000, device="cuda", reserve=0, headroom=0.0, gpus=4)
+    dp = planner.plan(fake, 16 * gib, **kw)
+    assert dp.best.levers == est.Levers()  # one molecule per GPU fits: plain data parallel
+    assert {c.levers.graph_partitions for c in dp.candidates} == {1, 2, 4}
+    assert dp.best.relative_time == pytest.approx(0.25)
+    split = planner.plan(fake, 4 * gib, batch=1, edges=3000, device="cuda", reserve=0, headroom=0.0, gpus=4,
+                         edge_fractions={2: 0.52, 4: 0.27})
+    # 12 GiB per molecule: P=4 fits without recomputation (3.5 GiB), faster than forces on one GPU
+    assert split.best.levers == est.Levers(graph_partitions=4)
+    assert split.best.relative_time == pytest.approx(0.27 * (1 + planner.PARTITION_OVERHEAD))
+    assert "parallel.graph_partitions=4" in split.overrides()
+    one = planner.plan(fake, 4 * gib, batch=1, edges=3000, device="cuda", reserve=0, headroom=0.0, gpus=1)
+    assert one.best.levers.checkpointing == "forces" and one.best.levers.graph_partitions == 1
+    # batch 2 on 4 GPUs: 4 data-parallel groups do not divide the batch, so P >= 2
+    assert {c.levers.graph_partitions for c in planner.plan(fake, 64 * gib, **dict(kw, batch=2)).candidates} == {2, 4}
+    # edge chunks are not offered with partitions
+    assert all(c.levers.edge_chunk_size is None for c in split.candidates if c.levers.graph_partitions > 1)
 
 
 def test_relative_time_orders_the_levers():
@@ -187,6 +236,20 @@ def test_measurement_reports_the_step_and_forces_checkpointing_saves(census_and_
     assert 0.5 < none["activation_bytes"] / e < 2.0
 
 
+def test_partitioned_measurement_reports_the_largest_rank(census_and_runs):
+    cfg, _, runs = census_and_runs
+    r = measure(Request(config=cfg.to_dict(), config_name="small", atoms=60, batch=1, levers={"checkpointing": "none"},
+                        partitions=2, timing_steps=0), timeout=600)
+    assert r["levers"]["graph_partitions"] == 2 and len(r["per_rank"]) == 2
+    ranks = r["per_rank"]
+    assert sum(x["rank_owned"] for x in ranks) == 60  # every atom owned once
+    assert sum(x["rank_edges"] for x in ranks) == r["edges"] == runs["none"]["edges"]  # every edge once
+    assert r["rank_edges"] == max(x["rank_edges"] for x in ranks) < r["edges"]
+    assert r["peak_bytes"] == max(x["peak_bytes"] for x in ranks)
+    assert r["loss"] == pytest.approx(runs["none"]["loss"], rel=1e-4)  # the same model and step
+    assert r["activation_bytes"] < 0.8 * runs["none"]["activation_bytes"]
+
+
 def test_command_line_json_table_plot_and_plan(tmp_path):
     cfg = tmp_path / "small.yaml"
     cfg.write_text("data:\n  name: synthetic\nmodel:\n" + "".join(
@@ -194,20 +257,23 @@ def test_command_line_json_table_plot_and_plan(tmp_path):
     out, png = tmp_path / "mem.json", tmp_path / "mem.png"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "memory_profile.py"), "--config", str(cfg), "--atoms", "24",
-         "--levers", "none", "--levers", "checkpointing=forces,micro_batch_size", "--timing-steps", "0",
-         "--json", str(out), "--plot", str(png), "--plan", "--gpu-memory", "8GB"],
+         "--levers", "none", "--levers", "checkpointing=forces,micro_batch_size", "--levers", "partitions=2",
+         "--timing-steps", "0", "--json", str(out), "--plot", str(png), "--plan", "--gpu-memory", "8GB", "--gpus", "2"],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "meas/est" in proc.stdout and "use: --set memory.checkpointing=none" in proc.stdout
+    assert "launch: deepspeed --num_gpus 2 train.py" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["device"].startswith("cpu")
-    assert len(doc["runs"]) == 2
+    assert len(doc["runs"]) == 3
+    assert doc["runs"][2]["levers"]["graph_partitions"] == 2 and len(doc["runs"][2]["per_rank"]) == 2
+    assert doc["plan"]["gpus"] == 2 and doc["plan"]["best"]["levers"]["graph_partitions"] == 1  # data parallel fits
     for r in doc["runs"]:
         for key in ("config", "atoms", "edges", "batch", "levers", "peak_bytes", "activation_bytes", "step_seconds"):
             assert key in r
         assert r["atoms"] == 24 and r["batch"] == 2
     assert doc["runs"][1]["levers"] == {"checkpointing": "forces", "micro_batch_size": 1,
-                                        "edge_chunk_size": None, "precision": "fp32"}
+                                        "edge_chunk_size": None, "precision": "fp32", "graph_partitions": 1}
     assert doc["plan"]["best"]["levers"]["checkpointing"] == "none"
     assert png.stat().st_size > 1000
 
@@ -217,3 +283,7 @@ def test_command_line_errors_name_the_problem(tmp_path):
                            "--levers", "checkpointing,speed", "--estimate-only"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2 and "unknown lever 'speed'" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "memory_profile.py"), "--atoms", "10",
+                           "--levers", "graph_partitions=2,edge_chunk_size=256", "--estimate-only"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2 and "edge_chunk_size is single-process only" in proc.stderr

@@ -6,14 +6,19 @@
     python tools/memory_profile.py --config md22_atat.yaml --compare --json out.json
     python tools/memory_profile.py --config md17_aspirin --atoms 120 --sweep atoms --plot mem.png
     python tools/memory_profile.py --config md22_atat.yaml --gpu-memory 40GB --plan
+    python tools/memory_profile.py --config md22_atat.yaml --levers none --levers graph_partitions=4,precision=bf16
+    python tools/memory_profile.py --config md22_atat.yaml --gpu-memory 16GB --gpus 4 --plan
 
 Each measurement runs one full training step (forward, forces with create_graph, loss, backward,
 optimizer step) in a fresh subprocess: on CUDA the peak is torch.cuda.max_memory_allocated, on
 the CPU the growth of the peak resident memory (VmHWM) over the step plus the resident model
 states. Next to it: the analytic estimate (scalable_equiformer/profiling/estimate.py) and the
 ratio measured/estimated. --levers takes none, all, config, or comma-separated lever names
-(memory.* keys: checkpointing, micro_batch_size, edge_chunk_size, precision), each optionally
-=value; it can be repeated to compare lever sets. Sizes are in GiB (2**30 bytes).
+(memory.* keys: checkpointing, micro_batch_size, edge_chunk_size, precision, and
+graph_partitions = parallel.graph_partitions), each optionally =value; it can be repeated to
+compare lever sets. With graph_partitions=P the measurement runs P ranks (gloo on the CPU) on
+one molecule and reports the largest rank's peak and time: what each GPU must hold. --plan
+--gpus N also considers graph partitions P dividing N. Sizes are in GiB (2**30 bytes).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scalable_equiformer.errors import ConfigError, UserError  # noqa: E402
 
 GiB = 2**30
-LEVER_KEYS = ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision")
+MEMORY_KEYS = ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision")
+LEVER_KEYS = MEMORY_KEYS + ("graph_partitions",)
 #: the value a bare lever name turns on
-LEVER_ON = {"checkpointing": "forces", "micro_batch_size": 1, "edge_chunk_size": "auto", "precision": "bf16"}
+LEVER_ON = {"checkpointing": "forces", "micro_batch_size": 1, "edge_chunk_size": "auto", "precision": "bf16",
+            "graph_partitions": 2}
 COMPARE = ["none", "checkpointing=blocks", "checkpointing=forces", "precision=bf16",
            "checkpointing=forces,precision=bf16", "micro_batch_size=1", "checkpointing=forces,micro_batch_size=1",
            "checkpointing=forces,micro_batch_size=1,edge_chunk_size=auto"]
@@ -39,8 +46,10 @@ COMPARE = ["none", "checkpointing=blocks", "checkpointing=forces", "precision=bf
 
 def parse_levers(spec: str, cfg, batch: int) -> dict:
     """A ``--levers`` value -> memory.* values (``auto`` chunk resolved later per molecule)."""
-    base = {k: getattr(cfg.memory, k) for k in LEVER_KEYS}
-    off = {"checkpointing": "none", "micro_batch_size": None, "edge_chunk_size": None, "precision": "fp32"}
+    base = {k: getattr(cfg.memory, k) for k in MEMORY_KEYS}
+    base["graph_partitions"] = cfg.parallel.graph_partitions
+    off = {"checkpointing": "none", "micro_batch_size": None, "edge_chunk_size": None, "precision": "fp32",
+           "graph_partitions": 1}
     spec = spec.strip()
     if spec == "config":
         return base
@@ -51,22 +60,36 @@ def parse_levers(spec: str, cfg, batch: int) -> dict:
     out = dict(off)
     for item in filter(None, (x.strip() for x in spec.split(","))):
         key, _, value = item.partition("=")
-        key = key.strip().removeprefix("memory.")
+        key = key.strip().removeprefix("memory.").removeprefix("parallel.")
+        key = "graph_partitions" if key == "partitions" else key
         if key not in LEVER_KEYS:
             raise ConfigError(f"--levers {spec!r}: unknown lever {key!r}; levers: {', '.join(LEVER_KEYS)}, or none | all | config")
         if not value:
             out[key] = LEVER_ON[key]
         elif key in ("micro_batch_size", "edge_chunk_size"):
-            out[key] = None if value in ("null", "none") else (value if value == "auto" else int(value))
+            out[key] = None if value in ("null", "none") else (value if value == "auto" else _int(spec, key, value))
+        elif key == "graph_partitions":
+            out[key] = _int(spec, key, value)
+            if out[key] < 1:
+                raise ConfigError(f"--levers {spec!r}: graph_partitions must be >= 1")
         else:
             out[key] = value
     if out["edge_chunk_size"] is not None:
+        if out["graph_partitions"] > 1:
+            raise ConfigError(f"--levers {spec!r}: edge_chunk_size is single-process only (not with graph_partitions)")
         out["checkpointing"] = "forces"  # chunking works inside the force-aware checkpointing
     if out["micro_batch_size"] is not None:
         out["micro_batch_size"] = min(int(out["micro_batch_size"]), batch)
         if out["micro_batch_size"] == batch:
             out["micro_batch_size"] = None
     return out
+
+
+def _int(spec: str, key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--levers {spec!r}: {key} must be an integer, not {value!r}") from None
 
 
 def resolve_levers(levers: dict, edges_per_molecule: int) -> dict:
@@ -114,14 +137,33 @@ def molecule_source(args, cfg):
 
 
 def molecule_stats(data, atoms, batch, cutoff):
+    """(atoms, largest molecule's edges, all edges of the batch, the largest molecule's positions)."""
     from scalable_equiformer.profiling import systems
 
     if data is not None:
         z, frames = systems.load_frames(data, batch)
-        return len(z), max(systems.count_edges(f, cutoff) for f in frames), sum(systems.count_edges(f, cutoff) for f in frames)
+        counts = [systems.count_edges(f, cutoff) for f in frames]
+        k = max(range(len(counts)), key=counts.__getitem__)
+        return len(z), counts[k], sum(counts), frames[k]
     z, pos = systems.synthetic_molecule(atoms)
     e = systems.count_edges(pos, cutoff)
-    return len(z), e, e * batch
+    return len(z), e, e * batch, pos
+
+
+class _PartStats:
+    """Partition statistics of one molecule per P, computed once."""
+
+    def __init__(self, pos, cutoff):
+        self.pos, self.cutoff, self.cache = pos, cutoff, {}
+
+    def __call__(self, parts: int):
+        from scalable_equiformer.profiling.estimate import partition_stats
+
+        if parts <= 1:
+            return None
+        if parts not in self.cache:
+            self.cache[parts] = partition_stats(self.pos, self.cutoff, parts)
+        return self.cache[parts]
 
 
 def fmt_gib(b):
@@ -152,6 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--timing-steps", type=int, default=2, help="timed steps after the measured one")
     p.add_argument("--zero-stage", type=int, help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
     p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks for the ZeRO breakdown")
+    p.add_argument("--gpus", type=int, help="GPUs for --plan (default --ranks): data parallel x graph partitions")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     args = p.parse_args(argv)
     try:
@@ -214,19 +257,22 @@ def run(args) -> int:
     print(header)
     print("-" * len(header))
     for data_i, atoms_i in sources:
-        n_atoms, edges_max, edges_total = molecule_stats(data_i, atoms_i, batch, cfg.model.cutoff)
+        n_atoms, edges_max, edges_total, pos_max = molecule_stats(data_i, atoms_i, batch, cfg.model.cutoff)
+        part_stats = _PartStats(pos_max, cfg.model.cutoff)
         base_time = None
         for levers in lever_sets:
             lv = resolve_levers(levers, edges_max)
             lev_obj = est.Levers(**lv)
             e = est.estimate(cfg, profile_for(lv["precision"]), lev_obj, atoms=n_atoms, edges=edges_max, batch=batch,
-                             num_params=num_params, zero_stage=zero_stage, ranks=args.ranks)
+                             num_params=num_params, zero_stage=zero_stage, ranks=max(args.ranks, lev_obj.graph_partitions),
+                             part=part_stats(lev_obj.graph_partitions))
             record = {"config": config_name, "atoms": n_atoms, "edges": edges_total, "batch": batch, "levers": lv,
                       "lever_set": _set_label(levers), "data": data_i, "estimate": e.as_dict(),
                       "estimated_peak_bytes": e.peak_bytes}
             if not args.estimate_only:
                 req = Request(config=cfg.to_dict(), config_name=config_name, data=data_i, atoms=atoms_i, batch=batch,
-                              levers=lv, device=device, threads=args.threads, timing_steps=args.timing_steps)
+                              levers={k: lv[k] for k in MEMORY_KEYS}, partitions=lev_obj.graph_partitions,
+                              device=device, threads=args.threads, timing_steps=args.timing_steps)
                 m = measure(req, timeout=args.timeout)
                 record.update({k: v for k, v in m.items() if k not in ("config", "levers", "batch")})
                 record["edges"] = m.get("edges", edges_total)
@@ -235,10 +281,11 @@ def run(args) -> int:
                     states0 = m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"]
                     record["peak_bytes_per_rank"] = m["peak_bytes"] - states0 + e.states.total
                     record["ratio_measured_estimated"] = m["peak_bytes"] / max(e.peak_bytes - e.states.total + states0, 1)
-                    record["bytes_per_edge"] = m["activation_bytes"] / max(record["edges"], 1)
+                    # per edge that this rank computes (all edges of the step without partitions)
+                    record["bytes_per_edge"] = m["activation_bytes"] / max(m.get("rank_edges", record["edges"]), 1)
                     t = m.get("step_cpu_seconds") if device == "cpu" else m.get("step_seconds")
-                    if lev_obj.label() == "none" or base_time is None and levers is lever_sets[0]:
-                        base_time = t if lev_obj.label() == "none" else base_time
+                    if lev_obj.label() == "none":
+                        base_time = t
                     record["time_ratio"] = t / base_time if base_time else None
             runs.append(record)
             _print_row(record, lev_obj)
@@ -253,25 +300,36 @@ def run(args) -> int:
     plan_out = None
     if args.plan:
         budget = planner.parse_bytes(args.gpu_memory)
+        gpus = args.gpus or args.ranks
+        if gpus < 1:
+            raise UserError(f"--gpus {gpus}: must be >= 1")
         data_p, atoms_p = sources[-1]
-        n_atoms, edges_max, _ = molecule_stats(data_p, atoms_p, batch, cfg.model.cutoff)
+        n_atoms, edges_max, _, pos_max = molecule_stats(data_p, atoms_p, batch, cfg.model.cutoff)
+        part_stats = _PartStats(pos_max, cfg.model.cutoff)
         precisions = ["fp32", "bf16"] if args.allow_bf16 else [cfg.memory.precision]
 
-        def estimator(lv):
-            return est.estimate(cfg, profile_for(lv.precision), lv, atoms=n_atoms, edges=edges_max, batch=batch,
-                                num_params=num_params, zero_stage=zero_stage, ranks=args.ranks).peak_bytes
+        def estimator(lv, per_group):
+            return est.estimate(cfg, profile_for(lv.precision), lv, atoms=n_atoms, edges=edges_max, batch=per_group,
+                                num_params=num_params, zero_stage=zero_stage, ranks=gpus,
+                                part=part_stats(lv.graph_partitions)).peak_bytes
 
-        pl = planner.plan(estimator, budget, batch=batch, edges=edges_max, device="cuda", precisions=precisions)
-        print(f"\nplan for {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB), "
-              f"{n_atoms} atoms, {edges_max} edges per molecule, batch {batch}:")
+        fractions = {p: part_stats(p).edge_fraction for p in range(2, gpus + 1) if gpus % p == 0}
+        pl = planner.plan(estimator, budget, batch=batch, edges=edges_max, device="cuda", precisions=precisions,
+                          gpus=gpus, edge_fractions=fractions)
+        print(f"\nplan for {gpus} GPU(s) of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
+              f"each), {n_atoms} atoms, {edges_max} edges per molecule, batch {batch}, ZeRO stage {zero_stage}:")
         for c in pl.candidates[:6]:
             mark = "fits" if c.fits else "too big"
             print(f"  {c.levers.label():<40} est. peak {fmt_gib(c.peak_bytes)} GiB  time x{c.relative_time:.2f}  {mark}")
         if pl.best is None:
-            print("nothing fits: use graph partitions (parallel.graph_partitions) or a larger GPU")
+            more = "more GPUs (--gpus, for graph partitions)" if gpus == 1 else "more GPUs"
+            print(f"nothing fits: use {more} or a larger GPU")
         else:
             print("use: " + " ".join(f"--set {o}" for o in pl.overrides()))
-        plan_out = {"budget_bytes": budget, "usable_bytes": pl.usable_bytes,
+            if gpus > 1:
+                print(f"launch: deepspeed --num_gpus {gpus} train.py --config {config_name} "
+                      + " ".join(f"--set {o}" for o in pl.overrides()))
+        plan_out = {"budget_bytes": budget, "usable_bytes": pl.usable_bytes, "gpus": gpus,
                     "best": pl.best.as_dict() if pl.best else None, "overrides": pl.overrides(),
                     "candidates": [c.as_dict() for c in pl.candidates]}
 

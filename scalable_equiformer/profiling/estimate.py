@@ -19,6 +19,9 @@ peak = parameters + gradients + optimizer state (per ZeRO stage and rank count) 
   - ``micro_batch_size=m``: the graph of m molecules instead of B.
   - ``edge_chunk_size=c``: edge work in chunks; only the transient part of one block shrinks.
   - ``precision=bf16|fp16``: tensors of the low-precision ops take 2 bytes instead of 4.
+  - ``graph_partitions=P`` (``parallel.graph_partitions``): each rank holds the graph of its part
+    only: the edges into the atoms it owns and its owned + halo atoms (:class:`PartStats`, from
+    the real partition of the molecule), with every lever above applied to that part.
 """
 
 from __future__ import annotations
@@ -77,16 +80,18 @@ def model_states(num_params: int, *, param_bytes: int = 4, zero_stage: int = 0, 
 
 @dataclass
 class Levers:
-    """The ``memory.*`` keys of the config, as one value object."""
+    """The ``memory.*`` keys of the config and ``parallel.graph_partitions``, as one value object."""
 
     checkpointing: str = "none"
     micro_batch_size: Optional[int] = None
     edge_chunk_size: Optional[int] = None
     precision: str = "fp32"
+    graph_partitions: int = 1
 
     @classmethod
-    def from_config(cls, memory) -> "Levers":
-        return cls(memory.checkpointing, memory.micro_batch_size, memory.edge_chunk_size, memory.precision)
+    def from_config(cls, memory, parallel=None) -> "Levers":
+        parts = int(getattr(parallel, "graph_partitions", 1) or 1) if parallel is not None else 1
+        return cls(memory.checkpointing, memory.micro_batch_size, memory.edge_chunk_size, memory.precision, parts)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,10 +101,13 @@ class Levers:
         def fmt(v):
             return "null" if v is None else str(v)
 
-        return [f"memory.{k}={fmt(v)}" for k, v in self.as_dict().items()]
+        section = {"graph_partitions": "parallel"}
+        return [f"{section.get(k, 'memory')}.{k}={fmt(v)}" for k, v in self.as_dict().items()]
 
     def label(self) -> str:
         parts = []
+        if self.graph_partitions != 1:
+            parts.append(f"P={self.graph_partitions}")
         if self.checkpointing != "none":
             parts.append(f"ckpt={self.checkpointing}")
         if self.micro_batch_size is not None:
@@ -272,11 +280,56 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
                              forces_kept=_fit(results["forces"]), stage=stage, stage_node=max(stage.per_node, 0.0))
 
 
+@dataclass
+class PartStats:
+    """One molecule cut into ``parts`` parts as the partitioned model cuts it: the largest part's
+    edges (incoming edges of its owned atoms) and local atoms (owned + halo), each a maximum over
+    the parts, and ``edge_fraction`` = largest part's edges / all edges (the per-rank share of the
+    edge work)."""
+
+    parts: int
+    edges: int
+    local_atoms: int
+    edge_fraction: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def partition_stats(pos, cutoff: float, parts: int) -> PartStats:
+    """:class:`PartStats` of positions ``pos [N, 3]`` (Å) at ``cutoff`` cut into ``parts`` parts.
+
+    >>> import numpy as np
+    >>> s = partition_stats(np.arange(30.0).reshape(10, 3), 6.0, 2)
+    >>> s.parts, s.edges, s.local_atoms
+    (2, 9, 6)
+    """
+    import torch
+
+    from ..data.graph import radius_graph
+    from ..parallel.partition import partition_graph
+
+    p = torch.as_tensor(pos, dtype=torch.float64)
+    ei = radius_graph(p, float(cutoff))
+    gp = partition_graph(p, ei, int(parts))
+    edges = gp.edges_per_part()
+    local = gp.atoms_per_part() + gp.halo_per_part()
+    total = max(int(ei.shape[1]), 1)
+    return PartStats(int(parts), int(edges.max()), int(local.max()), float(edges.max()) / total)
+
+
 def activation_bytes(profile: ActivationProfile, levers: Levers, *, atoms: int, edges: int, batch: int,
-                     calibration: Optional[dict] = None) -> tuple[int, dict]:
+                     calibration: Optional[dict] = None, part: Optional[PartStats] = None) -> tuple[int, dict]:
     """Peak activation bytes of one training step for ``batch`` molecules of ``atoms`` / ``edges``
-    (edges per molecule), under ``levers``. Returns (bytes, detail)."""
+    (edges per molecule), under ``levers``, on one rank. With ``levers.graph_partitions > 1`` the
+    molecule is the largest part, ``part`` (:func:`partition_stats`); without ``part`` the edges
+    are split evenly and every atom is counted (an upper bound on the halo). Returns (bytes, detail)."""
     cal = dict(CALIBRATION, **(calibration or {}))
+    if levers.graph_partitions > 1:
+        if part is not None and part.parts == levers.graph_partitions:
+            atoms, edges = part.local_atoms, part.edges
+        else:
+            edges = -(-edges // levers.graph_partitions)
     micro = min(levers.micro_batch_size or batch, batch)
     n, e = atoms * micro, edges * micro
     if levers.checkpointing == "none":
@@ -297,9 +350,13 @@ def activation_bytes(profile: ActivationProfile, levers: Levers, *, atoms: int, 
 
 
 def estimate(cfg, profile: ActivationProfile, levers: Levers, *, atoms: int, edges: int, batch: int,
-             num_params: int, zero_stage: int = 0, ranks: int = 1, calibration: Optional[dict] = None) -> Estimate:
-    """Peak bytes of one training step: model states (per ZeRO stage and rank) + activations."""
+             num_params: int, zero_stage: int = 0, ranks: int = 1, calibration: Optional[dict] = None,
+             part: Optional[PartStats] = None) -> Estimate:
+    """Peak bytes of one training step on one rank: model states (per ZeRO stage and rank count;
+    DeepSpeed shards over every rank, graph partitions included) + activations. ``batch`` is the
+    molecules this rank's partition group takes per step."""
     param_bytes = 8 if cfg.model.dtype == "float64" else 4
     states = model_states(num_params, param_bytes=param_bytes, zero_stage=zero_stage, ranks=ranks)
-    act, detail = activation_bytes(profile, levers, atoms=atoms, edges=edges, batch=batch, calibration=calibration)
+    act, detail = activation_bytes(profile, levers, atoms=atoms, edges=edges, batch=batch, calibration=calibration,
+                                   part=part)
     return Estimate(states, act, detail)

@@ -2,12 +2,13 @@
 
 Candidates combine ``memory.checkpointing`` (none, blocks, forces), ``memory.precision`` (the
 config's, or also bf16 when allowed), ``memory.micro_batch_size`` (divisors of the molecules per
-rank per step) and, with ``forces``, ``memory.edge_chunk_size``. Each gets an estimated peak
-(``estimate.py``) and an expected step time relative to the levers-off step
-(:func:`relative_time`), from factors measured on this project's benchmarks
-(``benchmarks/memory.md``). The plan is the fastest candidate that fits
-``usable = gpu_memory * (1 - headroom) - reserve``; ties go to the smaller peak.
-Graph partitions (``parallel.graph_partitions``) are not planned yet.
+rank per step), with ``forces`` also ``memory.edge_chunk_size``, and, on several GPUs,
+``parallel.graph_partitions`` (P dividing the GPU count; the other factor is data parallel).
+Each gets an estimated per-rank peak (``estimate.py``) and an expected time per optimizer step
+relative to the levers-off step on one GPU (:func:`relative_time`), from factors measured on this
+project's benchmarks (``benchmarks/memory.md``). The plan is the fastest candidate that fits
+``usable = gpu_memory * (1 - headroom) - reserve``; ties go to fewer partitions, then the
+smaller peak.
 """
 
 from __future__ import annotations
@@ -51,16 +52,35 @@ def parse_bytes(text: str) -> int:
     return int(value * 1024 ** power)
 
 
-def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda") -> float:
-    """Expected step time of ``levers`` relative to the levers-off step (same batch)."""
+#: extra time of a partitioned step over its share of the work (halo exchanges, replicated node
+#: work on halo atoms, the radius graph built on every rank); CPU gloo measured 5 % halo traffic at
+#: P = 4 (benchmarks/partition_cpu.json); assumed 10 % for GPUs
+PARTITION_OVERHEAD = 0.10
+
+
+def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda", gpus: int = 1,
+                  edge_fraction: Optional[float] = None) -> float:
+    """Expected time per optimizer step of ``levers`` relative to the levers-off step on one GPU.
+
+    ``batch`` molecules per step over ``gpus`` GPUs: ``gpus / P`` data-parallel groups share the
+    batch, and each molecule's edge work is split over the P ranks of a group (``edge_fraction``:
+    the largest part's share, from :class:`~.estimate.PartStats`; default ``1 / P``).
+    """
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    micro = min(levers.micro_batch_size or batch, batch)
-    n_micro = math.ceil(batch / micro)
+    parts = max(int(levers.graph_partitions), 1)
+    groups = max(gpus // parts, 1)
+    per_rank = max(batch // groups, 1)
+    micro = min(levers.micro_batch_size or per_rank, per_rank)
+    n_micro = math.ceil(per_rank / micro)
     t = CHECKPOINT_TIME[levers.checkpointing] * PRECISION_TIME[kind][levers.precision]
     t *= 1.0 + MICRO_OVERHEAD[kind] * (n_micro - 1)
     if levers.edge_chunk_size is not None:
         n_chunks = math.ceil(edges * micro / levers.edge_chunk_size)
         t *= 1.0 + CHUNK_OVERHEAD * max(n_chunks - 1, 0)
+    t *= per_rank / batch  # data parallel: each group takes its share of the batch
+    if parts > 1:
+        share = edge_fraction if edge_fraction is not None else 1.0 / parts
+        t *= share * (1.0 + PARTITION_OVERHEAD)
     return t
 
 
@@ -89,19 +109,27 @@ class Plan:
 
 
 def candidate_levers(batch: int, edges: int, precisions: Iterable[str] = ("fp32",),
-                     chunk_sizes: Optional[Iterable[int]] = None) -> list[Levers]:
-    """All combinations worth considering for ``batch`` molecules of ``edges`` edges each."""
-    micro_sizes = [m for m in range(batch, 0, -1) if batch % m == 0]
+                     chunk_sizes: Optional[Iterable[int]] = None, gpus: int = 1,
+                     partitions: Optional[Iterable[int]] = None) -> list[Levers]:
+    """All combinations worth considering for ``batch`` molecules of ``edges`` edges each on
+    ``gpus`` GPUs. ``partitions``: the graph partition counts to try (default: every divisor P of
+    ``gpus`` whose data-parallel factor ``gpus / P`` divides the batch). Edge chunks are tried
+    without partitions only (the partitioned model does not chunk)."""
+    if partitions is None:
+        partitions = [p for p in range(1, gpus + 1) if gpus % p == 0 and batch % (gpus // p) == 0]
     out = []
-    for precision in precisions:
-        for micro in micro_sizes:
-            micro_value = None if micro == batch else micro
-            for ckpt in ("none", "blocks", "forces"):
-                out.append(Levers(ckpt, micro_value, None, precision))
-            if micro == 1:
-                sizes = chunk_sizes if chunk_sizes is not None else _default_chunks(edges)
-                for c in sizes:
-                    out.append(Levers("forces", micro_value, int(c), precision))
+    for parts in partitions:
+        per_rank = batch // max(gpus // parts, 1)
+        micro_sizes = [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
+        for precision in precisions:
+            for micro in micro_sizes:
+                micro_value = None if micro == per_rank else micro
+                for ckpt in ("none", "blocks", "forces"):
+                    out.append(Levers(ckpt, micro_value, None, precision, parts))
+                if micro == 1 and parts == 1:
+                    sizes = chunk_sizes if chunk_sizes is not None else _default_chunks(edges)
+                    for c in sizes:
+                        out.append(Levers("forces", micro_value, int(c), precision, parts))
     return out
 
 
@@ -115,21 +143,26 @@ def _default_chunks(edges: int) -> list[int]:
     return sizes
 
 
-def plan(estimator: Callable[[Levers], int], budget_bytes: int, *, batch: int, edges: int,
+def plan(estimator: Callable[..., int], budget_bytes: int, *, batch: int, edges: int,
          device: str = "cuda", precisions: Iterable[str] = ("fp32",), headroom: float = HEADROOM,
          reserve: float = RESERVE, timer: Optional[Callable[[Levers], float]] = None,
-         chunk_sizes: Optional[Iterable[int]] = None) -> Plan:
-    """The fastest lever set whose ``estimator(levers)`` peak fits ``budget_bytes``.
+         chunk_sizes: Optional[Iterable[int]] = None, gpus: int = 1,
+         partitions: Optional[Iterable[int]] = None, edge_fractions: Optional[dict] = None) -> Plan:
+    """The fastest lever set whose ``estimator(levers, batch_per_group)`` peak fits ``budget_bytes``.
 
-    ``estimator`` maps Levers to peak bytes (e.g. :func:`estimate.estimate`); ``timer`` to
-    relative step time (default :func:`relative_time`).
+    ``estimator`` maps Levers and the molecules per partition group per step to the peak bytes
+    of one rank (e.g. :func:`estimate.estimate`); ``timer`` maps Levers to the relative step time
+    (default :func:`relative_time`, with ``edge_fractions[P]`` the largest part's edge share).
     """
     usable = int(budget_bytes * (1.0 - headroom) - (reserve if device.startswith("cuda") else 0))
-    timer = timer or (lambda lv: relative_time(lv, batch=batch, edges=edges, device=device))
+    fractions = edge_fractions or {}
+    timer = timer or (lambda lv: relative_time(lv, batch=batch, edges=edges, device=device, gpus=gpus,
+                                               edge_fraction=fractions.get(lv.graph_partitions)))
     cands = []
-    for lv in candidate_levers(batch, edges, precisions, chunk_sizes):
-        peak = int(estimator(lv))
+    for lv in candidate_levers(batch, edges, precisions, chunk_sizes, gpus=gpus, partitions=partitions):
+        per_group = batch // max(gpus // lv.graph_partitions, 1)
+        peak = int(estimator(lv, per_group))
         cands.append(Candidate(lv, peak, float(timer(lv)), peak <= usable))
-    cands.sort(key=lambda c: (not c.fits, c.relative_time, c.peak_bytes))
+    cands.sort(key=lambda c: (not c.fits, round(c.relative_time, 6), c.levers.graph_partitions, c.peak_bytes))
     best = cands[0] if cands and cands[0].fits else None
     return Plan(budget_bytes, usable, cands, best)

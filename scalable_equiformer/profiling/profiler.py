@@ -18,6 +18,11 @@ optimizer step (with micro-batching, checkpointing and precision as the levers s
 
 ``activation_bytes`` is the peak minus parameters, gradients and optimizer state.
 ``step_seconds`` is the median of ``timing_steps`` steps after the measured one.
+
+With ``partitions`` P > 1 (``parallel.graph_partitions``) the subprocess starts P ranks in one
+process group (gloo on the CPU, :func:`~scalable_equiformer.parallel.launch.spawn_local`), each
+running the partitioned model on its part of the same molecules and measuring its own peak;
+the record gives the largest rank's figures (what must fit on each GPU) and ``per_rank``.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Request:
     threads: int = 1
     timing_steps: int = 2
     seed: int = 0
+    partitions: int = 1  # parallel.graph_partitions: ranks sharing each molecule
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -141,10 +147,36 @@ def _tensor_bytes(tensors) -> int:
 
 def measure_in_process(req: Request) -> dict:
     """Run the measurement here (the subprocess calls this). Returns the result record."""
+    if int(req.partitions) <= 1:
+        return _measure_rank(req)
+    import tempfile
+
+    from ..parallel.launch import spawn_local
+
+    with tempfile.TemporaryDirectory(prefix="se_profile_") as tmp:
+        spawn_local(_rank_entry, int(req.partitions), args=(req.to_json(), tmp), threads=req.threads or None)
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(int(req.partitions))]
+    out = dict(ranks[0])
+    for key in ("peak_bytes", "activation_bytes", "step_growth_bytes", "step_seconds", "step_cpu_seconds",
+                "first_step_seconds", "rank_edges", "rank_atoms"):
+        out[key] = max(r[key] for r in ranks)
+    out["per_rank"] = [{k: r[k] for k in ("peak_bytes", "activation_bytes", "step_cpu_seconds", "rank_edges",
+                                           "rank_owned", "rank_atoms")} for r in ranks]
+    return out
+
+
+def _rank_entry(rank: int, world: int, req_json: str, out_dir: str) -> None:
+    result = _measure_rank(Request(**json.loads(req_json)), partitioned=True)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _measure_rank(req: Request, partitioned: bool = False) -> dict:
+    """One process's measurement; with ``partitioned`` it is one rank of the partition group."""
     import numpy as np
     import torch
 
     from ..config import config_from_dict
+    from ..training.steps import configure_model
     from . import stepper, systems
 
     torch.manual_seed(req.seed)
@@ -153,8 +185,12 @@ def measure_in_process(req: Request) -> dict:
     cfg_dict = json.loads(json.dumps(req.config))
     cfg_dict.setdefault("memory", {}).update(req.levers)
     cfg_dict.setdefault("train", {})["batch_size"] = req.batch
+    cfg_dict.setdefault("parallel", {})["graph_partitions"] = int(req.partitions)
     cfg = config_from_dict(cfg_dict, origin=req.config_name or "profile request")
     device = torch.device(req.device)
+    if partitioned and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
 
     if req.data is not None:
         z, frames = systems.load_frames(req.data, req.batch)
@@ -165,10 +201,16 @@ def measure_in_process(req: Request) -> dict:
     edges = sum(systems.count_edges(f, cfg.model.cutoff) for f in frames)
 
     model, dtype = stepper.build(cfg, device, atoms)
+    module = model
+    if partitioned:
+        from ..parallel.partitioned import PartitionedModel
+
+        configure_model(model, cfg)  # the wrapper reads the force strategy when it is made
+        module = PartitionedModel(model)
     batch = stepper.make_batch(z, frames, dtype, device)
     small = min(atoms, 8)
     warm = stepper.make_batch(z[:small], np.repeat(frames[:1, :small], req.batch, axis=0), dtype, device)
-    step, engine = stepper.make_step(model, cfg)
+    step, engine = stepper.make_step(module, cfg, world=int(req.partitions) if partitioned else 1)
     optimizer = engine.optimizer
 
     step(warm)  # libraries initialised, optimizer state allocated
@@ -202,12 +244,16 @@ def measure_in_process(req: Request) -> dict:
         peak = params_bytes + opt_bytes + growth  # resident model states + the step's growth
     activation = max(peak - params_bytes - grads_bytes - opt_bytes, 0)
     n_params = sum(p.numel() for p in model.parameters())
+    rank_edges, rank_owned, rank_atoms = int(edges), atoms * req.batch, atoms * req.batch
+    if partitioned and module.last_partition is not None:
+        part = module.last_partition.local(module.part_rank)
+        rank_edges, rank_owned, rank_atoms = int(part.edge_index.shape[1]), part.num_owned, part.num_local
     return {
         "config": req.config_name,
         "atoms": atoms,
         "edges": int(edges),
         "batch": req.batch,
-        "levers": {**asdict_levers(cfg.memory)},
+        "levers": {**asdict_levers(cfg.memory), "graph_partitions": int(req.partitions)},
         "peak_bytes": int(peak),
         "activation_bytes": int(activation),
         "step_growth_bytes": int(growth),
@@ -218,6 +264,9 @@ def measure_in_process(req: Request) -> dict:
         "step_seconds": statistics.median(times) if times else first,
         "step_cpu_seconds": statistics.median(cpu_times) if cpu_times else first_cpu,
         "first_step_seconds": first,
+        "rank_edges": rank_edges,  # edges this rank computes (all, without partitions)
+        "rank_owned": rank_owned,
+        "rank_atoms": rank_atoms,  # owned + halo atoms
         "method": meter.method,
         "device": _device_name(device),
         "threads": torch.get_num_threads(),

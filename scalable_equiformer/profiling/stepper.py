@@ -53,13 +53,15 @@ def split(batch, size):
     return [Batch.from_data_list(data[i:i + size]) for i in range(0, len(data), size)]
 
 
-def make_step(model, cfg):
+def make_step(model, cfg, world: int = 1):
+    """``world`` > 1: ``model`` is a PartitionedModel over the ``world`` ranks of the default
+    group (one partition group; the engine sums the ranks' partial gradients)."""
     from ..training.batches import BatchPlan
     from ..training.engine import PlainEngine
     from ..training.steps import compute_loss, configure_model
 
     configure_model(model, cfg)
-    engine = PlainEngine(model, cfg, BatchPlan.from_config(cfg, 1))
+    engine = PlainEngine(model, cfg, BatchPlan.from_config(cfg, 1), group=None, world=world)
 
     def step(batch) -> dict:
         n_mol = float(batch.num_graphs)
