@@ -20,6 +20,32 @@ import sys
 from pathlib import Path
 
 
+def _rank() -> int:
+    """This process's global rank: torch.distributed's when initialised, else the launcher's
+    ``RANK`` (torchrun, deepspeed) or ``LOCAL_RANK``; 0 without a launcher."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:  # a broken process group: fall back on the launcher's variables
+        pass
+    for name in ("RANK", "LOCAL_RANK"):
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def _report(exc) -> bool:
+    """Whether this rank prints ``exc``. Rank 0 always; the other ranks only when the error may
+    differ between ranks: a ConfigError is the same on every rank (same config, same checks), unless
+    the trainer found it on some ranks only (``rank_specific``)."""
+    from scalable_equiformer.errors import ConfigError
+
+    return _rank() == 0 or not isinstance(exc, ConfigError) or getattr(exc, "rank_specific", False)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -51,11 +77,13 @@ def main(argv=None) -> int:
         from scalable_equiformer.training import run
 
         run(config, resume=args.resume)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # every rank exits with 2; see _report for which ones print
+        if _report(exc):
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with: python train.py --resume <run folder>", file=sys.stderr)
+    except KeyboardInterrupt:  # a launcher's Ctrl-C reaches every rank: rank 0 says it
+        if _rank() == 0:
+            print("interrupted; continue with: python train.py --resume <run folder>", file=sys.stderr)
         return 130
     return 0
 

@@ -9,7 +9,9 @@ with the units of every physical quantity as comments.
 (3, 4.5)
 
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and the
-file (or ``--set``) they came from.
+file (or ``--set``) they came from. Keys that were removed (:data:`REMOVED`) raise one saying so and
+why; only in what this package wrote itself (a run folder's resolved ``config.yaml``, a checkpoint's
+stored config) is a removed key at its old default dropped silently, so old runs still resume and load.
 """
 
 from __future__ import annotations
@@ -118,7 +120,6 @@ class TrainConfig:
     run_name: Optional[str] = None  # None = <data name>_<timestamp>
     seed: int = 0  # model init and shuffling
     device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 0
     progress: bool = True  # progress bar (rank 0 only)
 
     def validate(self, check):
@@ -136,7 +137,6 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.max_eval_frames is None or self.max_eval_frames >= 1, "max_eval_frames", "must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, not {self.device!r}")
-        check(self.num_workers >= 0, "num_workers", "must be >= 0")
 
 
 @dataclass
@@ -346,8 +346,24 @@ def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> An
 ALIASES = {("deepspeed", "precision"): ("memory", "precision")}
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, origin: str, from_string: bool) -> None:
+# Keys that existed once and no longer do: (section, key) -> (old default, why it went).
+REMOVED = {
+    ("train", "num_workers"): (0, "it never did anything: batches are collated in the training process and the "
+                                  "radius graph is built inside the model, so there is no work for loader processes"),
+}
+
+#: first line of :meth:`Config.dump` output (a run folder's config.yaml)
+_DUMP_HEADER = "# scalable_equiformer resolved config"
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str, from_string: bool,
+           written_by_us: bool = False) -> None:
     section, key = ALIASES.get((section, key), (section, key))
+    if (section, key) in REMOVED:
+        old_default, why = REMOVED[(section, key)]
+        if written_by_us and value == old_default:
+            return  # an old run folder or checkpoint: every resolved config listed the key
+        raise ConfigError(f"{origin}: {section}.{key} was removed ({why}); delete it")
     if section not in Config.SECTIONS:
         hint = difflib.get_close_matches(section, Config.SECTIONS, n=1)
         raise ConfigError(f"{origin}: unknown section {section!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
@@ -383,7 +399,8 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
         path = resolve_config_path(name_or_path)
         origin = str(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            text = path.read_text()
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -391,6 +408,7 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
         raw = raw or {}
+        dumped = text.startswith(_DUMP_HEADER)  # a run folder's config.yaml (see REMOVED)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for section, values in raw.items():
@@ -401,7 +419,7 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
             for key, value in values.items():
-                _apply(cfg, section, str(key), value, origin, False)
+                _apply(cfg, section, str(key), value, origin, False, written_by_us=dumped)
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.max_epochs=10")
@@ -417,6 +435,6 @@ def config_from_dict(data: dict, origin: str = "checkpoint") -> Config:
     cfg = Config()
     for section, values in data.items():
         for key, value in (values or {}).items():
-            _apply(cfg, section, key, value, origin, False)
+            _apply(cfg, section, key, value, origin, False, written_by_us=True)
     cfg.validate(origin)
     return cfg

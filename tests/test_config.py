@@ -38,6 +38,9 @@ def test_precedence_defaults_file_set(tmp_path):
     ("", "memory.precision=fp8", r"memory.precision: must be fp32, bf16 or fp16"),
     ("", "deepspeed.zero_stage=4", r"deepspeed.zero_stage: must be 0, 1, 2 or 3"),
     ("", "model.irreps_node=banana", r"model.irreps_node: not an irreps string"),
+    ("train: {num_workers: 4}\n", None, r"c\.yaml: train.num_workers was removed \(it never did anything"),
+    ("train: {num_workers: 0}\n", None, r"c\.yaml: train.num_workers was removed"),
+    ("", "train.num_workers=2", r"--set: train.num_workers was removed"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, override, match):
     p = _write(tmp_path, "data: {path: x.npz}\n" + text)
@@ -54,6 +57,24 @@ def test_dump_round_trip(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again.to_dict() == cfg.to_dict()
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_removed_key_in_old_run_folders_and_checkpoints_is_dropped(tmp_path):
+    """Every resolved config.yaml and checkpoint written before train.num_workers was removed lists
+    it at its default 0: those still load (resume, evaluate); a changed value still raises."""
+    cfg = load_config(None, ["data.path=x.npz", "train.max_epochs=3"])
+    old = cfg.dump().replace("  progress:", "  num_workers: 0\n  progress:")
+    assert "num_workers: 0" in old
+    p = tmp_path / "config.yaml"
+    p.write_text(old)
+    assert load_config(p).to_dict() == cfg.to_dict()
+    p.write_text(old.replace("num_workers: 0", "num_workers: 3"))
+    with pytest.raises(ConfigError, match=r"config\.yaml: train.num_workers was removed"):
+        load_config(p)
+    stored = cfg.to_dict()
+    stored["train"]["num_workers"] = 0
+    assert config_from_dict(stored).to_dict() == cfg.to_dict()
+    assert "num_workers" not in cfg.dump()
 
 
 @pytest.mark.parametrize("name", SHIPPED)

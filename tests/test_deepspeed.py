@@ -4,7 +4,8 @@ Tolerances, on every logged training loss, learning rate and validation MAE over
 against the one-process run: 2-rank plain data parallel, float64: 1e-8 relative. ZeRO 1, 2, 3
 (float64 model, 2 micro-batches of gradient accumulation per rank): 1e-5 relative — DeepSpeed's
 ZeRO optimizers keep fp32 master weights even for a float64 model, so they are fp32-exact, not
-fp64-exact. DeepSpeed stage 0 (float32 only: it all-reduces no float64): 1e-4 relative against the
+fp64-exact; the same tolerance, on the consolidated weights of best.pt too, for ZeRO-2 and ZeRO-3 with
+memory.checkpointing=forces. DeepSpeed stage 0 (float32 only: it all-reduces no float64): 1e-4 relative against the
 float32 one-process run. ZeRO-3 resumed vs uninterrupted ZeRO-3: 1e-10.
 Each launch takes ~15-25 s (process start, imports), so the runs are shared by module fixtures.
 """
@@ -91,10 +92,11 @@ def test_torchrun_two_ranks_deepspeed_stage0_follows_one_process(reference, tmp_
     _same_trajectory(reference / "fp32", tmp_path / "ds0", rel=1e-4)
 
 
-@pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
-def test_zero_stage_follows_one_process(reference, tmp_path, stage, launcher):
-    over = tiny_overrides(tmp_path, f"deepspeed.zero_stage={stage}", "memory.micro_batch_size=1", dtype="float64",
-                          run_name=f"zero{stage}")
+def _zero_run(reference, tmp_path, stage, launcher, *extra, run_name):
+    """ZeRO ``stage`` on 2 ranks (float64 model, 2 micro-batches per rank) against the one-process
+    float64 run: trajectory to 1e-5 and the consolidated weights of best.pt."""
+    over = tiny_overrides(tmp_path, f"deepspeed.zero_stage={stage}", "memory.micro_batch_size=1", *extra,
+                          dtype="float64", run_name=run_name)
     args = [str(REPO / "train.py"), "--config", empty_config(tmp_path), *sets(over)]
     if launcher == "deepspeed":  # the DeepSpeed launcher on a CPU machine: --num_gpus 2 starts 2 gloo ranks
         cmd = DEEPSPEED + ["--num_gpus", "2", "--master_port", str(free_port()), *args]
@@ -104,7 +106,7 @@ def test_zero_stage_follows_one_process(reference, tmp_path, stage, launcher):
     _check(proc)
     assert f"DeepSpeed ZeRO stage {stage}" in proc.stdout and f"launcher {launcher}" in proc.stdout
     assert "2 micro-batch(es)" in proc.stdout
-    run = tmp_path / f"zero{stage}"
+    run = tmp_path / run_name
     assert (run / "deepspeed").is_dir() and (run / "results.json").is_file()
     _same_trajectory(reference / "fp64", run, rel=1e-5)
     ck = torch.load(run / "best.pt", weights_only=True)  # consolidated weights, full shapes
@@ -112,6 +114,24 @@ def test_zero_stage_follows_one_process(reference, tmp_path, stage, launcher):
     assert ck["model"].keys() == ref["model"].keys()
     for k in ref["model"]:
         assert ck["model"][k].shape == ref["model"][k].shape, k
+        if ref["model"][k].is_floating_point():
+            torch.testing.assert_close(ck["model"][k], ref["model"][k], rtol=1e-5, atol=1e-7, msg=k)
+    return proc
+
+
+@pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
+def test_zero_stage_follows_one_process(reference, tmp_path, stage, launcher):
+    _zero_run(reference, tmp_path, stage, launcher, run_name=f"zero{stage}")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stage_with_force_checkpointing_follows_one_process(reference, tmp_path, stage):
+    """memory.checkpointing=forces (block-wise recomputation: a custom autograd Function that takes
+    the parameters as inputs and differentiates a recomputed block in loss.backward()) under ZeRO-2
+    (gradient hooks) and ZeRO-3 (parameters gathered per micro-step). The lever equals the plain
+    path to 1e-10 in one process (test_memory_levers.py), so the plain one-process run is the reference."""
+    proc = _zero_run(reference, tmp_path, stage, "torchrun", "memory.checkpointing=forces", run_name=f"forces{stage}")
+    assert "checkpointing=forces" in proc.stdout
 
 
 RESUME_SCRIPT = textwrap.dedent("""

@@ -143,6 +143,43 @@ def test_unknown_config_key_is_one_line_error(tmp_path):
     assert len(err) == 1 and err[0].startswith("error: ") and "train.max_epoch" in err[0] and "max_epochs" in err[0]
 
 
+@pytest.mark.parametrize("rank_vars,args,lines", [
+    ({"RANK": "0", "WORLD_SIZE": "2"}, ("--config", "demo", "--set", "train.max_epoch=3"), 1),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, ("--config", "demo", "--set", "train.max_epoch=3"), 0),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, ("--resume", "no_such_run"), 1),  # may differ per rank: printed
+])
+def test_config_error_is_printed_by_rank_0_only(tmp_path, rank_vars, args, lines):
+    """Under torchrun / deepspeed every rank gets the same ConfigError: rank 0 prints it, all exit 2.
+    Other errors (I/O, checkpoints) can differ per rank and are printed by every rank."""
+    import subprocess
+
+    from test_train_common import env
+
+    proc = subprocess.run(train_cmd(*args), cwd=tmp_path, env={**env(), **rank_vars}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == lines and all(x.startswith("error: ") for x in err), proc.stderr[-2000:]
+
+
+def test_config_error_found_on_some_ranks_only_is_printed_everywhere(monkeypatch):
+    """The trainer marks errors that only some ranks hit (``rank_specific``); train.py prints those on every rank."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    monkeypatch.setenv("RANK", "1")
+    same, own = ConfigError("x"), ConfigError("y")
+    own.rank_specific = True
+    assert not entry._report(same) and entry._report(own) and entry._report(DataError("z"))
+    monkeypatch.setenv("RANK", "0")
+    assert entry._report(same)
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what the deepspeed launcher's --local_rank sets
+    assert not entry._report(same)
+
+
 def test_missing_dataset_file_names_url_and_download_command(tmp_path):
     cfg = tiny_config(tmp_path, "data.path=null", "data.name=md17_aspirin", f"data.root={tmp_path / 'nodata'}")
     with pytest.raises(DataError) as e:

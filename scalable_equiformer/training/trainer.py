@@ -88,20 +88,25 @@ def _barrier(info: runtime.DistInfo) -> None:
         torch.distributed.barrier()
 
 
-def _all_ok(ok: bool, info: runtime.DistInfo, device) -> bool:
-    """True when ``ok`` holds on every rank."""
+def _failed_ranks(ok: bool, info: runtime.DistInfo, device) -> int:
+    """How many ranks have ``ok`` false."""
     if not info.initialized or info.world_size == 1:
-        return ok
+        return 0 if ok else 1
     t = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=device if info.backend == "nccl" else "cpu")
     torch.distributed.all_reduce(t)
-    return float(t) == 0.0
+    return int(round(float(t)))
 
 
 def _error_everywhere(exc: Optional[BaseException], info: runtime.DistInfo, device) -> None:
-    """Raise ``exc`` on its rank and a short TrainingError on the others, so no rank hangs."""
-    if _all_ok(exc is None, info, device):
+    """Raise ``exc`` on its rank and a short TrainingError on the others, so no rank hangs.
+    An error that only some ranks hit is marked ``rank_specific``: ``train.py`` prints those on
+    every rank (it prints errors that are the same everywhere on rank 0 only)."""
+    failed = _failed_ranks(exc is None, info, device)
+    if failed == 0:
         return
     if exc is not None:
+        if failed < info.world_size:
+            exc.rank_specific = True
         raise exc
     raise TrainingError("another rank stopped with an error (see its message)")
 
