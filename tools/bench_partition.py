@@ -1,6 +1,6 @@
 """Benchmark graph partitioning: per-rank peak memory and step time for P ranks, halo traffic.
 
-    python tools/bench_partition.py [--partitions 1 2 4] [--out bench_partition.json]
+    python tools/bench_partition.py [--partitions 1 2 4] [--checkpointing none|blocks|forces] [--out bench_partition.json]
 
 For each P, P gloo processes on this machine run, with the same weights:
   * a training step (energy, forces with create_graph, loss.backward) on a >= 1,000-atom system;
@@ -9,6 +9,10 @@ both tiles of the AT-AT frame (``--data``) on a grid, ``--gap`` Å apart, so nei
 interact. Default model: the tiny model of ``scalable_equiformer.parallel.check`` (lmax 2, every
 stage of the paper's model, a few thousand parameters) because the paper's model is slow on CPUs;
 ``--config NAME`` uses a config's model.
+
+``--checkpointing`` is ``memory.checkpointing`` (the partitioned model's force strategy): ``none``
+(plain autograd, the default), ``blocks`` (per-block checkpointing) or ``forces`` (the force-aware
+block-wise recomputation).
 
 Per rank: step time (median of ``--repeats``), peak memory growth of the step (CPU: the peak
 resident set, VmHWM reset through /proc/self/clear_refs, minus the resident set before the step,
@@ -43,6 +47,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scalable_equiformer.nn.force_checkpoint import STRATEGY_OF_CHECKPOINTING  # noqa: E402
 from scalable_equiformer.parallel import check as C  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
@@ -94,6 +99,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     job = torch.load(Path(workdir) / "job.pt", weights_only=False)
     device = torch.device("cpu")
     model = C._build(job["model_config"], job["state_dict"]).to(device)
+    model.force_strategy = STRATEGY_OF_CHECKPOINTING[job["checkpointing"]]
     pmodel = PartitionedModel(model, check_inputs=False)
     out = {}
     # warm-up (lazy initialisation, allocator) on the small molecule
@@ -135,9 +141,10 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     torch.save(out, Path(workdir) / f"rank{rank}.pt")
 
 
-def run(model, tasks, warmup, P: int, repeats: int) -> list[dict]:
+def run(model, tasks, warmup, P: int, repeats: int, checkpointing: str = "none") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         job = {
+            "checkpointing": checkpointing,
             "model_config": dataclasses.asdict(model._check_config),
             "state_dict": model.state_dict(),
             "tasks": tasks,
@@ -194,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--infer-tile", default="7x6x4", help="copies for the inference system (>= 10,000 atoms)")
     ap.add_argument("--gap", type=float, default=2.0, help="Å between copies")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--checkpointing", default="none", choices=sorted(STRATEGY_OF_CHECKPOINTING),
+                    help="memory.checkpointing of the partitioned model (force strategy)")
     ap.add_argument("--skip-infer", action="store_true")
     ap.add_argument("--out", default="bench_partition.json")
     args = ap.parse_args(argv)
@@ -222,13 +231,14 @@ def main(argv=None) -> int:
                     "device": "cpu", "backend": "gloo", "threads_per_rank": 1},
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype),
                   "irreps_node": str(model.irreps_node), "num_blocks": len(model.blocks),
-                  "cutoff": model.cutoff, "config": args.config or "tiny (scalable_equiformer.parallel.check.TINY_MODEL)"},
+                  "cutoff": model.cutoff, "config": args.config or "tiny (scalable_equiformer.parallel.check.TINY_MODEL)",
+                  "checkpointing": args.checkpointing},
         "systems": {k: {"atoms": int(s["pos"].shape[0]), "mode": k} for k, s in systems.items()},
         "runs": {},
     }
     for P in args.partitions:
         t0 = time.perf_counter()
-        ranks = run(model, tasks, warmup, P, args.repeats)
+        ranks = run(model, tasks, warmup, P, args.repeats, args.checkpointing)
         wall = time.perf_counter() - t0
         for name, s in systems.items():
             per_rank = [r[name] for r in ranks]

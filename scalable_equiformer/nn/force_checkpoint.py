@@ -34,6 +34,11 @@ it to 1e-10 in fp64. The config key ``memory.checkpointing`` picks one:
     ``autograd.grad``: under a checkpoint the inner ``autograd.grad`` would unpack the packed
     activations and trigger a second recomputation during the forward pass.
 
+    Steps 2-5 are :func:`blockwise_sweep`, which takes the stages as a callable: the graph-
+    partitioned model (``parallel/partitioned.py``) runs the same sweep with stages that start
+    with a halo exchange, ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``; the exchange's
+    backward (itself differentiable) moves the cotangents between ranks inside each VJP.
+
 At evaluation (``training=False``) nothing has to be kept for a second backward: ``"forces"``
 runs the blocks without a graph and each VJP directly, so the peak is one block's graph.
 
@@ -165,6 +170,8 @@ class _RecomputedVJP(torch.autograd.Function):
             wrt_idx = [i for i, t in enumerate(leaves) if t.requires_grad]
             wrt = [leaves[i] for i in wrt_idx] + list(params)
             pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
+            # structural, the same on every rank (grads are materialised, requires_grad follows the
+            # graph's shape, not its data): a partition group never skips a collective on one rank
             if pairs and wrt:
                 grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
             else:
@@ -233,6 +240,117 @@ def edge_chunks(edge_index: torch.Tensor, num_nodes: int, chunk_size) -> list[tu
     return chunks
 
 
+def node_attr_once(model):
+    """``attr(x)``: ``model.node_attr`` of the first ``x`` it is given, that same tensor afterwards.
+
+    The stage chains below call it with each block's input; the first is the embedding's output,
+    from which the plain path computes the node attributes once (``Equiformer.energy``).
+    """
+    cache = []
+
+    def attr(x):
+        if not cache:
+            cache.append(model.node_attr(x))
+        return cache[0]
+
+    return attr
+
+
+def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunks=None):
+    """Steps 2-5 of the force-aware strategy over a chain of stages: ``(energy, dE/dpos)``.
+
+    ``stage(s, x, e) -> y``: stage ``s`` of the chain, 0 = the embedding (its ``x`` is ``x0``, a
+    placeholder it ignores and that is not differentiated), ``s >= 1`` = ``model.blocks[s - 1]``;
+    ``e`` is ``edges`` (or a chunk of them) with fresh aliases of the edge features, ``y`` the
+    stage's output rows. ``readout(x_L) -> energy`` (per graph). ``pos`` requires grad and
+    ``edges`` were computed from it. ``chunks``: ``(n0, n1, e0, e1)`` per chunk of
+    :func:`edge_chunks` (``None``: one chunk with all ``x0.shape[0]`` rows and all edges).
+
+    Shared by :func:`blockwise_forces` and the graph-partitioned model
+    (``parallel/partitioned.py``, whose stages run a halo exchange: collectives). Every branch
+    here depends on structure only (stage count, chunk count, which features require grad),
+    never on data, so every rank of a partition group runs the same collectives in the same
+    order: in the forward, in the backward sweep and inside ``loss.backward()``.
+    """
+    device = pos.device
+    names = _grad_fields(edges)
+    feats = [getattr(edges, n) for n in names]
+    params = [p for p in model.parameters() if p.requires_grad] if training else []
+    rngs_on = model.training  # dropout / drop-path: the same masks in every recomputation
+    num_stages = 1 + len(model.blocks)
+    if chunks is None:
+        chunks = [(0, x0.shape[0], 0, edges.index.shape[1])]
+    whole = len(chunks) == 1
+    # per chunk: its edges (index only; features come in as arguments) and its features
+    chunk_edges = [edges if whole else edges._replace(index=edges.index[:, e0:e1]) for _, _, e0, e1 in chunks]
+    chunk_feats = [feats if whole else [f[e0:e1] for f in feats] for _, _, e0, e1 in chunks]
+
+    def stage_fn(s, c):
+        """``(x, feats of chunk c) -> rows of chunk c`` of stage ``s``."""
+        n0, n1, _, _ = chunks[c]
+        sub = chunk_edges[c]
+
+        def fn(x, fs):
+            y = stage(s, x, _with_fields(sub, names, fs))
+            return y if whole else y[n0:n1]
+
+        return fn
+
+    def run_stage(s, x, rng):
+        """Forward of one stage over all chunks; keeps only the stage input (training)."""
+        outs = []
+        for c in range(len(chunks)):
+            fn = stage_fn(s, c)
+            ctx = contextlib.nullcontext() if c == 0 else _rng_restored(rng, device)
+            with ctx:
+                if training:
+                    outs.append(checkpointed_call(lambda x_, *fs, fn=fn: fn(x_, list(fs)), x, *chunk_feats[c]))
+                else:
+                    with torch.no_grad():
+                        outs.append(fn(x, chunk_feats[c]))
+        return outs[0] if whole else torch.cat(outs, 0)
+
+    # forward: keep each stage's input node features only
+    xs, rngs, x = [], [], x0
+    for s in range(num_stages):
+        rngs.append(_rng_capture(device) if rngs_on else None)
+        xs.append(x)
+        x = run_stage(s, x, rngs[-1])
+
+    # energy and dE/dx_L through the per-atom head
+    x_last = x if training else x.detach().requires_grad_(True)
+    energy = readout(x_last)
+    (g,) = torch.autograd.grad(energy.sum(), x_last, create_graph=training)
+
+    # backward, stage by stage and chunk by chunk: g_s = sum_c VJP_c, e = cat_c e_c
+    total = [[None] * len(chunks) for _ in feats]  # [feature][chunk]
+    for s in range(num_stages - 1, -1, -1):
+        wrt_x = s > 0
+        g_next = None
+        for c, (n0, n1, _, _) in enumerate(chunks):
+            vjp = _BlockVJP(stage_fn(s, c), names, params, wrt_x=wrt_x)
+            g_c = g if whole else g[n0:n1]
+            if training:
+                outs = _RecomputedVJP.apply(vjp, rngs[s], device, 2 + len(feats),
+                                            xs[s] if wrt_x else xs[s].detach(), g_c, *chunk_feats[c], *params)
+            else:
+                with _rng_restored(rngs[s], device):
+                    x_leaf = xs[s].detach().requires_grad_(wrt_x)
+                    outs = vjp(False, x_leaf, g_c.detach(), *[f.detach().requires_grad_(True) for f in chunk_feats[c]])
+                outs = [o.detach() for o in outs]
+            if wrt_x:
+                g_next = outs[0] if g_next is None else g_next + outs[0]
+                outs = outs[1:]
+            for i, e in enumerate(outs):
+                total[i][c] = e if total[i][c] is None else total[i][c] + e
+        g = g_next
+    total = [parts[0] if whole else torch.cat(parts, 0) for parts in total]
+
+    # dE/dpos through the edge features
+    (grad,) = torch.autograd.grad(feats, pos, total, create_graph=training)
+    return energy, grad
+
+
 def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
     """Force-aware checkpointing: block-by-block VJPs, one block's double-backward graph at a time.
 
@@ -242,97 +360,27 @@ def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> di
     that atom's incoming edges only. Each chunk has its own checkpoint and VJP, so one chunk's
     graph is alive at a time; node-level work is repeated per chunk.
     """
-    device = pos.device
     num_nodes = pos.shape[0]
-    stochastic = model.training
     with torch.enable_grad():
         if not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
         edge_index = model.build_graph(pos, batch_vec)
         edges = model.edge_features(pos, edge_index)  # small graph in pos, kept
-        names = _grad_fields(edges)
-        feats = [getattr(edges, n) for n in names]
-        params = [p for p in model.parameters() if p.requires_grad] if training else []
-        chunks = edge_chunks(edge_index, num_nodes, getattr(model, "edge_chunk_size", None))
-        whole = len(chunks) == 1
-        # per chunk: its edges (index only; features come in as arguments) and its features
-        chunk_edges = [edges if whole else edges._replace(index=edge_index[:, e0:e1]) for _, _, e0, e1 in chunks]
-        chunk_feats = [feats if whole else [f[e0:e1] for f in feats] for _, _, e0, e1 in chunks]
+        attr = node_attr_once(model)
 
-        def stage_fn(stage, c):
-            """``(x, feats of chunk c) -> rows of chunk c`` of one stage (block, or the embedding)."""
-            n0, n1, _, _ = chunks[c]
-            sub = chunk_edges[c]
+        def stage(s, x, e):
+            return model.embed(z, e, num_nodes) if s == 0 else model.blocks[s - 1](x, attr(x), e, batch_vec)
 
-            def fn(x, fs):
-                e = _with_fields(sub, names, fs)
-                y = model.embed(z, e, num_nodes) if stage is None else stage(x, node_attr, e, batch_vec)
-                return y if whole else y[n0:n1]
-
-            return fn
-
-        def run_stage(stage, x, rng):
-            """Forward of one stage over all chunks; keeps only the stage input (training)."""
-            outs = []
-            for c in range(len(chunks)):
-                fn = stage_fn(stage, c)
-                ctx = contextlib.nullcontext() if c == 0 else _rng_restored(rng, device)
-                with ctx:
-                    if training:
-                        outs.append(checkpointed_call(lambda x_, *fs, fn=fn: fn(x_, list(fs)), x, *chunk_feats[c]))
-                    else:
-                        with torch.no_grad():
-                            outs.append(fn(x, chunk_feats[c]))
-            return outs[0] if whole else torch.cat(outs, 0)
-
-        # forward: keep each stage's input node features only
-        node_attr = None
-        rngs = [_rng_capture(device) if stochastic else None]
-        dummy = pos.new_zeros(num_nodes, 1)
-        x = run_stage(None, dummy, rngs[0])
-        node_attr = model.node_attr(x)
-        xs = [x]
-        for block in model.blocks:
-            rngs.append(_rng_capture(device) if stochastic else None)
-            x = run_stage(block, x, rngs[-1])
-            xs.append(x)
-
-        # energy and dE/dx_L through the per-atom head
-        x_last = xs[-1] if training else xs[-1].detach().requires_grad_(True)
-        energy = model.readout(x_last, z, batch_vec, num_graphs)
-        (g,) = torch.autograd.grad(energy.sum(), x_last, create_graph=training)
-
-        # backward, stage by stage and chunk by chunk: g_k = sum_c VJP_c, e = cat_c e_c
-        total = [[None] * len(chunks) for _ in feats]  # [feature][chunk]
-        for k in range(len(model.blocks) - 1, -2, -1):
-            stage = model.blocks[k] if k >= 0 else None
-            x_in = xs[k] if k >= 0 else dummy
-            g_next = None
-            for c, (n0, n1, _, _) in enumerate(chunks):
-                vjp = _BlockVJP(stage_fn(stage, c), names, params, wrt_x=stage is not None)
-                g_c = g if whole else g[n0:n1]
-                if training:
-                    outs = _RecomputedVJP.apply(vjp, rngs[k + 1], device, 2 + len(feats),
-                                                x_in if vjp.wrt_x else x_in.detach(), g_c, *chunk_feats[c], *params)
-                else:
-                    with _rng_restored(rngs[k + 1], device):
-                        x_leaf = x_in.detach().requires_grad_(vjp.wrt_x)
-                        outs = vjp(False, x_leaf, g_c.detach(), *[f.detach().requires_grad_(True) for f in chunk_feats[c]])
-                    outs = [o.detach() for o in outs]
-                if vjp.wrt_x:
-                    g_next = outs[0] if g_next is None else g_next + outs[0]
-                    outs = outs[1:]
-                for i, e in enumerate(outs):
-                    total[i][c] = e if total[i][c] is None else total[i][c] + e
-            g = g_next
-        total = [parts[0] if whole else torch.cat(parts, 0) for parts in total]
-
-        # dE/dpos through the edge features
-        (grad,) = torch.autograd.grad(feats, pos, total, create_graph=training)
+        energy, grad = blockwise_sweep(
+            model, stage, edges, pos, pos.new_zeros(num_nodes, 1),
+            lambda x: model.readout(x, z, batch_vec, num_graphs), training,
+            chunks=edge_chunks(edge_index, num_nodes, getattr(model, "edge_chunk_size", None)),
+        )
     forces = -grad
     if not training:
         energy, forces = energy.detach(), forces.detach()
     return {"energy": energy, "forces": forces}
 
 
-__all__ = ["STRATEGY_OF_CHECKPOINTING", "configure_model", "edge_chunks", "checkpointed_blocks", "blockwise_forces"]
+__all__ = ["STRATEGY_OF_CHECKPOINTING", "configure_model", "edge_chunks", "checkpointed_blocks", "blockwise_forces",
+           "blockwise_sweep", "node_attr_once"]

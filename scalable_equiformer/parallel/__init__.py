@@ -43,8 +43,11 @@ Notes for integration:
     ZeRO-3's per-module hooks gather what each stage uses.
   * Dropout / drop-path draw their masks per rank: a partitioned step then differs from the
     single-process one (a warning says so); the equality tests run with them off.
-  * Force strategy: plain autograd (``torch.autograd.grad`` of the all-reduced energy);
-    ``PartitionedModel(checkpoint_blocks=True)`` recomputes each block in the backward.
+  * Force strategy: the model's (``memory.checkpointing``): plain autograd
+    (``torch.autograd.grad`` of the all-reduced energy), ``blocks`` (each block recomputed in
+    the backward), or ``forces`` (the force-aware block-wise recomputation of
+    ``nn/force_checkpoint.py`` over partitioned stages that begin with the halo exchange).
+    ``memory.edge_chunk_size`` is single-process only.
   * Batches of several molecules are partitioned molecule by molecule (each molecule cut into
     P pieces, part p owning every p-th piece), so every rank works on every molecule.
 """

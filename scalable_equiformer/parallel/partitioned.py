@@ -9,7 +9,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from ..nn.force_checkpoint import checkpointed_call
+from ..errors import ConfigError
+from ..nn.force_checkpoint import blockwise_sweep, checkpointed_call, edge_chunks, node_attr_once
 from .halo import halo_exchange, sum_replicated
 from .partition import GraphPartition, LocalPart, partition_graph
 
@@ -86,10 +87,19 @@ class PartitionedModel(torch.nn.Module):
     rank: see :func:`allreduce_gradients` and :func:`gradient_scale`.
 
     Every rank of the group must call ``forward`` with the same batch (``check_inputs`` verifies
-    it with one small all-reduce). ``checkpoint_blocks`` recomputes each block in the backward
-    (non-reentrant checkpoint of the block only; the halo exchange is not repeated); by default
-    it follows ``model.force_strategy`` (``memory.checkpointing``: ``blocks``, and for now also
-    ``forces``, whose block-wise recomputation is not partitioned yet).
+    it with one small all-reduce).
+
+    Force strategy: by default ``model.force_strategy`` (``memory.checkpointing``) at
+    construction. ``autograd``: ``autograd.grad`` of the all-reduced energy. ``blocks``: the same
+    with each block in a non-reentrant checkpoint (the block only; the halo exchange is not
+    repeated). ``forces``: the force-aware recomputation of ``nn/force_checkpoint.py``
+    (:func:`~scalable_equiformer.nn.force_checkpoint.blockwise_sweep`) over the partitioned
+    stages ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``; each stage's checkpoint and
+    recomputed VJP repeat its halo exchange (forward and backward), on every rank alike.
+    ``memory.edge_chunk_size`` is not partitioned: with P > 1 it is a :class:`ConfigError` (at
+    construction, and at the call if it was set later); with P = 1 it chunks as in one process.
+    Passing ``checkpoint_blocks`` (True / False) overrides the model's strategy: plain autograd
+    with or without per-block checkpointing.
     After each call, ``last_partition`` holds the :class:`GraphPartition` and
     ``last_partition_seconds`` the time spent building it (graph excluded).
     """
@@ -99,15 +109,14 @@ class PartitionedModel(torch.nn.Module):
         self.model = model
         self.group = group
         self.check_inputs = check_inputs
+        #: force-aware recomputation (memory.checkpointing=forces) instead of plain autograd
+        self.force_aware = False
         if checkpoint_blocks is None:  # follow the model's force strategy (memory.checkpointing)
             strategy = getattr(model, "force_strategy", "autograd")
-            checkpoint_blocks = strategy in ("blocks", "forces")
-            if strategy == "forces":
-                warnings.warn(
-                    "PartitionedModel: the block-wise force recomputation (memory.checkpointing="
-                    "forces) is not partitioned yet; using per-block checkpointing (same numbers, "
-                    "more memory)", stacklevel=2,
-                )
+            checkpoint_blocks = strategy in ("blocks", "forces")  # energy-only calls: per block
+            self.force_aware = strategy == "forces"
+        if self.force_aware:
+            self._edge_chunk_size(self.num_parts)
         self.checkpoint_blocks = bool(checkpoint_blocks)
         self.last_partition: GraphPartition | None = None
         self.last_partition_seconds = 0.0
@@ -135,16 +144,55 @@ class PartitionedModel(torch.nn.Module):
         """This rank's share of the energy per graph [num_graphs] (float64): the stages on the
         local nodes, with a halo exchange before each block."""
         model, group = self.model, self.group
-        nodes, n_own = part.nodes, part.num_owned
-        pos_l = pos.index_select(0, nodes)  # [n_local, 3]; grads flow back to all of pos
-        z_l, b_l = z.index_select(0, nodes), batch_vec.index_select(0, nodes)
-        edge_index = part.edge_index  # [2, E_p], local numbering: only edges into owned atoms
-        edges = model.edge_features(pos_l, edge_index)
-        x = model.embed(z_l, edges, pos_l.shape[0])  # halo rows incomplete: replaced below
+        n_own = part.num_owned
+        z_l, b_l, edges = self._local_inputs(pos, z, batch_vec, part)
+        x = model.embed(z_l, edges, z_l.shape[0])  # halo rows incomplete: replaced below
         node_attr = model.node_attr(x)
         for block in model.blocks:
             x = self._block(block, halo_exchange(x[:n_own], part, group), node_attr, edges, b_l)  # [n_local, irreps.dim]
         return model.readout(x[:n_own], z_l[:n_own], b_l[:n_own], num_graphs)
+
+    def _edge_chunk_size(self, num_parts: int):
+        """``model.edge_chunk_size``; a :class:`ConfigError` with P > 1 (each rank would cut its
+        own number of chunks, and the halo exchanges in them would no longer pair up)."""
+        chunk = getattr(self.model, "edge_chunk_size", None)
+        if chunk is not None and num_parts > 1:
+            raise ConfigError(
+                f"memory.edge_chunk_size ({chunk}) is not supported with graph partitions "
+                f"(parallel.graph_partitions={num_parts}): unset it; the partitions divide the edges"
+            )
+        return chunk
+
+    def _local_inputs(self, pos, z, batch_vec, part: LocalPart):
+        """Atomic numbers and molecule of the local nodes (owned, then halo) [n_local], and the
+        features of this part's edges (local numbering: only edges into owned atoms)."""
+        nodes = part.nodes
+        pos_l = pos.index_select(0, nodes)  # [n_local, 3]; grads flow back to all of pos
+        z_l, b_l = z.index_select(0, nodes), batch_vec.index_select(0, nodes)
+        return z_l, b_l, self.model.edge_features(pos_l, part.edge_index)  # [2, E_p] edges
+
+    def force_aware_step(self, pos, z, batch_vec, num_graphs, part: LocalPart, training: bool):
+        """``(energy [num_graphs] replicated, this rank's dE/dpos [N, 3])`` by the force-aware
+        recomputation: the single-process sweep over stages ``x_owned [n_own, d] -> rows
+        [n_own, d]`` that start with the halo exchange (embedding: the owned rows of ``embed``)."""
+        model, group = self.model, self.group
+        n_own = part.num_owned
+        z_l, b_l, edges = self._local_inputs(pos, z, batch_vec, part)
+        attr = node_attr_once(model)
+
+        def stage(s, x, e):
+            if s == 0:
+                return model.embed(z_l, e, z_l.shape[0])[:n_own]
+            x_l = halo_exchange(x, part, group)  # [n_local, d]: every rank, every call
+            return model.blocks[s - 1](x_l, attr(x_l), e, b_l)[:n_own]
+
+        chunk = self._edge_chunk_size(part.num_parts)  # P = 1: local numbering = global
+        energy, grad = blockwise_sweep(
+            model, stage, edges, pos, pos.new_zeros(n_own, 1),
+            lambda x: model.readout(x, z_l[:n_own], b_l[:n_own], num_graphs), training,
+            chunks=edge_chunks(part.edge_index, n_own, chunk),
+        )
+        return sum_replicated(energy, group), grad
 
     def _block(self, block, x, node_attr, edges, b_l):
         if self.checkpoint_blocks and torch.is_grad_enabled():
@@ -164,10 +212,13 @@ class PartitionedModel(torch.nn.Module):
         with torch.enable_grad() if compute_forces else contextlib.nullcontext():
             if compute_forces and not pos.requires_grad:
                 pos = pos.detach().requires_grad_(True)
-            energy = sum_replicated(self.local_energy(pos, z, batch_vec, num_graphs, part), group)
-            if not compute_forces:
-                return {"energy": energy}
-            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+            if compute_forces and self.force_aware:
+                energy, grad = self.force_aware_step(pos, z, batch_vec, num_graphs, part, training)
+            else:
+                energy = sum_replicated(self.local_energy(pos, z, batch_vec, num_graphs, part), group)
+                if not compute_forces:
+                    return {"energy": energy}
+                (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
             forces = -sum_replicated(grad, group)  # each rank's grad covers its own edges
         if not training:
             energy, forces = energy.detach(), forces.detach()
