@@ -4,6 +4,7 @@
     python tools/bench_model.py                       # paper-size Lmax-2 model, shipped aspirin + AT-AT
     python tools/bench_model.py --tiny --repeats 3    # a tiny model (smoke test)
     python tools/bench_model.py --data a.npz --batch-size 8 --json out.json
+    python tools/bench_model.py --tp compare          # hand-written vs e3nn depth-wise TP, alternated
 
 Modes (each: one warm-up, then ``--repeats`` timed runs; the median is reported):
   forward        eval, energy only, under no_grad
@@ -14,6 +15,13 @@ Peak memory per mode: CUDA ``max_memory_allocated`` on a GPU; on the CPU the pro
 high-water mark (VmHWM, reset before each mode through /proc/self/clear_refs where the kernel
 allows, else the lifetime ``ru_maxrss``), reported as the peak and its growth over the RSS at the
 start of the mode. Times in seconds, memory in bytes (MiB in the table).
+
+``--tp fast|e3nn`` picks the depth-wise tensor product implementation (default: the library's
+default). ``--tp compare`` times both on the same model and batch, alternating them run by run
+(order flipped every round) so that drift on a shared machine hits both alike, and reports the
+ratio fast/e3nn of the medians. Its memory figures come from one run of each implementation after
+both warm-ups, so freed-but-kept allocator memory blurs them on the CPU: compare peaks with two
+separate processes (``--tp fast`` and ``--tp e3nn``).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from scalable_equiformer.config import ModelConfig  # noqa: E402
 from scalable_equiformer.data.dataset import load_dataset  # noqa: E402
 from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
+from scalable_equiformer.nn import tensor_product  # noqa: E402
+from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
 from scalable_equiformer.profiling.profiler import ProfileError, read_proc_status, reset_peak_rss  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "xtb"
@@ -100,7 +110,13 @@ def _make_batch(ds, batch_size: int, device: torch.device) -> Batch:
     return Batch.from_data_list(frames).to(device)
 
 
-def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimizer) -> dict:
+def set_tp_implementation(model, implementation: str) -> None:
+    for m in model.modules():
+        if isinstance(m, DepthwiseTensorProduct):
+            m.implementation = implementation
+
+
+def make_step(model, batch, mode: str, optimizer):
     def step():
         if mode == "forward":
             model.eval()
@@ -119,6 +135,11 @@ def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimi
             loss.backward()
             optimizer.step()
 
+    return step
+
+
+def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimizer) -> dict:
+    step = make_step(model, batch, mode, optimizer)
     meter = MemoryMeter(device)
     meter.start()
     step()  # warm-up (also part of the peak: same work)
@@ -132,6 +153,42 @@ def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimi
     mem = meter.stop()
     optimizer.zero_grad(set_to_none=True)
     return {"median_s": statistics.median(times), "times_s": times, **mem}
+
+
+def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device, optimizer, impls=("e3nn", "fast")) -> dict:
+    """Both TP implementations on the same model: warm-ups, one measured run each, then ``repeats``
+    rounds of one timed run per implementation, the order flipped every round."""
+    step = make_step(model, batch, mode, optimizer)
+    res = {impl: {"times_s": [], "cpu_times_s": []} for impl in impls}
+    for impl in impls:
+        set_tp_implementation(model, impl)
+        step()
+        _sync(device)
+    for impl in impls:
+        set_tp_implementation(model, impl)
+        meter = MemoryMeter(device)
+        meter.start()
+        step()
+        _sync(device)
+        res[impl].update(meter.stop())
+    for r in range(repeats):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            set_tp_implementation(model, impl)
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            _sync(device)
+            res[impl]["times_s"].append(time.perf_counter() - t0)
+            res[impl]["cpu_times_s"].append(time.process_time() - c0)  # CPU time: less hit by other processes
+    optimizer.zero_grad(set_to_none=True)
+    for impl in impls:
+        res[impl]["median_s"] = statistics.median(res[impl]["times_s"])
+        res[impl]["median_cpu_s"] = statistics.median(res[impl]["cpu_times_s"])
+    a, b = impls
+    res[f"ratio_{b}_over_{a}"] = res[b]["median_s"] / res[a]["median_s"]
+    res[f"cpu_ratio_{b}_over_{a}"] = res[b]["median_cpu_s"] / res[a]["median_cpu_s"]
+    # per-round ratios (each from two adjacent runs): less sensitive to slow drifts than the medians
+    res[f"round_ratios_{b}_over_{a}"] = [tb / ta for ta, tb in zip(res[a]["times_s"], res[b]["times_s"])]
+    return res
 
 
 def main(argv=None) -> int:
@@ -148,6 +205,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--tp", choices=("default", "fast", "e3nn", "compare"), default="default",
+        help="depth-wise tensor product: the library default, hand-written, e3nn's, or both alternated (default: default)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,6 +223,8 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
+        "tp": args.tp,
+        "tp_default": tensor_product.DEPTHWISE_TP_IMPLEMENTATION,
         "units": {"time": "s", "memory": "bytes"},
         "datasets": [],
     }
@@ -176,6 +239,8 @@ def main(argv=None) -> int:
             cfg = ModelConfig(**kw)
             model = build_model(cfg, stats=stats).to(device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            if args.tp in ("fast", "e3nn"):
+                set_tp_implementation(model, args.tp)
             batch = _make_batch(ds, args.batch_size, device)
             edges = int(model.build_graph(batch.pos.to(model.dtype), batch.batch).shape[1])
             entry = {
@@ -190,6 +255,24 @@ def main(argv=None) -> int:
                 "modes": {},
             }
             for mode in args.modes:
+                if args.tp == "compare":
+                    entry["modes"][mode] = r = run_mode_compare(model, batch, mode, args.repeats, device, optimizer)
+                    for impl in ("e3nn", "fast"):
+                        print(
+                            f"{path.name:28s} {mode:11s} {impl:5s} atoms {entry['atoms']:5d} edges {edges:6d}  median "
+                            f"{r[impl]['median_s'] * 1e3:9.1f} ms (CPU {r[impl]['median_cpu_s'] * 1e3:9.1f} ms)  "
+                            f"peak {r[impl]['peak_bytes'] / 2**20:8.1f} MiB  "
+                            f"(+{r[impl]['peak_growth_bytes'] / 2**20:7.1f} MiB)",
+                            flush=True,
+                        )
+                    rr = r["round_ratios_fast_over_e3nn"]
+                    print(
+                        f"{path.name:28s} {mode:11s} fast/e3nn: ratio of medians {r['ratio_fast_over_e3nn']:.3f} "
+                        f"(CPU time {r['cpu_ratio_fast_over_e3nn']:.3f}), "
+                        f"median round ratio {statistics.median(rr):.3f} (min {min(rr):.3f}, max {max(rr):.3f})",
+                        flush=True,
+                    )
+                    continue
                 entry["modes"][mode] = run_mode(model, batch, mode, args.repeats, device, optimizer)
                 r = entry["modes"][mode]
                 print(

@@ -88,6 +88,38 @@ class EquivariantLinear(torch.nn.Module):
         return f"{self.irreps_in} -> {self.irreps_out}, weights={self.weight_numel}, bias={self.bias is not None}"
 
 
+class _CatBlocks(torch.autograd.Function):
+    """``torch.cat([b.reshape(E, -1) for b in blocks], 1)`` whose backward is one ``split`` (+ reshapes).
+
+    ``torch.cat``'s backward narrows the gradient once per block; under ``create_graph`` those
+    narrows are recorded, and the next backward (``loss.backward()`` after forces) turns each into a
+    full-size zero tensor plus a copy plus a full-size accumulation. A ``split``'s backward is one
+    ``cat``, so this is differentiable any number of times with no zero-filling.
+    """
+
+    @staticmethod
+    def forward(ctx, *blocks: torch.Tensor) -> torch.Tensor:
+        n = blocks[0].shape[0]
+        ctx.shapes = [b.shape for b in blocks]
+        ctx.sizes = [math.prod(b.shape[1:]) for b in blocks]
+        dtype = blocks[0].dtype
+        for b in blocks[1:]:
+            dtype = torch.promote_types(dtype, b.dtype)
+        out = blocks[0].new_empty(n, sum(ctx.sizes), dtype=dtype)
+        for b, part in zip(blocks, out.split(ctx.sizes, dim=1)):
+            part.view(b.shape).copy_(b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return tuple(g.reshape(shape) for g, shape in zip(grad.split(ctx.sizes, dim=1), ctx.shapes))
+
+
+# Default implementation of DepthwiseTensorProduct: "fast" (hand-written) or "e3nn" (the reference).
+DEPTHWISE_TP_IMPLEMENTATION = "fast"
+_IMPLEMENTATIONS = ("fast", "e3nn")
+
+
 class DepthwiseTensorProduct(torch.nn.Module):
     """Depth-wise (``'uvu'``) tensor product of node features with edge spherical harmonics.
 
@@ -96,9 +128,25 @@ class DepthwiseTensorProduct(torch.nn.Module):
     rescale factor is 1). Outputs are sorted even-first; ``irreps_out`` is that sorted, unsimplified
     list (its layout equals ``irreps_out.simplify()``). Weights are per edge (``weight`` argument,
     [E, weight_numel]) or internal and shared (``internal_weights=True``, init ``randn``).
+
+    Two implementations of the same function (``implementation``; default
+    ``DEPTHWISE_TP_IMPLEMENTATION``, switchable later through the ``implementation`` attribute):
+
+    * ``"e3nn"``: e3nn's generated ``o3.TensorProduct`` (``self.tp``), the reference.
+    * ``"fast"``: hand-written, the same function with few large ops. One matmul gives, for every
+      input block i (mul u, dim d1) and all its paths side by side, ``t[e, a, K] = sum_b sh[e, b]
+      C_i[b, a, K]`` (``C`` = e3nn's Wigner-3j times e3nn's ``ins.path_weight``); then
+      ``y[e, u, K] = x_i[e, u, :] @ t[e]`` (one batched matmul per block; for scalar inputs, per path
+      the outer product of ``x_i * w``) times the per-path weights ``w[e, u]``, and one concatenation
+      into the output layout. Only ``split``/``reshape`` and a concatenation whose backward is a
+      ``split`` (:class:`_CatBlocks`): no narrow/index-assign, so no full-size zero tensors in the
+      first or second derivative.
+
+    ``self.tp`` is kept in both cases: it owns the internal weight (``tp.weight``) and the buffers,
+    so the state_dict and parameter count are those of the e3nn version and checkpoints load either way.
     """
 
-    def __init__(self, irreps_in, irreps_edge, irreps_filter, internal_weights: bool = False) -> None:
+    def __init__(self, irreps_in, irreps_edge, irreps_filter, internal_weights: bool = False, implementation: str | None = None) -> None:
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_edge = o3.Irreps(irreps_edge)
@@ -126,13 +174,99 @@ class DepthwiseTensorProduct(torch.nn.Module):
             shared_weights=internal_weights,
         )
         self.weight_numel = self.tp.weight_numel
+        self._build_fast_plan()
+        self.implementation = DEPTHWISE_TP_IMPLEMENTATION if implementation is None else implementation
+
+    @property
+    def implementation(self) -> str:
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        if value not in _IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {value!r}")
+        if value == "fast" and not self._fast_ok:
+            value = "e3nn"
+        self._implementation = value
+
+    def _build_fast_plan(self) -> None:
+        """Constants and layout of the hand-written version, from ``self.tp.instructions``."""
+        irreps_in, irreps_edge, irreps_out = self.irreps_in, self.irreps_edge, self.irreps_out
+        edge_offsets = [s.start for s in irreps_edge.slices()]
+        ins_list = self.tp.instructions
+        # the hand-written version covers this module's instructions: 'uvu', weighted, 1x edge irreps,
+        # one instruction per output block, every block of every irreps non-empty
+        self._fast_ok = (
+            all(mul == 1 for mul, _ in irreps_edge)
+            and all(mul > 0 for mul, _ in irreps_in)
+            and all(ins.connection_mode == "uvu" and ins.has_weight for ins in ins_list)
+            and sorted(ins.i_out for ins in ins_list) == list(range(len(irreps_out)))
+        )
+        if not self._fast_ok:
+            return
+        self._in_sizes = [mul * ir.dim for mul, ir in irreps_in]
+        self._w_sizes = [math.prod(ins.path_shape) for ins in ins_list]  # e3nn's flat weight layout: instruction order
+        self._blocks = []  # per input block with paths: (i, u, d1, Ktot, [path sizes], [instruction indices])
+        cols = []
+        for i, (mul, ir_in) in enumerate(irreps_in):
+            paths = [k for k, ins in enumerate(ins_list) if ins.i_in1 == i]
+            if not paths:
+                continue
+            sizes = [irreps_out[ins_list[k].i_out].ir.dim for k in paths]
+            ktot = sum(sizes)
+            # C_i[b, a, K]: sh component b, input component a, output column K (paths side by side)
+            c = torch.zeros(irreps_edge.dim, ir_in.dim, ktot, dtype=torch.float64)
+            col = 0
+            for k, size in zip(paths, sizes):
+                ins = ins_list[k]
+                l1, l2, l3 = ir_in.l, irreps_edge[ins.i_in2].ir.l, irreps_out[ins.i_out].ir.l
+                w3j = o3.wigner_3j(l1, l2, l3, dtype=torch.float64)  # [a, b, K], as e3nn's codegen
+                b0 = edge_offsets[ins.i_in2]
+                c[b0 : b0 + 2 * l2 + 1, :, col : col + size] = ins.path_weight * w3j.transpose(0, 1)
+                col += size
+            cols.append(c.reshape(irreps_edge.dim, ir_in.dim * ktot))
+            self._blocks.append((i, mul, ir_in.dim, ktot, sizes, paths))
+        self._t_sizes = [c.shape[1] for c in cols]
+        # float64 constant, cast to the input dtype at use; not persistent: the state_dict stays e3nn's
+        self.register_buffer("_cg", torch.cat(cols, dim=1), persistent=False)
+        self._out_order = sorted(
+            ((ins_list[k].i_out, n, m) for n, (_, _, _, _, _, paths) in enumerate(self._blocks) for m, k in enumerate(paths))
+        )
 
     def forward(self, x: torch.Tensor, edge_sh: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         # x: [E, irreps_in.dim], edge_sh: [E, irreps_edge.dim], weight: [E, weight_numel] -> [E, irreps_out.dim]
-        return self.tp(x, edge_sh, weight)
+        if self._implementation == "e3nn":
+            return self.tp(x, edge_sh, weight)
+        return self._forward_fast(x, edge_sh, weight)
+
+    def _forward_fast(self, x: torch.Tensor, edge_sh: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if self.internal_weights:
+            weight = self.tp.weight  # [weight_numel], shared by all edges
+        elif weight is None:
+            raise ValueError("DepthwiseTensorProduct without internal weights needs per-edge weights")
+        n = x.shape[0]  # x, edge_sh and (per-edge) weight share the leading dim E
+        # [E, sum_i d1_i * Ktot_i]: the harmonics contracted with every block's Clebsch-Gordan constants
+        t_all = edge_sh @ self._cg.to(dtype=edge_sh.dtype)
+        t_all = t_all.split(self._t_sizes, dim=1) if len(self._t_sizes) > 1 else (t_all,)
+        xs = x.split(self._in_sizes, dim=1) if len(self._in_sizes) > 1 else (x,)
+        ws = weight.split(self._w_sizes, dim=-1) if len(self._w_sizes) > 1 else (weight,)
+        ys = []  # per input block, per path: [E, u, 2 l_out + 1]; weights ws[k]: [E, u] (or [u] if shared)
+        for (i, mul, d1, ktot, sizes, paths), t in zip(self._blocks, t_all):
+            if d1 == 1:  # scalar inputs: per path an outer product of the weighted input with t
+                tp = t.split(sizes, dim=1) if len(sizes) > 1 else (t,)
+                ys.append([(xs[i] * ws[k]).unsqueeze(2) * tk.unsqueeze(1) for tk, k in zip(tp, paths)])
+            else:  # one batched matmul for all paths of the block, then the weights
+                y = xs[i].reshape(n, mul, d1) @ t.reshape(n, d1, ktot)  # [E, u, Ktot]
+                parts = y.split(sizes, dim=2) if len(sizes) > 1 else (y,)
+                ys.append([yk * ws[k].unsqueeze(-1) for yk, k in zip(parts, paths)])
+        out = [ys[blk][m] for _, blk, m in self._out_order]
+        return _CatBlocks.apply(*out) if len(out) > 1 else out[0].reshape(n, -1)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps_in} x {self.irreps_edge} -> {self.irreps_out.simplify()}, weights={self.weight_numel}"
+        return (
+            f"{self.irreps_in} x {self.irreps_edge} -> {self.irreps_out.simplify()}, weights={self.weight_numel}, "
+            f"implementation={self._implementation!r}"
+        )
 
 
 class SeparableFCTP(torch.nn.Module):
