@@ -327,7 +327,8 @@ def run(args) -> int:
         else:
             print("use: " + " ".join(f"--set {o}" for o in pl.overrides()))
             if gpus > 1:
-                print(f"launch: deepspeed --num_gpus {gpus} train.py --config {config_name} "
+                cfg_arg = f"--config {args.config} " if args.config else ""
+                print(f"launch: deepspeed --num_gpus {gpus} train.py {cfg_arg}"
                       + " ".join(f"--set {o}" for o in pl.overrides()))
         plan_out = {"budget_bytes": budget, "usable_bytes": pl.usable_bytes, "gpus": gpus,
                     "best": pl.best.as_dict() if pl.best else None, "overrides": pl.overrides(),
