@@ -21,10 +21,11 @@ from typing import Callable, Iterable, Optional
 from ..errors import UserError
 from .estimate import Levers
 
-#: step time of each checkpointing mode relative to none (CPU, Lmax 2; benchmarks/memory.md)
-CHECKPOINT_TIME = {"none": 1.0, "blocks": 1.22, "forces": 1.75}
+#: step time of each checkpointing mode relative to none (CPU, Lmax 2, hand-written tensor
+#: product; benchmarks/memory.md: blocks 1.31-1.35, forces 1.9-2.2 at 21-180 atoms)
+CHECKPOINT_TIME = {"none": 1.0, "blocks": 1.33, "forces": 2.05}
 #: step time of each precision relative to fp32 (cuda: tensor cores, assumed, not measured here;
-#: cpu bf16: measured 0.98 on aspirin; cpu fp16: assumed)
+#: cpu bf16: measured 0.92-1.12; cpu fp16: assumed)
 PRECISION_TIME = {"cuda": {"fp32": 1.0, "bf16": 0.75, "fp16": 0.75}, "cpu": {"fp32": 1.0, "bf16": 1.0, "fp16": 1.5}}
 #: cost of each extra micro-batch (kernel launches, smaller matrices) relative to one
 MICRO_OVERHEAD = {"cuda": 0.05, "cpu": 0.01}
