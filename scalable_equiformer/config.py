@@ -165,7 +165,7 @@ class MemoryConfig:
 
     checkpointing: str = "none"  # none | blocks (per-block activation checkpointing) | forces (block-wise force recomputation)
     micro_batch_size: Optional[int] = None  # molecules per forward; gradients accumulate to train.batch_size; None = whole batch
-    edge_chunk_size: Optional[int] = None  # edges per attention chunk; None = all at once
+    edge_chunk_size: Optional[int] = None  # with checkpointing=forces: receiving atoms in chunks of at most this many incoming edges; None = all at once
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with loss scaling); norms, energy sums and forces stay fp32
 
     def validate(self, check):
@@ -257,6 +257,16 @@ class Config:
         if self.memory.micro_batch_size is not None and self.memory.micro_batch_size > self.train.batch_size:
             raise ConfigError(f"{self.sources.get('memory.micro_batch_size', origin)}: memory.micro_batch_size "
                               f"({self.memory.micro_batch_size}) is larger than train.batch_size ({self.train.batch_size})")
+        chunk = self.memory.edge_chunk_size
+        if chunk is not None:
+            where = self.sources.get("memory.edge_chunk_size", origin)
+            if self.memory.checkpointing != "forces":
+                raise ConfigError(f"{where}: memory.edge_chunk_size ({chunk}) needs memory.checkpointing=forces (under "
+                                  f"{self.memory.checkpointing!r} every chunk's graph is kept for the force loss)")
+            if self.parallel.graph_partitions > 1:
+                raise ConfigError(f"{where}: memory.edge_chunk_size ({chunk}) is single-process only, not with "
+                                  f"parallel.graph_partitions={self.parallel.graph_partitions}: unset it (the "
+                                  "partitions divide the edges)")
 
 
 def _field_comments(cls) -> dict:

@@ -175,7 +175,13 @@ def test_configure_model_maps_config_and_rejects_chunks_without_forces():
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=none"])
     fc.configure_model(model, cfg.memory)
     assert model.force_strategy == "autograd" and model.edge_chunk_size is None
-    cfg = load_config(None, ["data.name=x", "memory.checkpointing=blocks", "memory.edge_chunk_size=100"])
+    with pytest.raises(ConfigError, match=r"--set.*edge_chunk_size \(100\) needs memory.checkpointing=forces"):
+        load_config(None, ["data.name=x", "memory.checkpointing=blocks", "memory.edge_chunk_size=100"])
+    with pytest.raises(ConfigError, match="edge_chunk_size.*single-process only"):
+        load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100",
+                           "parallel.graph_partitions=2"])
+    cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100"])
+    cfg.memory.checkpointing = "blocks"  # set after loading: configure_model still refuses it
     with pytest.raises(ConfigError, match="edge_chunk_size"):
         fc.configure_model(model, cfg.memory)
 
