@@ -7,9 +7,12 @@ Strategies (``strategy`` argument, else ``model.force_strategy``):
   * ``"autograd"`` — the plain path and the oracle: run the stages, then
     ``torch.autograd.grad(E.sum(), pos, create_graph=training)``. In training the graph is kept
     for ``loss.backward()``; at evaluation nothing is kept (energy and forces are detached).
-  * (to be added here) ``"blockwise"`` — block-by-block recomputation with explicit VJPs
-    (``../shared/DESIGN.md``, "Memory levers"); register it in ``_STRATEGIES`` with the same
-    signature and result as ``_autograd``.
+  * ``"blocks"`` — the same with every block in a non-reentrant checkpoint
+    (``memory.checkpointing=blocks``).
+  * ``"forces"`` — force-aware block-by-block recomputation with explicit VJPs
+    (``memory.checkpointing=forces``; ``nn/force_checkpoint.py``).
+
+A new strategy goes into ``_STRATEGIES`` with the signature and result of ``_autograd``.
 """
 
 from __future__ import annotations
