@@ -18,6 +18,9 @@ stream1() {
       --levers checkpointing=forces,micro_batch_size=1 --json benchmarks/memory_atat_b4.json
   # AT-AT, one molecule per step: every lever set, graph partitions included (P ranks, gloo)
   $MP --data $XTB/AT-AT_xtb_500K.npz --batch-size 1 --compare $PARTS --json benchmarks/memory_atat_b1.json
+  # AT-AT, force-aware checkpointing with the last k blocks kept (not recomputed)
+  $MP --data $XTB/AT-AT_xtb_500K.npz --batch-size 1 --levers none --levers checkpointing=forces --levers keep_blocks=1 \
+      --levers keep_blocks=2 --levers keep_blocks=3 --levers keep_blocks=4 --json benchmarks/memory_keep_atat_b1.json
 }
 
 stream2() {

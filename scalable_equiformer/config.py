@@ -167,6 +167,7 @@ class MemoryConfig:
     micro_batch_size: Optional[int] = None  # molecules per forward; gradients accumulate to train.batch_size; None = whole batch
     edge_chunk_size: Optional[int] = None  # with checkpointing=forces: receiving atoms in chunks of at most this many incoming edges; None = all at once
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with loss scaling); norms, energy sums and forces stay fp32
+    keep_blocks: int = 0  # with checkpointing=forces: the last N blocks keep their graphs (not recomputed): faster, more memory
 
     def validate(self, check):
         check(self.checkpointing in ("none", "blocks", "forces"), "checkpointing",
@@ -174,6 +175,7 @@ class MemoryConfig:
         check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1 or null")
         check(self.edge_chunk_size is None or self.edge_chunk_size >= 1, "edge_chunk_size", "must be >= 1 or null")
         check(self.precision in ("fp32", "bf16", "fp16"), "precision", f"must be fp32, bf16 or fp16, not {self.precision!r}")
+        check(self.keep_blocks >= 0, "keep_blocks", "must be >= 0")
 
 
 @dataclass
@@ -257,6 +259,14 @@ class Config:
         if self.memory.micro_batch_size is not None and self.memory.micro_batch_size > self.train.batch_size:
             raise ConfigError(f"{self.sources.get('memory.micro_batch_size', origin)}: memory.micro_batch_size "
                               f"({self.memory.micro_batch_size}) is larger than train.batch_size ({self.train.batch_size})")
+        keep = self.memory.keep_blocks
+        if keep:
+            where = self.sources.get("memory.keep_blocks", origin)
+            if self.memory.checkpointing != "forces":
+                raise ConfigError(f"{where}: memory.keep_blocks ({keep}) needs memory.checkpointing=forces (it is the "
+                                  f"number of blocks that force-aware checkpointing does not recompute)")
+            if keep > self.model.num_blocks:
+                raise ConfigError(f"{where}: memory.keep_blocks ({keep}) is more than model.num_blocks ({self.model.num_blocks})")
         chunk = self.memory.edge_chunk_size
         if chunk is not None:
             where = self.sources.get("memory.edge_chunk_size", origin)

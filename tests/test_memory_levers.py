@@ -48,10 +48,10 @@ def _batch(dtype=torch.float64, atoms=14):
     return batch
 
 
-def _step(model, batch, strategy, chunk=None, seed=5, training=True):
+def _step(model, batch, strategy, chunk=None, seed=5, training=True, keep=0):
     """Energies, forces and parameter gradients of a loss with energies and forces."""
     model.zero_grad(set_to_none=True)
-    model.edge_chunk_size = chunk
+    model.edge_chunk_size, model.keep_blocks = chunk, keep
     torch.manual_seed(seed)
     out = energy_and_forces(model, batch, training=training, strategy=strategy)
     if not training:
@@ -73,25 +73,38 @@ def _assert_same(a, b, tol=1e-10, what=""):
         assert err <= tol * scale, f"{what}: gradient of {name} off by {err:.2e}"
 
 
-@pytest.mark.parametrize("strategy,chunk", [("blocks", None), ("forces", None), ("forces", 60)],
-                         ids=["blocks", "forces", "forces+chunks"])
-def test_lever_equals_plain_fp64(strategy, chunk):
+@pytest.mark.parametrize("strategy,chunk,keep", [("blocks", None, 0), ("forces", None, 0), ("forces", 60, 0),
+                                                 ("forces", None, 1), ("forces", 60, 1), ("forces", None, 99)],
+                         ids=["blocks", "forces", "forces+chunks", "forces+keep1", "forces+chunks+keep1",
+                              "forces+keep-all"])
+def test_lever_equals_plain_fp64(strategy, chunk, keep):
     model, batch = _model(), _batch()
     ref = _step(model, batch, "autograd")
     assert len(ref[2]) == sum(1 for p in model.parameters() if p.requires_grad)
     if chunk is not None:
         assert len(fc.edge_chunks(model.build_graph(batch.pos, batch.batch), batch.pos.shape[0], chunk)) > 3
-    _assert_same(_step(model, batch, strategy, chunk), ref, what=strategy)
+    _assert_same(_step(model, batch, strategy, chunk, keep=keep), ref, what=strategy)
 
 
-@pytest.mark.parametrize("strategy", ["blocks", "forces"])
-def test_lever_equals_plain_with_dropout_and_drop_path(strategy):
+@pytest.mark.parametrize("strategy,keep", [("blocks", 0), ("forces", 0), ("forces", 1)])
+def test_lever_equals_plain_with_dropout_and_drop_path(strategy, keep):
     """Recomputations draw the same random numbers as the first pass (and as the plain path)."""
     model = _model(extra=["model.drop_path=0.2", "model.alpha_drop=0.2", "model.proj_drop=0.1"])
     batch = _batch()
     ref = _step(model, batch, "autograd")
     assert not torch.equal(ref[1], _step(model, batch, "autograd", seed=6)[1])  # dropout is live
-    _assert_same(_step(model, batch, strategy), ref, what=strategy)
+    _assert_same(_step(model, batch, strategy, keep=keep), ref, what=strategy)
+
+
+def test_kept_blocks_are_not_recomputed():
+    """memory.keep_blocks=k: the last k blocks run once in training (their graphs are kept)."""
+    model, batch = _model(), _batch()
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    _step(model, batch, "forces", keep=1)
+    # forward, backward sweep's VJP, its recomputation in loss.backward(), the chain's recomputation
+    assert calls[:-1] == [4] * (len(model.blocks) - 1) and calls[-1] == 1
 
 
 @pytest.mark.parametrize("chunk", [None, 60])
@@ -180,6 +193,13 @@ def test_configure_model_maps_config_and_rejects_chunks_without_forces():
     with pytest.raises(ConfigError, match="edge_chunk_size.*single-process only"):
         load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100",
                            "parallel.graph_partitions=2"])
+    with pytest.raises(ConfigError, match="keep_blocks \\(2\\) needs memory.checkpointing=forces"):
+        load_config(None, ["data.name=x", "memory.keep_blocks=2"])
+    with pytest.raises(ConfigError, match="keep_blocks \\(7\\) is more than model.num_blocks \\(6\\)"):
+        load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.keep_blocks=7"])
+    cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.keep_blocks=2"])
+    fc.configure_model(model, cfg.memory)
+    assert model.keep_blocks == 2
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100"])
     cfg.memory.checkpointing = "blocks"  # set after loading: configure_model still refuses it
     with pytest.raises(ConfigError, match="edge_chunk_size"):

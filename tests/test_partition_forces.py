@@ -43,6 +43,9 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     assert pmodel.force_aware
     for system in job["systems"]:
         out[system["name"]] = C.partitioned_step(pmodel, system)
+    model.keep_blocks = 1  # memory.keep_blocks: the last block keeps its graph, with halo exchanges in it
+    out["keep1"] = C.partitioned_step(PartitionedModel(model), job["systems"][0])
+    model.keep_blocks = 0
     if job["dropout"] is not None:  # same seed per rank: forces path vs plain partitioned path
         cfg, state, system = job["dropout"]
         model = C._build(cfg, state)
@@ -126,6 +129,14 @@ def test_forces_strategy_partitioned_equals_single_process(setup, P, name):
         assert sorted(r[name]["owned"] for r in ranks) == [0, 1, 1]  # an empty part took part
     if P == 3 and name == "isolated_atom":
         assert sorted(r[name]["edges"] for r in ranks)[0] == 0 and min(r[name]["owned"] for r in ranks) == 1
+
+
+def test_forces_strategy_partitioned_with_a_kept_block_equals_single_process(setup):
+    name = "atat_batch2"
+    ranks = [{name: r["keep1"]} for r in _ranks(setup, 2)]
+    e = C.evaluate(_ref(setup, name), ranks, name, TOL)
+    assert e["ok"], e
+    _assert_each_gradient(_ref(setup, name)["grads"], ranks[0][name]["grads"])
 
 
 def test_forces_strategy_partitioned_dropout_draws_the_plain_masks(setup):

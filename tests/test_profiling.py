@@ -99,13 +99,39 @@ def test_activation_estimate_follows_the_levers():
 
 
 def test_levers_overrides_and_labels():
-    lv = est.Levers("forces", 2, None, "bf16", 4)
+    lv = est.Levers("forces", 2, None, "bf16", 4, 1)
     assert lv.overrides() == ["memory.checkpointing=forces", "memory.micro_batch_size=2",
-                              "memory.edge_chunk_size=null", "memory.precision=bf16", "parallel.graph_partitions=4"]
-    assert lv.label() == "P=4+ckpt=forces+micro=2+bf16" and est.Levers().label() == "none"
+                              "memory.edge_chunk_size=null", "memory.precision=bf16", "parallel.graph_partitions=4",
+                              "memory.keep_blocks=1"]
+    assert lv.label() == "P=4+ckpt=forces+keep=1+micro=2+bf16" and est.Levers().label() == "none"
     cfg = load_config(None, ["data.name=x", *[f"--set {o}".split()[1] for o in lv.overrides()]])
     assert est.Levers.from_config(cfg.memory, cfg.parallel) == lv
     assert est.Levers.from_config(cfg.memory).graph_partitions == 1
+
+
+def test_kept_blocks_trade_memory_for_time():
+    prof = _fake_profile()
+    cal = {"none": 1.0, "blocks": 1.0, "forces": 1.0}
+
+    def act(**kw):
+        return est.activation_bytes(prof, est.Levers(checkpointing="forces", **kw), atoms=100, edges=3000, batch=1,
+                                    calibration=cal)[0]
+
+    assert act(keep_blocks=2) - act() == int(2 * (150 * 3000 + 80 * 100))  # two whole stage graphs
+    t = lambda k: planner.relative_time(est.Levers("forces", keep_blocks=k), batch=1, edges=3000, num_blocks=6)  # noqa: E731
+    assert t(0) == planner.CHECKPOINT_TIME["forces"] > t(2) > t(5) > 1.0
+    assert t(6) == pytest.approx(1.0)  # every block kept: the plain path's cost
+    gib = 2**30
+
+    def fake(lv, per_group):  # one molecule: plain 6 GiB, forces 1 GiB + 0.8 GiB per kept block
+        if lv.checkpointing == "forces" and not lv.edge_chunk_size:
+            return int((1.0 + 0.8 * lv.keep_blocks) * gib)
+        return int({"none": 6.0, "blocks": 4.0, "forces": 0.6}[lv.checkpointing] * gib)
+
+    pl = planner.plan(fake, 3.5 * gib, batch=1, edges=3000, device="cuda", reserve=0, headroom=0.0, num_blocks=6)
+    assert pl.best.levers == est.Levers("forces", keep_blocks=3)  # 3.4 GiB: the most kept blocks that fit
+    assert "memory.keep_blocks=3" in pl.overrides()
+    assert all(c.levers.keep_blocks == 0 for c in planner.plan(fake, 3.5 * gib, batch=1, edges=3000).candidates)
 
 
 def test_partition_stats_and_per_rank_activations():
@@ -272,8 +298,8 @@ def test_command_line_json_table_plot_and_plan(tmp_path):
         for key in ("config", "atoms", "edges", "batch", "levers", "peak_bytes", "activation_bytes", "step_seconds"):
             assert key in r
         assert r["atoms"] == 24 and r["batch"] == 2
-    assert doc["runs"][1]["levers"] == {"checkpointing": "forces", "micro_batch_size": 1,
-                                        "edge_chunk_size": None, "precision": "fp32", "graph_partitions": 1}
+    assert doc["runs"][1]["levers"] == {"checkpointing": "forces", "micro_batch_size": 1, "edge_chunk_size": None,
+                                        "precision": "fp32", "graph_partitions": 1, "keep_blocks": 0}
     assert doc["plan"]["best"]["levers"]["checkpointing"] == "none"
     assert png.stat().st_size > 1000
 

@@ -14,7 +14,7 @@ optimizer step) in a fresh subprocess: on CUDA the peak is torch.cuda.max_memory
 the CPU the growth of the peak resident memory (VmHWM) over the step plus the resident model
 states. Next to it: the analytic estimate (scalable_equiformer/profiling/estimate.py) and the
 ratio measured/estimated. --levers takes none, all, config, or comma-separated lever names
-(memory.* keys: checkpointing, micro_batch_size, edge_chunk_size, precision, and
+(memory.* keys: checkpointing, micro_batch_size, edge_chunk_size, precision, keep_blocks, and
 graph_partitions = parallel.graph_partitions), each optionally =value; it can be repeated to
 compare lever sets. With graph_partitions=P the measurement runs P ranks (gloo on the CPU) on
 one molecule and reports the largest rank's peak and time: what each GPU must hold. --plan
@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scalable_equiformer.errors import ConfigError, UserError  # noqa: E402
 
 GiB = 2**30
-MEMORY_KEYS = ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision")
+MEMORY_KEYS = ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision", "keep_blocks")
 LEVER_KEYS = MEMORY_KEYS + ("graph_partitions",)
 #: the value a bare lever name turns on
 LEVER_ON = {"checkpointing": "forces", "micro_batch_size": 1, "edge_chunk_size": "auto", "precision": "bf16",
-            "graph_partitions": 2}
+            "graph_partitions": 2, "keep_blocks": 1}
 COMPARE = ["none", "checkpointing=blocks", "checkpointing=forces", "precision=bf16",
            "checkpointing=forces,precision=bf16", "micro_batch_size=1", "checkpointing=forces,micro_batch_size=1",
            "checkpointing=forces,micro_batch_size=1,edge_chunk_size=auto"]
@@ -49,14 +49,14 @@ def parse_levers(spec: str, cfg, batch: int) -> dict:
     base = {k: getattr(cfg.memory, k) for k in MEMORY_KEYS}
     base["graph_partitions"] = cfg.parallel.graph_partitions
     off = {"checkpointing": "none", "micro_batch_size": None, "edge_chunk_size": None, "precision": "fp32",
-           "graph_partitions": 1}
+           "graph_partitions": 1, "keep_blocks": 0}
     spec = spec.strip()
     if spec == "config":
         return base
     if spec == "none":
         return dict(off)
     if spec == "all":
-        spec = ",".join(LEVER_KEYS)
+        spec = "checkpointing,micro_batch_size,edge_chunk_size,precision"
     out = dict(off)
     for item in filter(None, (x.strip() for x in spec.split(","))):
         key, _, value = item.partition("=")
@@ -72,8 +72,12 @@ def parse_levers(spec: str, cfg, batch: int) -> dict:
             out[key] = _int(spec, key, value)
             if out[key] < 1:
                 raise ConfigError(f"--levers {spec!r}: graph_partitions must be >= 1")
+        elif key == "keep_blocks":
+            out[key] = _int(spec, key, value)
         else:
             out[key] = value
+    if out["keep_blocks"]:
+        out["checkpointing"] = "forces"  # the blocks that force-aware checkpointing does not recompute
     if out["edge_chunk_size"] is not None:
         if out["graph_partitions"] > 1:
             raise ConfigError(f"--levers {spec!r}: edge_chunk_size is single-process only (not with graph_partitions)")
@@ -317,7 +321,7 @@ def run(args) -> int:
 
         fractions = {p: part_stats(p).edge_fraction for p in range(2, gpus + 1) if gpus % p == 0}
         pl = planner.plan(estimator, budget, batch=batch, edges=edges_max, device="cuda", precisions=precisions,
-                          gpus=gpus, edge_fractions=fractions)
+                          gpus=gpus, edge_fractions=fractions, num_blocks=cfg.model.num_blocks)
         print(f"\nplan for {gpus} GPU(s) of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
               f"each), {n_atoms} atoms, {edges_max} edges per molecule, batch {batch}, ZeRO stage {zero_stage}:")
         for c in pl.candidates[:6]:

@@ -75,6 +75,10 @@ def configure_model(model, memory) -> None:
         raise ConfigError(f"memory.edge_chunk_size ({chunk}) needs memory.checkpointing=forces, "
                           f"not {memory.checkpointing!r}")
     model.edge_chunk_size = chunk
+    keep = int(getattr(memory, "keep_blocks", 0) or 0)
+    if keep and memory.checkpointing != "forces":
+        raise ConfigError(f"memory.keep_blocks ({keep}) needs memory.checkpointing=forces, not {memory.checkpointing!r}")
+    model.keep_blocks = keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +260,7 @@ def node_attr_once(model):
     return attr
 
 
-def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunks=None):
+def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunks=None, keep: int = 0):
     """Steps 2-5 of the force-aware strategy over a chain of stages: ``(energy, dE/dpos)``.
 
     ``stage(s, x, e) -> y``: stage ``s`` of the chain, 0 = the embedding (its ``x`` is ``x0``, a
@@ -265,6 +269,10 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
     stage's output rows. ``readout(x_L) -> energy`` (per graph). ``pos`` requires grad and
     ``edges`` were computed from it. ``chunks``: ``(n0, n1, e0, e1)`` per chunk of
     :func:`edge_chunks` (``None``: one chunk with all ``x0.shape[0]`` rows and all edges).
+    ``keep`` (``memory.keep_blocks``, training only): the last ``keep`` stages are not recomputed:
+    they run once with their graph, unchunked, and their VJP is taken with ``create_graph`` on
+    that graph, which stays alive for ``loss.backward()`` as in the plain path. Each kept stage
+    costs the memory of one stage's forward + VJP graph and saves its three recomputations.
 
     Shared by :func:`blockwise_forces` and the graph-partitioned model
     (``parallel/partitioned.py``, whose stages run a halo exchange: collectives). Every branch
@@ -310,12 +318,19 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
                         outs.append(fn(x, chunk_feats[c]))
         return outs[0] if whole else torch.cat(outs, 0)
 
-    # forward: keep each stage's input node features only
+    # forward: keep each stage's input node features only (kept stages: their whole graph)
+    first_kept = num_stages - (max(0, min(int(keep), num_stages)) if training else 0)
+    kept = {}  # stage -> (output, the aliases of the edge features it saw)
     xs, rngs, x = [], [], x0
     for s in range(num_stages):
         rngs.append(_rng_capture(device) if rngs_on else None)
         xs.append(x)
-        x = run_stage(s, x, rngs[-1])
+        if s >= first_kept:
+            aliases = [f.view_as(f) for f in feats]  # fresh: this stage's direct share only
+            x = stage(s, x, _with_fields(edges, names, aliases))
+            kept[s] = (x, aliases)
+        else:
+            x = run_stage(s, x, rngs[-1])
 
     # energy and dE/dx_L through the per-atom head
     x_last = x if training else x.detach().requires_grad_(True)
@@ -327,6 +342,18 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
     for s in range(num_stages - 1, -1, -1):
         wrt_x = s > 0
         g_next = None
+        if s in kept:  # its graph is alive: the VJP with create_graph, no recomputation
+            y, aliases = kept.pop(s)
+            wrt = ([xs[s]] if wrt_x else []) + aliases
+            outs = _zeros_for_none(torch.autograd.grad(y, wrt, g, create_graph=True, allow_unused=True), wrt)
+            if wrt_x:
+                g_next, outs = outs[0], outs[1:]
+            for i, e in enumerate(outs):
+                for c, (_, _, e0, e1) in enumerate(chunks):
+                    part = e if whole else e[e0:e1]
+                    total[i][c] = part if total[i][c] is None else total[i][c] + part
+            g = g_next
+            continue
         for c, (n0, n1, _, _) in enumerate(chunks):
             vjp = _BlockVJP(stage_fn(s, c), names, params, wrt_x=wrt_x)
             g_c = g if whole else g[n0:n1]
@@ -375,6 +402,7 @@ def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> di
             model, stage, edges, pos, pos.new_zeros(num_nodes, 1),
             lambda x: model.readout(x, z, batch_vec, num_graphs), training,
             chunks=edge_chunks(edge_index, num_nodes, getattr(model, "edge_chunk_size", None)),
+            keep=getattr(model, "keep_blocks", 0),
         )
     forces = -grad
     if not training:

@@ -190,7 +190,7 @@ class PartitionedModel(torch.nn.Module):
         energy, grad = blockwise_sweep(
             model, stage, edges, pos, pos.new_zeros(n_own, 1),
             lambda x: model.readout(x, z_l[:n_own], b_l[:n_own], num_graphs), training,
-            chunks=edge_chunks(part.edge_index, n_own, chunk),
+            chunks=edge_chunks(part.edge_index, n_own, chunk), keep=getattr(model, "keep_blocks", 0),
         )
         return sum_replicated(energy, group), grad
 

@@ -15,7 +15,8 @@ peak = parameters + gradients + optimizer state (per ZeRO stage and rank count) 
     so only the forward half of the saving remains (measured, not assumed; see
     ``BLOCK_CKPT_KEEP``).
   - ``checkpointing=forces``: block inputs (node features) for all blocks, plus one block's
-    forward + double-backward graph at a time.
+    forward + double-backward graph at a time; with ``keep_blocks=k`` also the k kept blocks'
+    forward + VJP graphs (alive until ``loss.backward()``, as in the plain path).
   - ``micro_batch_size=m``: the graph of m molecules instead of B.
   - ``edge_chunk_size=c``: edge work in chunks; only the transient part of one block shrinks.
   - ``precision=bf16|fp16``: tensors of the low-precision ops take 2 bytes instead of 4.
@@ -87,11 +88,13 @@ class Levers:
     edge_chunk_size: Optional[int] = None
     precision: str = "fp32"
     graph_partitions: int = 1
+    keep_blocks: int = 0
 
     @classmethod
     def from_config(cls, memory, parallel=None) -> "Levers":
         parts = int(getattr(parallel, "graph_partitions", 1) or 1) if parallel is not None else 1
-        return cls(memory.checkpointing, memory.micro_batch_size, memory.edge_chunk_size, memory.precision, parts)
+        return cls(memory.checkpointing, memory.micro_batch_size, memory.edge_chunk_size, memory.precision, parts,
+                   int(getattr(memory, "keep_blocks", 0) or 0))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +113,8 @@ class Levers:
             parts.append(f"P={self.graph_partitions}")
         if self.checkpointing != "none":
             parts.append(f"ckpt={self.checkpointing}")
+        if self.keep_blocks:
+            parts.append(f"keep={self.keep_blocks}")
         if self.micro_batch_size is not None:
             parts.append(f"micro={self.micro_batch_size}")
         if self.edge_chunk_size is not None:
@@ -344,8 +349,9 @@ def activation_bytes(profile: ActivationProfile, levers: Levers, *, atoms: int, 
         stage = profile.stage.per_edge * chunk_e + profile.stage_node * n + profile.stage.const
         kept = profile.forces_kept(e, n)
         factor = cal["forces"] if levers.precision == "fp32" else cal["forces_16bit"]
-        act = kept + factor * stage
-        detail = {"kept": kept, "stage": factor * stage}
+        graphs = levers.keep_blocks * cal["none"] * profile.stage(e, n)  # kept blocks: whole, unchunked
+        act = kept + factor * stage + graphs
+        detail = {"kept": kept, "stage": factor * stage, "kept_graphs": graphs}
     return int(act), {k: int(v) for k, v in detail.items()}
 
 

@@ -2,7 +2,8 @@
 
 Candidates combine ``memory.checkpointing`` (none, blocks, forces), ``memory.precision`` (the
 config's, or also bf16 when allowed), ``memory.micro_batch_size`` (divisors of the molecules per
-rank per step), with ``forces`` also ``memory.edge_chunk_size``, and, on several GPUs,
+rank per step), with ``forces`` also ``memory.edge_chunk_size`` or ``memory.keep_blocks`` (blocks
+not recomputed: between forces and none in time and memory), and, on several GPUs,
 ``parallel.graph_partitions`` (P dividing the GPU count; the other factor is data parallel).
 Each gets an estimated per-rank peak (``estimate.py``) and an expected time per optimizer step
 relative to the levers-off step on one GPU (:func:`relative_time`), from factors measured on this
@@ -60,12 +61,13 @@ PARTITION_OVERHEAD = 0.10
 
 
 def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda", gpus: int = 1,
-                  edge_fraction: Optional[float] = None) -> float:
+                  edge_fraction: Optional[float] = None, num_blocks: int = 0) -> float:
     """Expected time per optimizer step of ``levers`` relative to the levers-off step on one GPU.
 
     ``batch`` molecules per step over ``gpus`` GPUs: ``gpus / P`` data-parallel groups share the
     batch, and each molecule's edge work is split over the P ranks of a group (``edge_fraction``:
     the largest part's share, from :class:`~.estimate.PartStats`; default ``1 / P``).
+    ``num_blocks``: the model's blocks, for ``keep_blocks``.
     """
     kind = "cuda" if device.startswith("cuda") else "cpu"
     parts = max(int(levers.graph_partitions), 1)
@@ -73,7 +75,11 @@ def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda
     per_rank = max(batch // groups, 1)
     micro = min(levers.micro_batch_size or per_rank, per_rank)
     n_micro = math.ceil(per_rank / micro)
-    t = CHECKPOINT_TIME[levers.checkpointing] * PRECISION_TIME[kind][levers.precision]
+    ckpt = CHECKPOINT_TIME[levers.checkpointing]
+    if levers.checkpointing == "forces" and levers.keep_blocks and num_blocks:
+        # a kept block costs what it costs in the plain path
+        ckpt = 1.0 + (ckpt - 1.0) * max(num_blocks - levers.keep_blocks, 0) / num_blocks
+    t = ckpt * PRECISION_TIME[kind][levers.precision]
     t *= 1.0 + MICRO_OVERHEAD[kind] * (n_micro - 1)
     if levers.edge_chunk_size is not None:
         n_chunks = math.ceil(edges * micro / levers.edge_chunk_size)
@@ -111,11 +117,12 @@ class Plan:
 
 def candidate_levers(batch: int, edges: int, precisions: Iterable[str] = ("fp32",),
                      chunk_sizes: Optional[Iterable[int]] = None, gpus: int = 1,
-                     partitions: Optional[Iterable[int]] = None) -> list[Levers]:
+                     partitions: Optional[Iterable[int]] = None, num_blocks: int = 0) -> list[Levers]:
     """All combinations worth considering for ``batch`` molecules of ``edges`` edges each on
     ``gpus`` GPUs. ``partitions``: the graph partition counts to try (default: every divisor P of
     ``gpus`` whose data-parallel factor ``gpus / P`` divides the batch). Edge chunks are tried
-    without partitions only (the partitioned model does not chunk)."""
+    without partitions only (the partitioned model does not chunk); ``keep_blocks`` 1 ..
+    ``num_blocks - 1`` with ``forces`` and no chunks."""
     if partitions is None:
         partitions = [p for p in range(1, gpus + 1) if gpus % p == 0 and batch % (gpus // p) == 0]
     out = []
@@ -127,6 +134,8 @@ def candidate_levers(batch: int, edges: int, precisions: Iterable[str] = ("fp32"
                 micro_value = None if micro == per_rank else micro
                 for ckpt in ("none", "blocks", "forces"):
                     out.append(Levers(ckpt, micro_value, None, precision, parts))
+                for keep in range(1, num_blocks):
+                    out.append(Levers("forces", micro_value, None, precision, parts, keep))
                 if micro == 1 and parts == 1:
                     sizes = chunk_sizes if chunk_sizes is not None else _default_chunks(edges)
                     for c in sizes:
@@ -148,7 +157,8 @@ def plan(estimator: Callable[..., int], budget_bytes: int, *, batch: int, edges:
          device: str = "cuda", precisions: Iterable[str] = ("fp32",), headroom: float = HEADROOM,
          reserve: float = RESERVE, timer: Optional[Callable[[Levers], float]] = None,
          chunk_sizes: Optional[Iterable[int]] = None, gpus: int = 1,
-         partitions: Optional[Iterable[int]] = None, edge_fractions: Optional[dict] = None) -> Plan:
+         partitions: Optional[Iterable[int]] = None, edge_fractions: Optional[dict] = None,
+         num_blocks: int = 0) -> Plan:
     """The fastest lever set whose ``estimator(levers, batch_per_group)`` peak fits ``budget_bytes``.
 
     ``estimator`` maps Levers and the molecules per partition group per step to the peak bytes
@@ -158,9 +168,10 @@ def plan(estimator: Callable[..., int], budget_bytes: int, *, batch: int, edges:
     usable = int(budget_bytes * (1.0 - headroom) - (reserve if device.startswith("cuda") else 0))
     fractions = edge_fractions or {}
     timer = timer or (lambda lv: relative_time(lv, batch=batch, edges=edges, device=device, gpus=gpus,
-                                               edge_fraction=fractions.get(lv.graph_partitions)))
+                                               edge_fraction=fractions.get(lv.graph_partitions), num_blocks=num_blocks))
     cands = []
-    for lv in candidate_levers(batch, edges, precisions, chunk_sizes, gpus=gpus, partitions=partitions):
+    for lv in candidate_levers(batch, edges, precisions, chunk_sizes, gpus=gpus, partitions=partitions,
+                               num_blocks=num_blocks):
         per_group = batch // max(gpus // lv.graph_partitions, 1)
         peak = int(estimator(lv, per_group))
         cands.append(Candidate(lv, peak, float(timer(lv)), peak <= usable))

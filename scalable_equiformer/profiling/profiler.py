@@ -276,7 +276,7 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
 
 
 def asdict_levers(memory) -> dict:
-    return {k: getattr(memory, k) for k in ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision")}
+    return {k: getattr(memory, k) for k in ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision", "keep_blocks")}
 
 
 def _device_name(device) -> str:
