@@ -39,6 +39,14 @@ it to 1e-10 in fp64. The config key ``memory.checkpointing`` picks one:
     with a halo exchange, ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``; the exchange's
     backward (itself differentiable) moves the cotangents between ranks inside each VJP.
 
+Cost (counted in forward passes of a block): the plain step runs each block's forward once, its
+VJP (~2) and the double backward (~6): ~9. ``"forces"`` runs each block's forward four times (the
+forward pass, the backward sweep, the recomputed VJP in ``loss.backward()``, and the chain's
+recomputation for the parameter gradients of earlier blocks, which the double backward needs in
+the opposite block order): ~16, i.e. ~1.8-2x the step. ``memory.keep_blocks=k`` keeps the last
+k blocks' forward + VJP graphs instead (run once, as in the plain path): k stages' memory back
+for their recomputations.
+
 At evaluation (``training=False``) nothing has to be kept for a second backward: ``"forces"``
 runs the blocks without a graph and each VJP directly, so the peak is one block's graph.
 
