@@ -25,6 +25,10 @@ from .estimate import Levers
 #: step time of each checkpointing mode relative to none (CPU, Lmax 2, hand-written tensor
 #: product; benchmarks/memory.md: blocks 1.31-1.35, forces 1.9-2.2 at 21-180 atoms)
 CHECKPOINT_TIME = {"none": 1.0, "blocks": 1.33, "forces": 2.05}
+#: what ``forces`` costs beyond the blocks' recomputations (edge-feature graph, per-stage autograd
+#: calls), which ``keep_blocks`` does not save: AT-AT, keep 1-4 of 6 blocks measured 2.06, 1.76,
+#: 1.71, 1.51 (benchmarks/memory_keep_atat_b1.json), i.e. ~0.14 per kept block down from 2.05
+FORCES_FIXED = 0.2
 #: step time of each precision relative to fp32 (cuda: tensor cores, assumed, not measured here;
 #: cpu bf16: measured 0.92-1.12; cpu fp16: assumed)
 PRECISION_TIME = {"cuda": {"fp32": 1.0, "bf16": 0.75, "fp16": 0.75}, "cpu": {"fp32": 1.0, "bf16": 1.0, "fp16": 1.5}}
@@ -77,8 +81,8 @@ def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda
     n_micro = math.ceil(per_rank / micro)
     ckpt = CHECKPOINT_TIME[levers.checkpointing]
     if levers.checkpointing == "forces" and levers.keep_blocks and num_blocks:
-        # a kept block costs what it costs in the plain path
-        ckpt = 1.0 + (ckpt - 1.0) * max(num_blocks - levers.keep_blocks, 0) / num_blocks
+        # a kept block costs what it costs in the plain path; the machinery's own cost stays
+        ckpt = 1.0 + FORCES_FIXED + (ckpt - 1.0 - FORCES_FIXED) * max(num_blocks - levers.keep_blocks, 0) / num_blocks
     t = ckpt * PRECISION_TIME[kind][levers.precision]
     t *= 1.0 + MICRO_OVERHEAD[kind] * (n_micro - 1)
     if levers.edge_chunk_size is not None:
