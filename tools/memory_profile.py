@@ -265,6 +265,7 @@ def run(args) -> int:
     for data_i, atoms_i in sources:
         n_atoms, edges_max, edges_total, pos_max = molecule_stats(data_i, atoms_i, batch, cfg.model.cutoff)
         part_stats = _PartStats(pos_max, cfg.model.cutoff)
+        last_molecule = (n_atoms, edges_max, part_stats)  # --plan plans for the last one
         base_time = None
         for levers in lever_sets:
             lv = resolve_levers(levers, edges_max)
@@ -309,9 +310,7 @@ def run(args) -> int:
         gpus = args.gpus or args.ranks
         if gpus < 1:
             raise UserError(f"--gpus {gpus}: must be >= 1")
-        data_p, atoms_p = sources[-1]
-        n_atoms, edges_max, _, pos_max = molecule_stats(data_p, atoms_p, batch, cfg.model.cutoff)
-        part_stats = _PartStats(pos_max, cfg.model.cutoff)
+        n_atoms, edges_max, part_stats = last_molecule
         precisions = ["fp32", "bf16"] if args.allow_bf16 else [cfg.memory.precision]
 
         def estimator(lv, per_group):

@@ -347,6 +347,10 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
 
     # backward, stage by stage and chunk by chunk: g_s = sum_c VJP_c, e = cat_c e_c
     total = [[None] * len(chunks) for _ in feats]  # [feature][chunk]
+
+    def add(i, c, e):
+        total[i][c] = e if total[i][c] is None else total[i][c] + e
+
     for s in range(num_stages - 1, -1, -1):
         wrt_x = s > 0
         g_next = None
@@ -358,8 +362,7 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
                 g_next, outs = outs[0], outs[1:]
             for i, e in enumerate(outs):
                 for c, (_, _, e0, e1) in enumerate(chunks):
-                    part = e if whole else e[e0:e1]
-                    total[i][c] = part if total[i][c] is None else total[i][c] + part
+                    add(i, c, e if whole else e[e0:e1])
             g = g_next
             continue
         for c, (n0, n1, _, _) in enumerate(chunks):
@@ -377,7 +380,7 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
                 g_next = outs[0] if g_next is None else g_next + outs[0]
                 outs = outs[1:]
             for i, e in enumerate(outs):
-                total[i][c] = e if total[i][c] is None else total[i][c] + e
+                add(i, c, e)
         g = g_next
     total = [parts[0] if whole else torch.cat(parts, 0) for parts in total]
 
