@@ -31,6 +31,10 @@ from .errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+#: ``model.energy_normalization``: how the model's output is turned into eV (see ``model.py``)
+ENERGY_NORMALIZATIONS = ("total_mean_std", "per_atom_mean_force_rms")
+
+
 @dataclass
 class DataConfig:
     root: str = "data"  # folder holding the dataset files (catalog names resolve here)
@@ -71,10 +75,11 @@ class ModelConfig:
     proj_drop: float = 0.0
     drop_path: float = 0.0
     max_atomic_number: int = 64
-    avg_num_neighbors: Optional[float] = None  # None = from the training split
-    avg_num_atoms: Optional[float] = None  # None = from the training split
+    avg_num_neighbors: Optional[float] = 15.57930850982666  # the original's (QM9) constant; null = from the training split
+    avg_num_atoms: Optional[float] = 18.03065905448718  # the original's (QM9) constant; null = from the training split
     dtype: str = "float32"  # float32 | float64
-    smooth_cutoff: bool = True  # envelope on attention weights and values (energy continuous at the cutoff); false = the original
+    smooth_cutoff: bool = False  # true: cutoff envelope on attention weights, values and edge-degree embedding (energy continuous at the cutoff); false = the original
+    energy_normalization: str = "total_mean_std"  # total_mean_std (the original: E = std * out + mean of the training split's total energies) | per_atom_mean_force_rms
 
     def validate(self, check):
         from e3nn import o3
@@ -100,6 +105,8 @@ class ModelConfig:
         check(self.avg_num_neighbors is None or self.avg_num_neighbors > 0, "avg_num_neighbors", "must be > 0")
         check(self.avg_num_atoms is None or self.avg_num_atoms > 0, "avg_num_atoms", "must be > 0")
         check(self.dtype in ("float32", "float64"), "dtype", f"must be float32 or float64, not {self.dtype!r}")
+        check(self.energy_normalization in ENERGY_NORMALIZATIONS, "energy_normalization",
+              f"must be one of {', '.join(ENERGY_NORMALIZATIONS)}, not {self.energy_normalization!r}")
 
 
 @dataclass
@@ -118,6 +125,8 @@ class TrainConfig:
     max_eval_frames: Optional[int] = None  # cap on validation frames per evaluation; None = all
     out_dir: str = "runs"
     run_name: Optional[str] = None  # None = <data name>_<timestamp>
+    init_from: Optional[str] = None  # a checkpoint (e.g. from tools/import_original.py) whose weights start this run
+    init_statistics: str = "training_split"  # with init_from: normalisation from training_split | checkpoint
     seed: int = 0  # model init and shuffling
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True  # progress bar (rank 0 only)
@@ -137,6 +146,8 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.max_eval_frames is None or self.max_eval_frames >= 1, "max_eval_frames", "must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, not {self.device!r}")
+        check(self.init_statistics in ("training_split", "checkpoint"), "init_statistics",
+              f"must be training_split or checkpoint, not {self.init_statistics!r}")
 
 
 @dataclass
@@ -372,6 +383,21 @@ REMOVED = {
                                   "radius graph is built inside the model, so there is no work for loader processes"),
 }
 
+#: Keys added after run folders and checkpoints were first written -> the behaviour those had.
+#: A resolved config (run folder's config.yaml, a checkpoint's config) lists every key it knew, so
+#: one without such a key was made before it existed and gets this value, not today's default.
+ADDED = {
+    ("model", "energy_normalization"): "per_atom_mean_force_rms",
+}
+
+
+def _fill_added(cfg: "Config", present: set, origin: str) -> None:
+    for (section, key), value in ADDED.items():
+        if (section, key) not in present:
+            setattr(getattr(cfg, section), key, value)
+            cfg.sources[f"{section}.{key}"] = f"{origin} (written before {section}.{key} existed)"
+
+
 #: first line of :meth:`Config.dump` output (a run folder's config.yaml)
 _DUMP_HEADER = "# scalable_equiformer resolved config"
 
@@ -440,6 +466,8 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
                 raise ConfigError(f"{path}: section {section!r} must be a mapping of keys")
             for key, value in values.items():
                 _apply(cfg, section, str(key), value, origin, False, written_by_us=dumped)
+        if dumped:
+            _fill_added(cfg, {(sec, str(k)) for sec, vals in raw.items() if isinstance(vals, dict) for k in vals}, origin)
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.max_epochs=10")
@@ -456,5 +484,6 @@ def config_from_dict(data: dict, origin: str = "checkpoint") -> Config:
     for section, values in data.items():
         for key, value in (values or {}).items():
             _apply(cfg, section, key, value, origin, False, written_by_us=True)
+    _fill_added(cfg, {(sec, k) for sec, vals in data.items() for k in (vals or {})}, origin)
     cfg.validate(origin)
     return cfg

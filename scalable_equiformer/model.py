@@ -2,9 +2,10 @@
 
 ``config`` is a full ``Config`` (its ``.model`` is used) or a ``ModelConfig`` (any object with
 the ``ModelConfig`` attributes). ``stats`` (a ``DatasetStatistics`` of the training split) gives
-the energy shift/scale and, where the config leaves them null, ``avg_num_neighbors`` and
-``avg_num_atoms``; a value set in the config wins over the statistics (e.g. the original's QM9
-constants 15.58 / 18.03). Without ``stats`` the shift is 0 and the scale 1.
+the energy shift/scale (``model.energy_normalization``, :func:`normalization_constants`) and, where
+the config leaves them null, ``avg_num_neighbors`` and ``avg_num_atoms``; a value set in the config
+wins over the statistics (the defaults are the original's QM9 constants 15.58 / 18.03). Without
+``stats`` the shift is 0 and the scale 1.
 """
 
 from __future__ import annotations
@@ -56,6 +57,36 @@ def _probability(cfg, key: str) -> float:
     return value
 
 
+def normalization_constants(config, stats: DatasetStatistics | None) -> tuple[float, float]:
+    """``(energy_shift eV/atom, energy_scale eV)`` of ``model.energy_normalization``; (0, 1) without stats.
+
+    * ``total_mean_std`` (the original): ``E = std * out + mean``, ``mean``/``std`` of the training
+      split's total energies; as a per-atom shift ``mean / n_atoms``, so the training molecules must
+      all have one atom count (MD17, MD22: one molecule per dataset).
+    * ``per_atom_mean_force_rms``: ``E = force_rms * out + n_atoms * (mean energy per atom)``.
+
+    ``out`` is the head's sum over atoms divided by ``sqrt(avg_num_atoms)``. The energy scale is also
+    the loss divisor (``training.loss``), so loss and gradients are the original's with ``total_mean_std``.
+    """
+    cfg = getattr(config, "model", config)
+    if stats is None:
+        return 0.0, 1.0
+    kind = getattr(cfg, "energy_normalization", "per_atom_mean_force_rms")
+    if kind == "per_atom_mean_force_rms":
+        return stats.energy_per_atom_mean, stats.force_rms
+    if stats.energy_mean is None or stats.energy_std is None:
+        raise ConfigError("model.energy_normalization=total_mean_std needs the total-energy mean and standard deviation "
+                          "of the training split (statistics stored before they existed, or a single training frame); "
+                          "use model.energy_normalization=per_atom_mean_force_rms")
+    if stats.num_atoms is None:
+        raise ConfigError("model.energy_normalization=total_mean_std (the original's) needs training molecules of one "
+                          "size; this training split mixes atom counts: use model.energy_normalization=per_atom_mean_force_rms")
+    if not stats.energy_std > 0:
+        raise ConfigError(f"model.energy_normalization=total_mean_std: the training energies have standard deviation "
+                          f"{stats.energy_std} eV; use model.energy_normalization=per_atom_mean_force_rms")
+    return stats.energy_mean / stats.num_atoms, stats.energy_std
+
+
 def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
     cfg = getattr(config, "model", config)
     irreps_node = _irreps(cfg, "irreps_node")
@@ -93,8 +124,7 @@ def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
     source_at = "config" if avg_at is not None else "training split"
     avg_nb = float(avg_nb) if avg_nb is not None else stats.avg_num_neighbors
     avg_at = float(avg_at) if avg_at is not None else stats.avg_num_atoms
-    shift = stats.energy_per_atom_mean if stats is not None else 0.0
-    scale = stats.force_rms if stats is not None else 1.0
+    shift, scale = normalization_constants(cfg, stats)
 
     old_default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # e3nn builds its Clebsch-Gordan constants in the default dtype
@@ -134,7 +164,9 @@ def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
         n_params, n_params / 1e6, dtype_name, lmax, num_blocks, cfg.attention, cfg.message, cutoff,
     )
     log.info(
-        "normalisation: energy shift %.6f eV/atom, scale %.6f eV (%s); avg_num_neighbors %.4f (%s); avg_num_atoms %.4f (%s)",
-        shift, scale, "training split" if stats is not None else "defaults, no statistics given", avg_nb, source_nb, avg_at, source_at,
+        "normalisation %s: energy shift %.6f eV/atom, scale %.6f eV (%s); avg_num_neighbors %.4f (%s); avg_num_atoms %.4f (%s); smooth cutoff %s",
+        getattr(cfg, "energy_normalization", "per_atom_mean_force_rms"), shift, scale,
+        "training split" if stats is not None else "defaults, no statistics given", avg_nb, source_nb, avg_at, source_at,
+        "on" if cfg.smooth_cutoff else "off (the original)",
     )
     return model

@@ -5,7 +5,11 @@
 * ``energy_per_atom_mean`` (eV/atom): mean over frames of E / n_atoms — the per-atom energy shift;
 * ``force_rms`` (eV/Å): root mean square of all force components — the energy/force scale;
 * ``avg_num_neighbors``: mean number of neighbours within ``cutoff`` per atom (edges / atoms);
-* ``avg_num_atoms``: mean number of atoms per frame.
+* ``avg_num_atoms``: mean number of atoms per frame;
+* ``energy_mean`` / ``energy_std`` (eV): mean and sample standard deviation (ddof 1) of the total
+  energies of *all* training frames — the original Equiformer's target normalisation
+  (``model.energy_normalization: total_mean_std``); ``num_atoms``: the atom count when every
+  frame has the same one, else None. These three are None in statistics stored before they existed.
 
 Frames are subsampled evenly to at most ``max_frames`` (default 2,000). Datasets with bulk
 tensors (``positions`` [n, N, 3], ``energies`` [n], ``forces`` [n, N, 3], ``z`` [N]) are read
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ from ..errors import DataError
 log = logging.getLogger(__name__)
 
 _FIELDS = ("energy_per_atom_mean", "force_rms", "avg_num_neighbors", "avg_num_atoms")
+_OPTIONAL = ("energy_mean", "energy_std", "num_atoms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,30 +41,43 @@ class DatasetStatistics:
     force_rms: float  # eV / Å (energy and force scale)
     avg_num_neighbors: float  # neighbours within the cutoff, per atom
     avg_num_atoms: float  # atoms per frame
+    energy_mean: Optional[float] = None  # eV, mean total energy
+    energy_std: Optional[float] = None  # eV, sample standard deviation of the total energies
+    num_atoms: Optional[int] = None  # atoms per frame when all frames have the same count
 
     def __post_init__(self) -> None:
-        for name in _FIELDS:
+        for name in _FIELDS + _OPTIONAL:
             value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise DataError(f"statistic {name} must be a finite number, got {value!r}")
         if self.force_rms <= 0 or self.avg_num_neighbors <= 0 or self.avg_num_atoms <= 0:
             raise DataError(f"statistics force_rms, avg_num_neighbors and avg_num_atoms must be > 0, got {self}")
 
-    def to_dict(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in _FIELDS}
+    def to_dict(self) -> dict:
+        out = {name: float(getattr(self, name)) for name in _FIELDS}
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            out[name] = None if value is None else (int(value) if name == "num_atoms" else float(value))
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetStatistics":
-        unknown = sorted(set(d) - set(_FIELDS))
+        unknown = sorted(set(d) - set(_FIELDS) - set(_OPTIONAL))
         missing = sorted(set(_FIELDS) - set(d))
         if unknown or missing:
             raise DataError(f"dataset statistics: unknown keys {unknown}, missing keys {missing}")
-        return cls(**{name: float(d[name]) for name in _FIELDS})
+        opt = {name: d.get(name) for name in _OPTIONAL}
+        opt = {k: (None if v is None else (int(v) if k == "num_atoms" else float(v))) for k, v in opt.items()}
+        return cls(**{name: float(d[name]) for name in _FIELDS}, **opt)
 
     def describe(self) -> str:
+        total = (f", total energy mean {self.energy_mean:.6f} eV, std {self.energy_std:.6f} eV"
+                 if self.energy_mean is not None and self.energy_std is not None else "")
         return (
-            f"energy shift {self.energy_per_atom_mean:.6f} eV/atom, force RMS (scale) {self.force_rms:.6f} eV/Å, "
-            f"avg neighbours {self.avg_num_neighbors:.4f}, avg atoms {self.avg_num_atoms:.4f}"
+            f"energy per atom {self.energy_per_atom_mean:.6f} eV/atom, force RMS {self.force_rms:.6f} eV/Å, "
+            f"avg neighbours {self.avg_num_neighbors:.4f}, avg atoms {self.avg_num_atoms:.4f}{total}"
         )
 
 
@@ -103,6 +122,7 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
     bulk = _bulk(dataset)
     if bulk is not None:
         pos, energies, forces, z = bulk
+        energies_all = energies
         sel = _even_subsample(pos.shape[0], max_frames)
         pos, energies, forces = pos[sel].to(torch.float64), energies[sel].to(torch.float64), forces[sel].to(torch.float64)
         n_atoms = z.numel()
@@ -110,6 +130,8 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
         f_rms = float(forces.pow(2).mean().sqrt())
         avg_neighbors = _count_neighbors(pos, cutoff) / (pos.shape[0] * n_atoms)
         avg_atoms = float(n_atoms)
+        all_e = energies_all.to(torch.float64)
+        fixed_atoms = n_atoms
     else:
         sel = _even_subsample(n, max_frames).tolist()
         e_sum = f_sq = 0.0
@@ -128,6 +150,13 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
         f_rms = math.sqrt(f_sq / max(f_count, 1))
         avg_neighbors = edges / atoms
         avg_atoms = atoms / len(sel)
-    stats = DatasetStatistics(e_per_atom, f_rms, float(avg_neighbors), float(avg_atoms))
+        items = [dataset[i] for i in range(n)]
+        all_e = torch.tensor([float(torch.as_tensor(it.energy, dtype=torch.float64).reshape(-1)[0]) for it in items],
+                             dtype=torch.float64)
+        counts = {int(torch.as_tensor(it.pos).shape[0]) for it in items}
+        fixed_atoms = counts.pop() if len(counts) == 1 else None
+    e_mean = float(all_e.mean())
+    e_std = float(all_e.std()) if all_e.numel() > 1 else None  # torch's default: sample std (ddof 1), as the original
+    stats = DatasetStatistics(e_per_atom, f_rms, float(avg_neighbors), float(avg_atoms), e_mean, e_std, fixed_atoms)
     log.info("training-split statistics (%d of %d frames, cutoff %.3f Å): %s", len(sel), n, cutoff, stats.describe())
     return stats

@@ -118,6 +118,22 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def read_init_checkpoint(cfg) -> dict:
+    """The checkpoint of ``train.init_from`` (a run's ``best.pt``/``last.pt``, or one written by
+    ``tools/import_original.py``), checked against the run's model config: every ``model.*`` key
+    but ``dtype`` must match (the weights are cast to the run's dtype)."""
+    path = resolve_model_checkpoint(cfg.train.init_from)
+    ckpt = load_checkpoint(path)
+    saved = {k: v for k, v in ckpt["config"].get("model", {}).items() if k != "dtype"}
+    current = {k: v for k, v in cfg.to_dict()["model"].items() if k != "dtype"}
+    if "energy_normalization" not in saved:  # written before the key existed
+        saved["energy_normalization"] = "per_atom_mean_force_rms"
+    check_same_model({"model": saved}, {"model": current}, path)
+    if ckpt.get("stats") is None and cfg.train.init_statistics == "checkpoint":
+        raise CheckpointError(f"{path}: holds no statistics; use train.init_statistics=training_split")
+    return ckpt
+
+
 def resolve_model_checkpoint(path) -> Path:
     """The checkpoint file a user means: the file itself, or a run folder's ``best.pt``."""
     path = Path(path)
@@ -247,6 +263,6 @@ def write_json(path: Path, data: dict) -> None:
 
 __all__ = [
     "FORMAT", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "load_checkpoint", "load_model",
-    "resolve_model_checkpoint",
+    "resolve_model_checkpoint", "read_init_checkpoint",
     "check_same_model", "load_model_state", "clean_state", "rng_state", "set_rng_state", "versions", "git_hash", "write_json",
 ]

@@ -6,11 +6,12 @@
 * ``mae``: ``w_E * mean |ΔE| + w_F * mean over force components |ΔF_c|``
 * ``mse``: ``w_E * mean ΔE² + w_F * mean over force components ΔF_c²``
 
-Normalisation (a decision, stated in the run log): both terms are divided by the training split's
-force RMS ``s`` (eV/Å, the model's output scale; squared for ``mse``). The original divides
-both terms by the energy standard deviation; what matters for training is that energy and force
-errors share one divisor, so the ratio ``w_E : w_F`` means what it meant in the paper, and the loss
-is O(1) whatever the molecule. Reported metrics are never normalised: meV and meV/Å.
+Normalisation (stated in the run log): both terms are divided by the model's energy scale ``s``
+(eV; squared for ``mse``): the training split's total-energy standard deviation with
+``model.energy_normalization: total_mean_std``, which makes the loss and its gradients exactly the
+original's (it divides by that standard deviation too), or its force RMS with
+``per_atom_mean_force_rms``. Energy and force errors share one divisor, so the ratio ``w_E : w_F``
+means what it meant in the paper. Reported metrics are never normalised: meV and meV/Å.
 
 Every term is a *sum* over this micro-batch divided by a count over the whole optimizer step
 (molecules or atoms of the global batch, all ranks and micro-batches). Summing the micro-batch

@@ -268,14 +268,27 @@ class Trainer:
         # statistics, model, engine
         from ..data.statistics import DatasetStatistics, compute_statistics
 
+        init = None
         if self.resume_ckpt is not None:
             self.stats = DatasetStatistics.from_dict(self.resume_ckpt["stats"])
         else:
-            self.stats = compute_statistics(self.train_ds, cfg.model.cutoff)
-        from ..model import build_model
+            init = ckpt_io.read_init_checkpoint(cfg) if cfg.train.init_from else None
+            if init is not None and cfg.train.init_statistics == "checkpoint":
+                self.stats = DatasetStatistics.from_dict(init["stats"])
+            else:
+                self.stats = compute_statistics(self.train_ds, cfg.model.cutoff)
+        from ..model import build_model, normalization_constants
 
         runtime.seed_everything(cfg.train.seed)
         model = build_model(cfg, self.stats)
+        self.loss_scale = normalization_constants(cfg, self.stats)[1]  # the model's energy scale, eV
+        if init is not None:
+            state = dict(init["model"])
+            if cfg.train.init_statistics == "training_split":  # keep this run's normalisation buffers
+                state.update({k: v for k, v in model.state_dict().items() if k in model.statistics()})
+            ckpt_io.load_model_state(model, state, cfg.train.init_from)
+            log.info("weights from %s (train.init_from); normalisation from the %s", cfg.train.init_from,
+                     cfg.train.init_statistics.replace("_", " "))
         steps.configure_model(model, cfg)
         model = model.to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
@@ -408,9 +421,9 @@ class Trainer:
         log.info("batch %d molecules per step = %d rank(s) x %d micro-batch(es) x %d; %d steps per epoch, %d epochs, "
                  "%d steps in all", self.plan.batch_size, self.dp_world, self.plan.grad_accum, self.plan.micro_batch_size,
                  self.steps_per_epoch, cfg.train.max_epochs, self.total_steps)
-        log.info("loss: %s, energy weight %g, force weight %g, normalised by the training force RMS %.4f eV/Å; "
+        log.info("loss: %s, energy weight %g, force weight %g, divided by the model's energy scale %.4f eV (%s); "
                  "AdamW lr %g (warm-up %g epochs from %g, %s to %g), weight decay %g%s",
-                 cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.stats.force_rms, cfg.optim.lr,
+                 cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale, cfg.model.energy_normalization, cfg.optim.lr,
                  cfg.optim.warmup_epochs, cfg.optim.warmup_lr, cfg.optim.scheduler, cfg.optim.min_lr,
                  cfg.optim.weight_decay, f", EMA {cfg.train.ema_decay}" if self.ema else "")
 
@@ -561,7 +574,7 @@ class Trainer:
             batch = collate(self.train_ds, idx, self.device)
             with self.engine.micro_context():
                 out = self.engine.micro_step(batch)
-                terms = steps.loss_parts(out, batch, cfg, self.stats.force_rms, n_mol, n_atoms)
+                terms = steps.loss_parts(out, batch, cfg, self.loss_scale, n_mol, n_atoms)
                 local += float(terms.loss.detach())
                 # backward even for a non-finite loss: the other ranks' backward waits on this
                 # rank's gradient collectives; the step is refused below, before any update
