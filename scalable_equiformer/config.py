@@ -270,6 +270,11 @@ class Config:
         if self.memory.micro_batch_size is not None and self.memory.micro_batch_size > self.train.batch_size:
             raise ConfigError(f"{self.sources.get('memory.micro_batch_size', origin)}: memory.micro_batch_size "
                               f"({self.memory.micro_batch_size}) is larger than train.batch_size ({self.train.batch_size})")
+        if self.deepspeed.zero_stage == 3 and self.model.dtype == "float64":
+            where = self.sources.get("deepspeed.zero_stage", origin)
+            raise ConfigError(f"{where}: deepspeed.zero_stage=3 with model.dtype=float64: DeepSpeed's ZeRO-3 partitions "
+                              "only fp32/bf16/fp16 parameters (whether it notices depends on the processor); use "
+                              "model.dtype=float32, or zero_stage 1-2 for a float64 model")
         keep = self.memory.keep_blocks
         if keep:
             where = self.sources.get("memory.keep_blocks", origin)

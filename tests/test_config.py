@@ -119,3 +119,17 @@ def test_md22_configs_use_the_paper_train_sizes():
         c = load_config(f"md22_{key}")
         assert c.data.train_size == n and get_info(c.data.name).num_atoms > 0
         assert c.data.val_size == get_info(c.data.name).val_size
+
+
+def test_zero3_with_a_float64_model_is_refused_at_load():
+    with pytest.raises(ConfigError, match="zero_stage=3 with model.dtype=float64"):
+        load_config(None, ["data.name=md17_aspirin", "deepspeed.zero_stage=3", "model.dtype=float64"])
+    load_config(None, ["data.name=md17_aspirin", "deepspeed.zero_stage=3", "model.dtype=float32"])
+
+
+def test_energy_normalization_is_checked_and_old_configs_keep_theirs():
+    with pytest.raises(ConfigError, match="energy_normalization"):
+        load_config(None, ["data.name=md17_aspirin", "model.energy_normalization=per_molecule"])
+    stored = load_config(None, ["data.name=md17_aspirin"]).to_dict()
+    del stored["model"]["energy_normalization"]  # a checkpoint written before the key existed
+    assert config_from_dict(stored).model.energy_normalization == "per_atom_mean_force_rms"

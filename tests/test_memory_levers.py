@@ -158,7 +158,7 @@ def test_vjp_needs_fresh_aliases_of_shared_edge_features(alias, monkeypatch):
 
 
 def test_forces_lever_passes_the_model_battery():
-    model = _model()
+    model = _model(extra=["model.smooth_cutoff=true"])  # the battery checks continuity at the cutoff
     model.force_strategy = "forces"
     model.edge_chunk_size = None
     run_model_battery(model, torch.float64, cutoff=model.cutoff)
