@@ -51,8 +51,8 @@ from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
 from scalable_equiformer.profiling.profiler import ProfileError, read_proc_status, reset_peak_rss  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data" / "xtb"
-DEFAULT_DATA = [SHARED / "aspirin_xtb_500K.npz", SHARED / "AT-AT_xtb_500K.npz"]
+DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (made for this project)
+DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]
 TINY = dict(
     irreps_node="16x0e+8x1e+4x2e", num_blocks=2, num_heads=2, irreps_head="8x0e+4x1e+2x2e",
     irreps_feedforward="32x0e+16x1e+8x2e", irreps_feature="32x0e", num_radial=16, radial_hidden=[32],

@@ -54,7 +54,7 @@ from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
 from scalable_equiformer.profiling.profiler import read_proc_status, reset_peak_rss  # noqa: E402
 from scalable_equiformer.parallel.partitioned import PartitionedModel  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "xtb" / "AT-AT_xtb_500K.npz"
+DEFAULT_DATA = ROOT / "scalable_equiformer" / "demo_data" / "AT-AT_xtb_500K_20frames.npz"  # shipped
 PAPER_NODE_DIM = 128 * 1 + 64 * 3 + 32 * 5  # 128x0e+64x1e+32x2e
 
 
