@@ -29,9 +29,10 @@ from scalable_equiformer import reproduce as rp  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    from scalable_equiformer.cli import ArgumentParser, positive_int
+
+    p = ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("suite", choices=["md17", "md22"], help="which table")
     p.add_argument("--molecules", "--systems", nargs="+", metavar="NAME", dest="molecules",
                    help="subset of molecules (md17) or systems (md22: atat atat_cgcg ac_ala3_nhme dha "
@@ -39,14 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lmax", type=int, default=2, choices=[2, 3], help="md17: configs md17_<mol>[_l3] (default 2)")
     p.add_argument("--ablation", action="store_true",
                    help="md17: aspirin with non-linear+MLP, linear+MLP and linear+dot-product attention")
-    p.add_argument("--epochs", type=int, help="train.max_epochs for every run")
+    p.add_argument("--epochs", type=positive_int, help="train.max_epochs for every run")
     p.add_argument("--data-root", help="data.root for every run (where the catalog .npz files are)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", nargs="+", dest="sets",
                    help="config override for every run (repeatable; wins over the tool's own settings)")
     p.add_argument("--launcher", choices=["python", "deepspeed"], default="python",
                    help="python train.py (default) or the deepspeed launcher")
-    p.add_argument("--nproc", type=int, help="deepspeed launcher: --num_gpus")
+    p.add_argument("--nproc", type=positive_int, help="deepspeed launcher: --num_gpus")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 2 epochs, 100 frames; ethanol reads the real MD17 ethanol file in "
                         "../shared/data/real (default molecule: ethanol)")
