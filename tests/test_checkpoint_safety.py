@@ -173,6 +173,13 @@ def test_stopped_between_last_and_best_gets_best_back_on_resume(tmp_path, monkey
     m = json.loads(out.read_text())
     assert m["epoch"] == 2 and m["force_mae_meV_per_A"] == pytest.approx(res["test_force_mae_meV_per_A"], rel=1e-12)
 
+    # a damaged best.pt of the epoch last.pt holds is restored the same way
+    flip_middle(run / "best.pt")
+    _run(cfg, resume=str(run))
+    again = ckpt_io.load_checkpoint(run / "best.pt")
+    assert again["epoch"] == 2 and all(torch.equal(again["model"][k], v) for k, v in last["model"].items())
+    assert results(run)["test_force_mae_meV_per_A"] == res["test_force_mae_meV_per_A"]
+
 
 # ---- 3. disk full while saving -----------------------------------------------------------------
 

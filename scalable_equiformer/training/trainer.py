@@ -522,10 +522,13 @@ class Trainer:
         if best_epoch is None:
             return
         path = self.run / "best.pt"
-        held = None
+        held, damage = None, None
         if path.is_file():
-            held = ckpt_io.load_checkpoint(path).get("epoch")  # a damaged best.pt: one line naming it
-        if held == best_epoch:
+            try:
+                held = ckpt_io.load_checkpoint(path).get("epoch")
+            except CheckpointError as e:
+                damage = e
+        if damage is None and held == best_epoch:
             return
         if int(best_epoch) == int(ck["epoch"]):
             payload = {k: ck[k] for k in ("config", "stats", "model", "epoch", "step", "metrics", "units") if k in ck}
@@ -533,10 +536,13 @@ class Trainer:
             if payload["elements"] is None:
                 payload["elements"] = self.elements
             ckpt_io.save_checkpoint(path, payload)
-            log.warning("best.pt held %s, but last.pt records epoch %s as the best (the run stopped between writing "
-                        "the two): best.pt written again from last.pt",
-                        "nothing" if held is None else f"epoch {held}", best_epoch)
+            was = "was damaged" if damage is not None else ("was missing" if held is None else f"held epoch {held}")
+            log.warning("best.pt %s, but last.pt records epoch %s as the best (the run stopped between writing the "
+                        "two?): best.pt written again from last.pt, which holds the same weights", was, best_epoch)
             return
+        if damage is not None:
+            raise CheckpointError(f"{damage}; the best weights (epoch {best_epoch}) cannot be recovered from last.pt: "
+                                  "move best.pt away to resume and track the best model again from the next evaluation")
         if held is None:
             log.warning("best.pt is missing (the best was epoch %s): the best model is tracked again from the next "
                         "evaluation", best_epoch)
