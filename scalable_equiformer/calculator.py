@@ -30,12 +30,18 @@ and every rank gets the full energy and forces, so the ranks' dynamics stay iden
 
 Without such a group, ``partitions > 1`` raises a UserError that says so (the calculator starts no
 processes of its own).
+
+Elements: a checkpoint records the elements of its training split. ``Atoms`` with an element the
+model never saw are refused (UserError naming the element: the model would return finite,
+meaningless energies); with ``strict=False`` they are computed and the calculator warns once per
+element. Models passed as objects, and checkpoints written before elements were recorded, are not
+checked (unless ``elements=`` is given).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -70,19 +76,28 @@ class EquiformerCalculator(Calculator):
         group: the process group of the P ranks (default: the world group, which must then have
             exactly P ranks), e.g. the partition group of
             :func:`scalable_equiformer.parallel.make_groups`.
+        strict: refuse ``Atoms`` with an element the model never saw in training (UserError naming
+            it); False computes them and warns once per element.
+        elements: the atomic numbers the model was trained on (default: those the checkpoint
+            records; None for a model object, or an older checkpoint = no check).
         **kwargs: passed to ``ase.calculators.calculator.Calculator`` (e.g. ``label``).
 
     Attributes:
         model: the torch module, in eval mode.
         device, dtype: where and in which precision the model runs (dtype is the model's).
         config: the run's ``Config`` when built from a checkpoint, else None.
+        elements: the training elements checked against (sorted atomic numbers), or None.
     """
 
     implemented_properties = ["energy", "forces", "free_energy"]
 
     def __init__(self, checkpoint_or_model: Union[str, Path, torch.nn.Module], device=None, *,
-                 dtype: Union[str, torch.dtype, None] = None, partitions: int = 1, group=None, **kwargs):
+                 dtype: Union[str, torch.dtype, None] = None, partitions: int = 1, group=None, strict: bool = True,
+                 elements: Optional[Sequence[int]] = None, **kwargs):
         super().__init__(**kwargs)
+        self.strict = bool(strict)
+        self.elements = sorted({int(z) for z in elements}) if elements is not None else None
+        self._warned: set[int] = set()
         if int(partitions) < 1:
             raise UserError(f"partitions must be >= 1, not {partitions}")
         self.partitions = int(partitions)
@@ -98,7 +113,9 @@ class EquiformerCalculator(Calculator):
             # a force loss at inference
             from .training.checkpoint import load_model
 
-            self.model, self.config, _ = load_model(self.checkpoint, device=self.device, configure=False)
+            self.model, self.config, info = load_model(self.checkpoint, device=self.device, configure=False)
+            if self.elements is None:
+                self.elements = info.get("elements")
         else:
             raise TypeError(f"EquiformerCalculator needs a checkpoint path or a torch module, "
                             f"not {type(checkpoint_or_model).__name__}")
@@ -140,12 +157,20 @@ class EquiformerCalculator(Calculator):
         if np.any(atoms.pbc):
             raise UserError("EquiformerCalculator: periodic boundary conditions are not supported "
                             "(the model is for isolated molecules); set atoms.pbc = False")
+        if len(atoms) == 0:
+            raise UserError("EquiformerCalculator: the Atoms object has no atoms; nothing to compute")
+        from .training.checkpoint import check_atomic_numbers
+
         z = torch.as_tensor(np.asarray(atoms.numbers), dtype=torch.long, device=self.device)
-        if self.max_atomic_number is not None and int(z.max()) >= int(self.max_atomic_number):
-            raise UserError(f"atomic number {int(z.max())} is not below the model's max_atomic_number "
-                            f"({self.max_atomic_number})")
+        check_atomic_numbers(np.asarray(atoms.numbers).tolist(), max_atomic_number=self.max_atomic_number,
+                             elements=self.elements, where=f"EquiformerCalculator({self._label()})",
+                             strict=self.strict, warned=self._warned,
+                             hint="EquiformerCalculator(..., strict=False) computes them with a warning")
         pos = torch.as_tensor(np.asarray(atoms.positions), dtype=self.dtype, device=self.device)
         return Batch.from_data_list([Data(pos=pos, z=z)])
+
+    def _label(self) -> str:
+        return str(self.checkpoint) if self.checkpoint is not None else type(self.model).__name__
 
     def _forward(self, batch) -> dict:
         """Energy [1] eV and forces [N, 3] eV/Å of a one-molecule batch; with ``partitions > 1``

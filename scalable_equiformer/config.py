@@ -458,6 +458,9 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
             raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (binary data); --config takes a YAML file or a name in "
+                              "configs/") from None
         raw = raw or {}
         dumped = text.startswith(_DUMP_HEADER)  # a run folder's config.yaml (see REMOVED)
         if not isinstance(raw, dict):

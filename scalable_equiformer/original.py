@@ -251,10 +251,12 @@ def import_original(path, config, energy_mean: float, energy_std: float, num_ato
     return model.eval(), stats
 
 
-def imported_payload(model, config, stats: DatasetStatistics, source: dict) -> dict:
+def imported_payload(model, config, stats: DatasetStatistics, source: dict, elements=None) -> dict:
     """A checkpoint payload (``training.checkpoint.save_checkpoint``) that ``load_model``, the
-    calculator, ``tools/evaluate.py`` and ``train.init_from`` read. ``source`` says where it came from."""
-    from .training.checkpoint import clean_state
+    calculator, ``tools/evaluate.py`` and ``train.init_from`` read. ``source`` says where it came
+    from; ``elements`` (atomic numbers of the original's training data, or None = unknown) lets the
+    calculator and ``evaluate.py`` refuse elements the model never saw."""
+    from .training.checkpoint import clean_state, normalise_elements
 
     return {
         "config": config.to_dict(),
@@ -265,6 +267,7 @@ def imported_payload(model, config, stats: DatasetStatistics, source: dict) -> d
         "step": None,
         "metrics": None,
         "imported_from": dict(source),
+        "elements": normalise_elements(elements),
     }
 
 

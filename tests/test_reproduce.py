@@ -76,14 +76,18 @@ def test_suites_name_configs_and_runs():
 
 
 def test_options_order_user_set_wins_last(tmp_path):
-    s = rp.apply_options(rp.md17_suite(["ethanol"]), epochs=5, data_root="/d", quick=True,
-                         quick_data=tmp_path / "e.npz", extra=["train.max_epochs=7"])
+    s = rp.apply_options(rp.md17_suite(["aspirin", "ethanol"]), epochs=5, data_root="/d", quick=True,
+                         quick_data=tmp_path / "a.npz", extra=["train.max_epochs=7"])
     sets = s.runs[0].overrides
     assert sets.index("train.max_epochs=2") < sets.index("train.max_epochs=5") < sets.index("train.max_epochs=7")
-    assert f"data.path={tmp_path / 'e.npz'}" in sets and "data.root=/d" in sets
+    assert f"data.path={tmp_path / 'a.npz'}" in sets and "data.root=/d" in sets
+    assert not any(x.startswith("data.path=") for x in s.runs[1].overrides)  # ethanol: its catalog file
     cmd = rp.train_command(s.runs[0], tmp_path / "md17_l2")
-    assert cmd[1].endswith("train.py") and cmd[2:4] == ["--config", "md17_ethanol"]
-    assert cmd[-4:] == ["--set", f"train.out_dir={tmp_path / 'md17_l2'}", "--set", "train.run_name=ethanol_l2"]
+    assert cmd[1].endswith("train.py") and cmd[2:4] == ["--config", "md17_aspirin"]
+    assert cmd[-4:] == ["--set", f"train.out_dir={tmp_path / 'md17_l2'}", "--set", "train.run_name=aspirin_l2"]
+    default = rp.apply_options(rp.md17_suite(["aspirin"]), quick=True)  # the data shipped in the package
+    assert f"data.path={rp.QUICK_DATA}" in default.runs[0].overrides and rp.QUICK_DATA.is_file()
+    assert "shared" not in rp.QUICK_DATA.parts
     ds = rp.train_command(s.runs[0], tmp_path, launcher="deepspeed", nproc=2)
     assert ds[:3] == ["deepspeed", "--num_gpus", "2"]
 

@@ -231,6 +231,7 @@ def test_resume_with_another_model_config_is_refused(tmp_path):
 def test_run_folder_that_holds_a_run_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("data: {}\n")
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="already holds a run.*--resume"):
         _run(tiny_config(tmp_path))
 

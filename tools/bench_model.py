@@ -51,8 +51,8 @@ from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
 from scalable_equiformer.profiling.profiler import ProfileError, read_proc_status, reset_peak_rss  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data" / "xtb"
-DEFAULT_DATA = [SHARED / "aspirin_xtb_500K.npz", SHARED / "AT-AT_xtb_500K.npz"]
+DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (made for this project)
+DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]
 TINY = dict(
     irreps_node="16x0e+8x1e+4x2e", num_blocks=2, num_heads=2, irreps_head="8x0e+4x1e+2x2e",
     irreps_feedforward="32x0e+16x1e+8x2e", irreps_feature="32x0e", num_radial=16, radial_hidden=[32],
@@ -192,19 +192,21 @@ def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from scalable_equiformer.cli import ArgumentParser, output_file, positive_int
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="sGDML npz files (default: shipped aspirin and AT-AT xTB data)")
     p.add_argument("--tiny", action="store_true", help="a tiny model instead of the paper's")
     p.add_argument("--lmax", type=int, choices=(2, 3), default=2, help="paper model at Lmax 2 (3.50 M) or 3 (5.50 M)")
     p.add_argument("--attention", choices=("mlp", "dot"), default="mlp")
     p.add_argument("--message", choices=("nonlinear", "linear"), default="nonlinear")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--batch-size", type=int, default=1, help="frames per batch (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per mode after one warm-up (default 5)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="frames per batch (default 1)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per mode after one warm-up (default 5)")
     p.add_argument("--modes", nargs="+", choices=("forward", "forces", "train_step"), default=["forward", "forces", "train_step"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", type=output_file, default=None, help="write the results to this file")
     p.add_argument(
         "--tp", choices=("default", "fast", "e3nn", "compare"), default="default",
         help="depth-wise tensor product: the library default, hand-written, e3nn's, or both alternated (default: default)",

@@ -54,7 +54,7 @@ from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
 from scalable_equiformer.profiling.profiler import read_proc_status, reset_peak_rss  # noqa: E402
 from scalable_equiformer.parallel.partitioned import PartitionedModel  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "xtb" / "AT-AT_xtb_500K.npz"
+DEFAULT_DATA = ROOT / "scalable_equiformer" / "demo_data" / "AT-AT_xtb_500K_20frames.npz"  # shipped
 PAPER_NODE_DIM = 128 * 1 + 64 * 3 + 32 * 5  # 128x0e+64x1e+32x2e
 
 
@@ -191,21 +191,33 @@ def partition_figures(system, cutoff: float, P: int, node_dim: int, itemsize: in
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    from scalable_equiformer.cli import ArgumentParser, nonnegative_float, output_file, positive_float, positive_int, tile_spec
+    from scalable_equiformer.errors import UserError
+
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA),
+                    help="npz file whose first frame is tiled (default: the shipped AT-AT xTB frames)")
     ap.add_argument("--config", help="config name or path (its model); default: the tiny model")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--cutoff", type=float, default=5.0)
-    ap.add_argument("--partitions", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--train-tile", default="3x3x2", help="copies for the training system (>= 1,000 atoms)")
-    ap.add_argument("--infer-tile", default="7x6x4", help="copies for the inference system (>= 10,000 atoms)")
-    ap.add_argument("--gap", type=float, default=2.0, help="Å between copies")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--cutoff", type=positive_float, default=5.0)
+    ap.add_argument("--partitions", type=positive_int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--train-tile", type=tile_spec, default="3x3x2", help="copies for the training system (>= 1,000 atoms)")
+    ap.add_argument("--infer-tile", type=tile_spec, default="7x6x4", help="copies for the inference system (>= 10,000 atoms)")
+    ap.add_argument("--gap", type=nonnegative_float, default=2.0, help="Å between copies")
+    ap.add_argument("--repeats", type=positive_int, default=1)
     ap.add_argument("--checkpointing", default="none", choices=sorted(STRATEGY_OF_CHECKPOINTING),
                     help="memory.checkpointing of the partitioned model (force strategy)")
     ap.add_argument("--skip-infer", action="store_true")
-    ap.add_argument("--out", default="bench_partition.json")
+    ap.add_argument("--out", type=output_file, default="bench_partition.json")
     args = ap.parse_args(argv)
+    try:
+        return _main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
 
     if args.config:
         from scalable_equiformer.config import load_config

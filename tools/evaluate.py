@@ -18,6 +18,11 @@ with torchrun.
 ``--split test|val|train`` uses the run's ``splits.npz`` (next to the checkpoint) when the data is
 the file the run trained on, else the seeded split of the checkpoint's config; ``all`` takes every
 frame. Writes ``<checkpoint>.<data>.<split>.json`` unless ``--json`` is given.
+
+Elements: a checkpoint records the elements of its training split. Data with an element the model
+never saw is refused, naming the element (its energies would be finite and meaningless);
+``--allow-unseen-elements`` evaluates anyway, with one warning per element. Checkpoints written
+before elements were recorded are not checked.
 """
 
 from __future__ import annotations
@@ -31,18 +36,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from scalable_equiformer.cli import ArgumentParser, output_file, positive_int
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a best.pt / last.pt, or a run folder (its best.pt)")
     p.add_argument("--data", required=True, help="dataset file or catalog name (e.g. md17_aspirin)")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
     p.add_argument("--root", default=None, help="data folder for catalog names (default: the checkpoint's data.root)")
-    p.add_argument("--json", default=None, help="write the metrics here")
-    p.add_argument("--batch-size", type=int, default=None, help="molecules per batch (default train.eval_batch_size)")
+    p.add_argument("--json", type=output_file, default=None, help="write the metrics to this file")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="molecules per batch, >= 1 (default train.eval_batch_size)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N frames of the split")
-    p.add_argument("--partitions", type=int, default=1,
-                   help="split each molecule's graph over P ranks (parallel.graph_partitions); without a launcher, "
+    p.add_argument("--max-frames", type=positive_int, default=None, help="evaluate only the first N >= 1 frames of the split")
+    p.add_argument("--partitions", type=positive_int, default=1,
+                   help="split each molecule's graph over P >= 1 ranks (parallel.graph_partitions); without a launcher, "
                         "P local CPU processes are started")
+    p.add_argument("--allow-unseen-elements", action="store_true",
+                   help="evaluate data with elements the model never saw in training (warns) instead of refusing")
     args = p.parse_args(argv)
 
     from scalable_equiformer.errors import UserError
@@ -61,6 +71,8 @@ def evaluate_checkpoint(args) -> dict:
 
     if args.partitions < 1:
         raise UserError(f"--partitions must be >= 1, not {args.partitions}")
+    if args.json is not None and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json}: is a folder; give a file name, e.g. {Path(args.json) / 'metrics.json'}")
     if args.partitions > 1 and launched_ranks() == 1:
         return _evaluate_on_local_ranks(args)
     return _evaluate(args)
@@ -102,12 +114,14 @@ def _rank_main(rank: int, world: int, args, tmp: str) -> None:
 
 
 def _evaluate(args) -> dict:
+    import warnings
+
     import numpy as np
 
     from scalable_equiformer import runtime
     from scalable_equiformer.data import load_dataset, load_splits, make_splits
     from scalable_equiformer.errors import DataError, UserError
-    from scalable_equiformer.training.checkpoint import load_model, write_json
+    from scalable_equiformer.training.checkpoint import check_atomic_numbers, load_model, write_json
     from scalable_equiformer.training.metrics import UNITS_HEADER, evaluate
     from scalable_equiformer.training.trainer import resolve_data_path
 
@@ -119,6 +133,15 @@ def _evaluate(args) -> dict:
     if Path(data_arg).suffix or "/" in data_arg:
         data_arg = resolve_data_path(data_arg, root)
     dataset = load_dataset(data_arg, root=root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_atomic_numbers(dataset.z, max_atomic_number=getattr(model, "max_atomic_number", None),
+                             elements=meta.get("elements"), where=f"{dataset.path} with {path}",
+                             strict=not args.allow_unseen_elements,
+                             hint="--allow-unseen-elements evaluates anyway")
+    if info.is_main:
+        for w in caught:  # one line each, on rank 0
+            print(f"warning: {w.message}", file=sys.stderr)
 
     n = len(dataset)
     if args.split == "all":

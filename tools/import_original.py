@@ -21,56 +21,32 @@ not map is refused with one line.
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
-
-
-def _positive_finite(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from scalable_equiformer.cli import ArgumentParser, finite_float, output_file, positive_float, positive_int
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="the original's checkpoint (*.pth.tar: {'state_dict': ...})")
     p.add_argument("--config", required=True, help="config file or name in configs/ with the original's architecture (e.g. md17_aspirin)")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. model.dtype=float64")
-    p.add_argument("--out", required=True, help="where to write the imported checkpoint (.pt)")
-    p.add_argument("--energy-mean", type=_finite, default=None, help="mean total energy of the original's training split")
-    p.add_argument("--energy-std", type=_positive_finite, default=None,
+    p.add_argument("--out", required=True, type=output_file, help="where to write the imported checkpoint (.pt)")
+    p.add_argument("--energy-mean", type=finite_float, default=None, help="mean total energy of the original's training split")
+    p.add_argument("--energy-std", type=positive_float, default=None,
                    help="standard deviation of the total energies of the original's training split")
     p.add_argument("--units", choices=["kcal/mol", "eV"], default="kcal/mol", help="units of --energy-mean/--energy-std")
-    p.add_argument("--num-atoms", type=_positive_int, default=None,
+    p.add_argument("--num-atoms", type=positive_int, default=None,
                    help="atoms of the molecule (default: from --data, or the config's catalog dataset)")
     p.add_argument("--data", default=None, help="compute mean and std from the original's training split of this file")
     p.add_argument("--root", default=None, help="data folder for catalog names (default: the config's data.root)")
+    p.add_argument("--elements", default=None, metavar="H,C,O",
+                   help="elements of the original's training data (default: those of --data; else not recorded, "
+                        "and the calculator cannot refuse elements the model never saw)")
     args = p.parse_args(argv)
     if args.data is None and (args.energy_mean is None or args.energy_std is None):
         p.error("give --energy-mean and --energy-std, or --data FILE to compute them")
@@ -88,8 +64,6 @@ def run(args) -> Path:
 
     config = load_config(args.config, [s for group in args.overrides for s in group])
     out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'model.pt'}")
     source = {"file": str(Path(args.checkpoint).resolve()), "config": str(args.config)}
     force_rms = None
     if args.data is not None:
@@ -117,26 +91,39 @@ def run(args) -> Path:
                 raise UserError("--num-atoms is needed: the config names no catalog dataset to take it from")
             num_atoms = get_info(config.data.name).num_atoms
         source.update(energy_mean=args.energy_mean, energy_std=args.energy_std, units=args.units)
+    elements = None
+    if args.data is not None:
+        elements = sorted({int(x) for x in ds.z.reshape(-1).tolist()})
+    if args.elements is not None:
+        from ase.data import atomic_numbers
+
+        names = [e.strip() for e in args.elements.split(",") if e.strip()]
+        unknown = [e for e in names if e not in atomic_numbers]
+        if unknown or not names:
+            raise UserError(f"--elements {args.elements!r}: not chemical symbols: {', '.join(unknown) or '(none given)'}")
+        elements = sorted({atomic_numbers[e] for e in names})
     if args.num_atoms is not None and args.num_atoms != num_atoms:
         raise UserError(f"--num-atoms {args.num_atoms} but the data has {num_atoms} atoms")
     model, stats = import_original(args.checkpoint, config, mean, std, num_atoms, force_rms)
-    save_checkpoint(out, imported_payload(model, config, stats, source))
+    save_checkpoint(out, imported_payload(model, config, stats, source, elements))
     n = sum(p.numel() for p in model.parameters())
     print(f"imported {args.checkpoint} -> {out}: {n:,} parameters, {config.model.dtype}; "
           f"energy mean {mean:.6f} eV, std {std:.6f} eV, {num_atoms} atoms")
+    if elements is None:
+        print("note: the training elements are not recorded (give --data or --elements H,C,O): the calculator and "
+              "evaluate.py cannot refuse elements the model never saw")
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from scalable_equiformer.errors import UserError
+    from scalable_equiformer.cli import exit_on_user_error
 
-    try:
+    def go() -> int:
         run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return exit_on_user_error(go)
 
 
 if __name__ == "__main__":

@@ -175,31 +175,36 @@ def fmt_gib(b):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    from scalable_equiformer.cli import (ArgumentParser, int_range, memory_size, nonnegative_int, output_file,
+                                         positive_float, positive_int, positive_int_list)
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help="config file or name in configs/ (default: the dataclass defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="data file (sGDML npz / rMD17 npz / extxyz): frames 0..B-1")
-    src.add_argument("--atoms", type=int, help="synthetic molecule of N atoms (AT-AT copies at real density)")
-    p.add_argument("--batch-size", type=int, help="molecules per step (default train.batch_size)")
+    src.add_argument("--atoms", type=positive_int, help="synthetic molecule of N atoms (AT-AT copies at real density)")
+    p.add_argument("--batch-size", type=positive_int, help="molecules per step (default train.batch_size)")
     p.add_argument("--levers", action="append", metavar="SPEC", help="none | all | config | a,b=v,... (repeatable; default config)")
     p.add_argument("--compare", action="store_true", help="profile the standard ladder of lever sets")
     p.add_argument("--sweep", choices=["atoms"], help="profile a series of synthetic molecule sizes")
-    p.add_argument("--sweep-atoms", default="30,60,120,240", help="sizes for --sweep atoms (default 30,60,120,240)")
-    p.add_argument("--json", help="write the runs as JSON here")
-    p.add_argument("--plot", help="write a PNG here (memory per lever set, or memory vs atoms with --sweep)")
+    p.add_argument("--sweep-atoms", type=positive_int_list, default=[30, 60, 120, 240],
+                   help="sizes for --sweep atoms (default 30,60,120,240)")
+    p.add_argument("--json", type=output_file, help="write the runs as JSON to this file")
+    p.add_argument("--plot", type=output_file,
+                   help="write a PNG to this file (memory per lever set, or memory vs atoms with --sweep)")
     p.add_argument("--plan", action="store_true", help="pick the fastest lever set that fits --gpu-memory")
-    p.add_argument("--gpu-memory", help="memory budget for --plan, e.g. 40GB (GiB)")
+    p.add_argument("--gpu-memory", type=memory_size, help="memory budget for --plan, e.g. 40GB (GiB)")
     p.add_argument("--allow-bf16", action="store_true", help="let --plan choose bf16 (changes numerics by ~2%%)")
     p.add_argument("--estimate-only", action="store_true", help="no measurement, estimates only")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per measurement (default 1)")
-    p.add_argument("--timing-steps", type=int, default=2, help="timed steps after the measured one")
-    p.add_argument("--zero-stage", type=int, help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
-    p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks for the ZeRO breakdown")
-    p.add_argument("--gpus", type=int, help="GPUs for --plan (default --ranks): data parallel x graph partitions")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads per measurement (default 1)")
+    p.add_argument("--timing-steps", type=nonnegative_int, default=2, help="timed steps after the measured one")
+    p.add_argument("--zero-stage", type=int_range(0, 3), help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
+    p.add_argument("--ranks", type=positive_int, default=1, help="data-parallel ranks for the ZeRO breakdown")
+    p.add_argument("--gpus", type=positive_int, help="GPUs for --plan (default --ranks): data parallel x graph partitions")
+    p.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per measurement")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -220,10 +225,12 @@ def run(args) -> int:
     batch = args.batch_size or cfg.train.batch_size
     if args.plan and not args.gpu_memory:
         raise UserError("--plan needs --gpu-memory, e.g. --gpu-memory 40GB")
+    if args.gpu_memory is not None:  # before anything is measured
+        planner.check_budget(args.gpu_memory, f"{args.gpu_memory / GiB:g} GiB")
     if args.sweep == "atoms":
         if args.data:
             print("note: --sweep atoms uses synthetic molecules; --data is ignored")
-        sizes = [int(x) for x in args.sweep_atoms.split(",") if x.strip()]
+        sizes = list(args.sweep_atoms)
         sources = [(None, n) for n in sizes]
     else:
         data, atoms, note = molecule_source(args, cfg)
@@ -306,7 +313,7 @@ def run(args) -> int:
 
     plan_out = None
     if args.plan:
-        budget = planner.parse_bytes(args.gpu_memory)
+        budget = args.gpu_memory
         gpus = args.gpus or args.ranks
         if gpus < 1:
             raise UserError(f"--gpus {gpus}: must be >= 1")
@@ -345,8 +352,9 @@ def run(args) -> int:
                "activation_profiles": {k: v.as_dict() for k, v in profiles.items()}}
         if plan_out:
             doc["plan"] = plan_out
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        from scalable_equiformer.training.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
     if args.plot:
         _plot(runs, args.plot, sweep=args.sweep == "atoms", measured=not args.estimate_only)

@@ -7,7 +7,7 @@ and a bar plot against the published numbers.
     python tools/reproduce.py md17 --ablation                        # aspirin, 3 attention variants
     python tools/reproduce.py md22 --systems atat dha --data-root data
     python tools/reproduce.py md17 --collect-only                    # table from existing run folders
-    python tools/reproduce.py md17 --quick                           # minutes on a CPU: tiny model, real ethanol
+    python tools/reproduce.py md17 --quick                           # a minute on a CPU: tiny model, shipped aspirin data
     python tools/reproduce.py md17 --dry-run                         # print the commands
 
 Runs land in ``<out>/<suite>/<run>/`` (suite = md17_l2, md17_l3, md17_ablation, md22); the table is
@@ -29,9 +29,10 @@ from scalable_equiformer import reproduce as rp  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    from scalable_equiformer.cli import ArgumentParser, positive_int
+
+    p = ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("suite", choices=["md17", "md22"], help="which table")
     p.add_argument("--molecules", "--systems", nargs="+", metavar="NAME", dest="molecules",
                    help="subset of molecules (md17) or systems (md22: atat atat_cgcg ac_ala3_nhme dha "
@@ -39,18 +40,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lmax", type=int, default=2, choices=[2, 3], help="md17: configs md17_<mol>[_l3] (default 2)")
     p.add_argument("--ablation", action="store_true",
                    help="md17: aspirin with non-linear+MLP, linear+MLP and linear+dot-product attention")
-    p.add_argument("--epochs", type=int, help="train.max_epochs for every run")
+    p.add_argument("--epochs", type=positive_int, help="train.max_epochs for every run")
     p.add_argument("--data-root", help="data.root for every run (where the catalog .npz files are)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", nargs="+", dest="sets",
                    help="config override for every run (repeatable; wins over the tool's own settings)")
     p.add_argument("--launcher", choices=["python", "deepspeed"], default="python",
                    help="python train.py (default) or the deepspeed launcher")
-    p.add_argument("--nproc", type=int, help="deepspeed launcher: --num_gpus")
+    p.add_argument("--nproc", type=positive_int, help="deepspeed launcher: --num_gpus")
     p.add_argument("--quick", action="store_true",
-                   help="tiny model, 2 epochs, 100 frames; ethanol reads the real MD17 ethanol file in "
-                        "../shared/data/real (default molecule: ethanol)")
-    p.add_argument("--quick-data", type=Path, help=f"--quick: the npz file for ethanol (default {rp.QUICK_DATA})")
+                   help="tiny model, 2 epochs, 100 frames; aspirin reads the GFN2-xTB aspirin frames shipped in "
+                        "the package (not MD17 data; default molecule: aspirin)")
+    p.add_argument("--quick-data", type=Path,
+                   help=f"--quick: the data file for aspirin (default: the shipped {rp.QUICK_DATA.name})")
     p.add_argument("--collect-only", action="store_true", help="no training: table from existing run folders")
     p.add_argument("--rerun", action="store_true", help="train runs again even when results.json exists")
     p.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
@@ -62,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_suite(args: argparse.Namespace) -> rp.Suite:
     if args.suite == "md17":
-        molecules = args.molecules or (["ethanol"] if args.quick and not args.ablation else None)
+        molecules = args.molecules or ([rp.QUICK_MOLECULE] if args.quick and not args.ablation else None)
         suite = rp.md17_suite(molecules, lmax=args.lmax, ablation=args.ablation)
     else:
         if args.ablation or args.lmax != 2:

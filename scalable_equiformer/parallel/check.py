@@ -407,21 +407,23 @@ def _parse_tile(text: str | None):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    from ..cli import ArgumentParser, nonnegative_float, output_file, positive_float, positive_int, tile_spec  # noqa: PLC0415
+
+    ap = ArgumentParser(
         prog="python -m scalable_equiformer.parallel.check",
         description="Partitioned model vs single process: energies (eV), forces (eV/Å), parameter gradients.",
     )
     ap.add_argument("--config", help="YAML path or name in configs/ (its model section); default: tiny model")
     ap.add_argument("--data", required=True, help="data file (sGDML npz, ...) or catalog name")
-    ap.add_argument("--partitions", "-P", type=int, required=True)
-    ap.add_argument("--frames", type=int, default=1, help="first K frames, as one batch")
-    ap.add_argument("--tile", help="AxBxC copies of each frame (a large system), e.g. 3x3x2")
-    ap.add_argument("--gap", type=float, default=2.0, help="Å between tiled copies")
+    ap.add_argument("--partitions", "-P", type=positive_int, required=True)
+    ap.add_argument("--frames", type=positive_int, default=1, help="first K >= 1 frames, as one batch")
+    ap.add_argument("--tile", type=tile_spec, help="AxBxC copies of each frame (a large system), e.g. 3x3x2")
+    ap.add_argument("--gap", type=nonnegative_float, default=2.0, help="Å between tiled copies")
     ap.add_argument("--tiny", action="store_true", help="use the tiny model (cutoff etc. from the config)")
     ap.add_argument("--dtype", choices=["float32", "float64"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    ap.add_argument("--tolerance", type=float)
-    ap.add_argument("--json", help="write the report here")
+    ap.add_argument("--tolerance", type=positive_float)
+    ap.add_argument("--json", type=output_file, help="write the report to this file")
     args = ap.parse_args(argv)
     from ..errors import UserError  # noqa: PLC0415
 

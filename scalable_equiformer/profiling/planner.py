@@ -157,6 +157,26 @@ def _default_chunks(edges: int) -> list[int]:
     return sizes
 
 
+def usable_bytes(budget_bytes: int, *, device: str = "cuda", headroom: float = HEADROOM,
+                 reserve: float = RESERVE) -> int:
+    """What a step may use of ``budget_bytes``: minus the allocator's headroom and, on CUDA, the
+    runtime's reserve (context, kernels). Zero or less: nothing can fit.
+
+    >>> usable_bytes(40 * 2**30) / 2**30
+    35.5
+    """
+    return int(budget_bytes * (1.0 - headroom) - (reserve if device.startswith("cuda") else 0))
+
+
+def check_budget(budget_bytes: int, text: str, *, device: str = "cuda") -> None:
+    """UserError when ``budget_bytes`` (as the user wrote it: ``text``) leaves nothing for a step."""
+    if usable_bytes(budget_bytes, device=device) <= 0:
+        least = RESERVE / (1.0 - HEADROOM) / 2**30
+        raise UserError(f"--gpu-memory {text}: below what the CUDA runtime reserves ({RESERVE / 2**30:.1f} GiB for its "
+                        f"context and kernels, plus {HEADROOM:.0%} allocator headroom): nothing can fit; give the "
+                        f"GPU's memory (more than {least:.2f} GiB), e.g. 40GB")
+
+
 def plan(estimator: Callable[..., int], budget_bytes: int, *, batch: int, edges: int,
          device: str = "cuda", precisions: Iterable[str] = ("fp32",), headroom: float = HEADROOM,
          reserve: float = RESERVE, timer: Optional[Callable[[Levers], float]] = None,
@@ -169,7 +189,7 @@ def plan(estimator: Callable[..., int], budget_bytes: int, *, batch: int, edges:
     of one rank (e.g. :func:`estimate.estimate`); ``timer`` maps Levers to the relative step time
     (default :func:`relative_time`, with ``edge_fractions[P]`` the largest part's edge share).
     """
-    usable = int(budget_bytes * (1.0 - headroom) - (reserve if device.startswith("cuda") else 0))
+    usable = usable_bytes(budget_bytes, device=device, headroom=headroom, reserve=reserve)
     fractions = edge_fractions or {}
     timer = timer or (lambda lv: relative_time(lv, batch=batch, edges=edges, device=device, gpus=gpus,
                                                edge_fraction=fractions.get(lv.graph_partitions), num_blocks=num_blocks))

@@ -1,8 +1,9 @@
 """Molecules to profile: frames of a data file, or synthetic molecules of N atoms at a real density.
 
-A synthetic molecule of N atoms is built from copies of one AT-AT frame (the shipped xtb file,
-60 atoms, two stacked Watson-Crick pairs). Copies get a seeded random orientation and are packed
-one by one as close to the cluster centre as a 2.5 Å minimum contact allows, which gives a
+A synthetic molecule of N atoms is built from copies of one AT-AT frame (frame 0 of the GFN2-xTB
+AT-AT run shipped in ``scalable_equiformer/demo_data/``, 60 atoms, two stacked Watson-Crick pairs).
+Copies get a seeded random orientation and are packed one by one as close to the cluster centre as
+a 2.5 Å minimum contact allows, which gives a
 globular molecule with the neighbour density of real ones: 27.7 edges per atom at 120 atoms and a
 5 Å cutoff (the original Equiformer measurement used a 120-atom system with 3,306 edges, 27.6 per
 atom). The last copy is cut to N atoms. Building N atoms and taking the first M < N gives the same
@@ -22,10 +23,11 @@ import numpy as np
 
 from ..errors import DataError
 
-#: The shipped frame tiled by :func:`synthetic_molecule` (60 atoms, C20H22N14O4).
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-ATAT_FILE = SHARED_DATA / "xtb" / "AT-AT_xtb_500K.npz"
-ASPIRIN_FILE = SHARED_DATA / "xtb" / "aspirin_xtb_500K.npz"
+#: Data shipped inside the package (GFN2-xTB MD made for this project; see demo_data/README.md).
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"
+#: 20 frames of the AT-AT run (60 atoms, C20H22N14O4); frame 0 is tiled by :func:`synthetic_molecule`.
+ATAT_FILE = DEMO_DATA / "AT-AT_xtb_500K_20frames.npz"
+ASPIRIN_FILE = DEMO_DATA / "aspirin_xtb_500K.npz"
 
 CONTACT = 2.5  # Å: minimum distance between atoms of different copies
 

@@ -222,6 +222,11 @@ class Trainer:
         cfg = self.cfg
         self.resume_ckpt = None
         if self.resume is not None:
+            if not (self.resume / "last.pt").exists() and (self.resume / "config.yaml").is_file():
+                raise CheckpointError(
+                    f"{self.resume}: the run stopped before its first checkpoint (no last.pt), so there is nothing to "
+                    f"resume; start it again without --resume after deleting {self.resume} (or with another "
+                    "train.run_name)")
             self.resume_ckpt = ckpt_io.load_checkpoint(self.resume / "last.pt")
             ckpt_io.check_same_model(self.resume_ckpt["config"], cfg.to_dict(), self.resume / "last.pt")
             saved_data = self.resume_ckpt["config"].get("data", {})
@@ -325,6 +330,13 @@ class Trainer:
         self.elapsed_before = 0.0
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
+            exc = None
+            if info.is_main:
+                try:
+                    self._repair_best()
+                except CheckpointError as e:
+                    exc = e
+            _error_everywhere(exc, info, self.device)
         self._open_writers()
         self._log_header()
 
@@ -344,6 +356,13 @@ class Trainer:
             self.splits = make_splits(n, cfg.data.train_size, cfg.data.val_size, cfg.data.test_size, cfg.data.seed,
                                       source=self.dataset.path)
         self.train_ds = self.dataset.subset(self.splits["train"])
+        # the elements the model and the statistics see; recorded in every checkpoint
+        self.elements = sorted({int(x) for x in self.train_ds.z.reshape(-1).tolist()})
+        z_max = int(self.dataset.z.max()) if self.dataset.num_atoms else 0
+        if z_max >= cfg.model.max_atomic_number:  # checked before the run folder is made
+            raise ConfigError(f"{self.dataset.path}: atomic number {z_max} ({ckpt_io.element_label(z_max).split()[0]}) "
+                              f"is not below model.max_atomic_number ({cfg.model.max_atomic_number}); set "
+                              f"model.max_atomic_number to {z_max + 1} or more")
         self.val_idx = np.asarray(self.splits["val"])
         if cfg.train.max_eval_frames is not None:
             self.val_idx = self.val_idx[: cfg.train.max_eval_frames]
@@ -366,6 +385,10 @@ class Trainer:
                     name = cfg.train.run_name or f"{_dataset_label(cfg)}_{datetime.now():%Y%m%d-%H%M%S}"
                     path = Path(cfg.train.out_dir) / name
                     if RunFolder(path).holds_run():
+                        if not (path / "last.pt").exists():
+                            raise ConfigError(f"{path}: the run folder holds a run that stopped before its first "
+                                              f"checkpoint (no last.pt), which cannot be resumed; delete {path}, or "
+                                              "choose another train.run_name")
                         raise ConfigError(f"{path}: the run folder already holds a run; resume it with "
                                           f"--resume {path}, or choose another train.run_name")
                     path.mkdir(parents=True, exist_ok=True)
@@ -454,6 +477,7 @@ class Trainer:
             "step": self.step,
             "metrics": metrics,
             "units": "energy eV, forces eV/Å; metrics meV and meV/Å per component",
+            "elements": self.elements,
         }
 
     def _save(self, metrics: dict, is_best: bool) -> None:
@@ -461,6 +485,7 @@ class Trainer:
         eval_state = live if self.ema is None else {**live, **{k: v.clone() for k, v in self.ema.shadow.items()}}
         tag = f"epoch{self.epoch:05d}"
         ds_tag = self.engine.save_sharded(self.run.path, tag)  # collective under DeepSpeed
+        exc = None
         if self.info.is_main:
             payload = self._payload(eval_state, metrics)
             payload.update({
@@ -474,12 +499,71 @@ class Trainer:
                             "zero_stage": self.engine.zero_stage},
                 "rng": ckpt_io.rng_state(),
             })
-            ckpt_io.save_checkpoint(self.run / "last.pt", payload)
-            if is_best:
-                ckpt_io.save_checkpoint(self.run / "best.pt", self._payload(eval_state, metrics))
-        _barrier(self.info)
+            # last.pt first: a run stopped between the two writes gets its best.pt back from last.pt
+            # on --resume (see _repair_best)
+            try:
+                ckpt_io.save_checkpoint(self.run / "last.pt", payload)
+                if is_best:
+                    ckpt_io.save_checkpoint(self.run / "best.pt", self._payload(eval_state, metrics))
+            except ckpt_io.CheckpointWriteError as e:
+                exc = self._save_failed(e)
+        _error_everywhere(exc, self.info, self.device)  # also the barrier after the writes
         if self.info.is_main and ds_tag is not None:
             self.engine.remove_sharded(self.run.path, keep=ds_tag)
+
+    def _save_failed(self, e: "ckpt_io.CheckpointWriteError") -> TrainingError:
+        """One line for a checkpoint that could not be written (disk full, ...): which file, what
+        is intact, and how to go on."""
+        run = self.run.path
+        if e.path.name == "best.pt":
+            how = (f"last.pt of epoch {self.epoch} was written; free space, then continue with: "
+                   f"python train.py --resume {run} (best.pt is restored from last.pt)")
+        elif e.intact:
+            how = f"free space, then continue with: python train.py --resume {run}"
+        else:
+            how = (f"the run stopped before its first checkpoint: free space, delete {run} and start it again")
+        return TrainingError(f"{e}; {how}")
+
+    def _repair_best(self) -> None:
+        """Make best.pt agree with last.pt when resuming (rank 0).
+
+        last.pt is written before best.pt. A run stopped between the two has a last.pt whose
+        ``trainer.best_epoch`` is its own epoch and a best.pt of an earlier epoch (or none): best.pt
+        is then written again from last.pt, which holds the same weights (``model``)."""
+        ck = self.resume_ckpt
+        best_epoch = ck["trainer"].get("best_epoch")
+        if best_epoch is None:
+            return
+        path = self.run / "best.pt"
+        held, damage = None, None
+        if path.is_file():
+            try:
+                held = ckpt_io.load_checkpoint(path).get("epoch")
+            except CheckpointError as e:
+                damage = e
+        if damage is None and held == best_epoch:
+            return
+        if int(best_epoch) == int(ck["epoch"]):
+            payload = {k: ck[k] for k in ("config", "stats", "model", "epoch", "step", "metrics", "units") if k in ck}
+            payload["elements"] = ck.get("elements")
+            if payload["elements"] is None:
+                payload["elements"] = self.elements
+            ckpt_io.save_checkpoint(path, payload)
+            was = "was damaged" if damage is not None else ("was missing" if held is None else f"held epoch {held}")
+            log.warning("best.pt %s, but last.pt records epoch %s as the best (the run stopped between writing the "
+                        "two?): best.pt written again from last.pt, which holds the same weights", was, best_epoch)
+            return
+        if damage is not None:
+            raise CheckpointError(f"{damage}; the best weights (epoch {best_epoch}) cannot be recovered from last.pt: "
+                                  "move best.pt away to resume and track the best model again from the next evaluation")
+        if held is None:
+            log.warning("best.pt is missing (the best was epoch %s): the best model is tracked again from the next "
+                        "evaluation", best_epoch)
+            self.best, self.best_epoch = math.inf, None
+            return
+        raise CheckpointError(f"{path}: holds epoch {held}, but last.pt records the best validation at epoch "
+                              f"{best_epoch}: best.pt was replaced since; move it away to track the best model "
+                              "again from the next evaluation")
 
     def _restore(self, ck: dict) -> None:
         path = self.resume / "last.pt"
@@ -644,6 +728,9 @@ class Trainer:
         if not best_path.exists():
             _barrier(info)
         best = ckpt_io.load_checkpoint(best_path)
+        best_val = (best.get("metrics") or {}).get("force_mae_meV_per_A")  # of the weights tested below
+        if best_val is None and math.isfinite(self.best) and best.get("epoch") == self.best_epoch:
+            best_val = self.best
         module = self.eval_wrapper
         ckpt_io.load_model_state(self.template, best["model"], best_path)
         test_idx = np.asarray(self.splits["test"])
@@ -659,7 +746,7 @@ class Trainer:
             "n_test_frames": int(metrics.get("n_frames", 0)),
             "checkpoint": str(best_path),
             "best_epoch": best.get("epoch"),
-            "best_val_force_mae_meV_per_A": None if not math.isfinite(self.best) else self.best,
+            "best_val_force_mae_meV_per_A": best_val,
             "epochs": self.epoch,
             "steps": self.step,
             "wall_time_s": round(self.elapsed(), 1),

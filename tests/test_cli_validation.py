@@ -1,0 +1,196 @@
+"""Command lines (issue 12): every numeric argument of every tool is checked when the command line
+is parsed, and bad input gives one line ``error: ...`` naming the argument or file, exit status 2,
+no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from test_train_common import DEMO_DATA, REPO, tiny_config
+
+#: every command-line entry point of the product: (name, path)
+TOOLS = {
+    "train": REPO / "train.py",
+    "evaluate": REPO / "tools" / "evaluate.py",
+    "memory_profile": REPO / "tools" / "memory_profile.py",
+    "reproduce": REPO / "tools" / "reproduce.py",
+    "bench_model": REPO / "tools" / "bench_model.py",
+    "bench_partition": REPO / "tools" / "bench_partition.py",
+    "download": REPO / "tools" / "download.py",
+    "memory_tables": REPO / "tools" / "memory_tables.py",
+    "import_original": REPO / "tools" / "import_original.py",
+    "parallel_check": REPO / "scalable_equiformer" / "parallel" / "check.py",
+}
+
+
+def _module(name):
+    if name == "parallel_check":
+        from scalable_equiformer.parallel import check
+
+        return check
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", TOOLS[name])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _main(name, argv, capsys):
+    """(exit status, stdout, stderr) of ``main(argv)`` of a tool, in this process."""
+    mod = _module(name)
+    capsys.readouterr()
+    argv0, sys.argv[0] = sys.argv[0], str(TOOLS[name])  # the program name in messages
+    try:
+        rc = mod.main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    finally:
+        sys.argv[0] = argv0
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _parsers(name, monkeypatch):
+    """The argparse parsers a tool builds (captured at parse_args; nothing runs)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, args=None, namespace=None):
+        seen.append(self)
+        raise Stop
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(sys, "argv", [str(TOOLS[name])])
+    mod = _module(name)
+    if hasattr(mod, "parse_args") and name == "reproduce":
+        with pytest.raises(Stop):
+            mod.parse_args([])
+    elif name != "memory_tables":
+        with pytest.raises(Stop):
+            mod.main([])
+    monkeypatch.undo()
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_no_numeric_argument_is_left_unchecked(name, monkeypatch):
+    """Plain ``type=int`` / ``type=float`` accepts -1, 0, nan: every numeric argument must use a
+    checking type from scalable_equiformer.cli (or fixed choices)."""
+    parsers = _parsers(name, monkeypatch)
+    if name == "memory_tables":  # takes file names only
+        assert parsers == []
+        return
+    assert parsers, name
+    unchecked = [a.option_strings or a.dest for p in parsers for a in p._actions
+                 if a.type in (int, float) and not a.choices]
+    assert unchecked == [], f"{name}: {unchecked}"
+
+
+BAD = [
+    ("evaluate", ["ckpt.pt", "--data", "x.npz", "--max-frames", "0"], "--max-frames"),
+    ("evaluate", ["ckpt.pt", "--data", "x.npz", "--partitions", "0"], "--partitions"),
+    ("memory_profile", ["--atoms", "0"], "--atoms"),
+    ("memory_profile", ["--batch-size", "-2"], "--batch-size"),
+    ("memory_profile", ["--threads", "0"], "--threads"),
+    ("memory_profile", ["--timing-steps", "-1"], "--timing-steps"),
+    ("memory_profile", ["--zero-stage", "4"], "--zero-stage"),
+    ("memory_profile", ["--ranks", "0"], "--ranks"),
+    ("memory_profile", ["--gpus", "0"], "--gpus"),
+    ("memory_profile", ["--timeout", "nan"], "--timeout"),
+    ("memory_profile", ["--sweep-atoms", "30,0"], "--sweep-atoms"),
+    ("memory_profile", ["--gpu-memory", "40XB", "--plan"], "--gpu-memory"),
+    ("memory_profile", ["--gpu-memory", "-4GB", "--plan"], "--gpu-memory"),
+    ("reproduce", ["md17", "--epochs", "0"], "--epochs"),
+    ("reproduce", ["md17", "--nproc", "-1"], "--nproc"),
+    ("bench_model", ["--repeats", "0"], "--repeats"),
+    ("bench_model", ["--batch-size", "0"], "--batch-size"),
+    ("bench_model", ["--threads", "-1"], "--threads"),
+    ("bench_partition", ["--partitions", "2", "0"], "--partitions"),
+    ("bench_partition", ["--repeats", "0"], "--repeats"),
+    ("bench_partition", ["--cutoff", "0"], "--cutoff"),
+    ("bench_partition", ["--gap", "-1"], "--gap"),
+    ("bench_partition", ["--train-tile", "3x0x2"], "--train-tile"),
+    ("parallel_check", ["--data", "x.npz", "-P", "0"], "--partitions"),
+    ("parallel_check", ["--data", "x.npz", "-P", "2", "--frames", "0"], "--frames"),
+    ("parallel_check", ["--data", "x.npz", "-P", "2", "--tolerance", "-1e-9"], "--tolerance"),
+    ("train", ["--config", "demo", "--local_rank", "-1"], "--local_rank"),
+    ("import_original", ["c.pth.tar", "--config", "md17_aspirin", "--out", "m.pt", "--energy-mean", "nan",
+                         "--energy-std", "1"], "--energy-mean"),
+    ("import_original", ["c.pth.tar", "--config", "md17_aspirin", "--out", "m.pt", "--energy-mean", "1",
+                         "--energy-std", "0"], "--energy-std"),
+    ("import_original", ["c.pth.tar", "--config", "md17_aspirin", "--out", "m.pt", "--energy-mean", "1",
+                         "--energy-std", "1", "--num-atoms", "0"], "--num-atoms"),
+]
+
+
+@pytest.mark.parametrize("name,argv,arg", BAD, ids=[f"{n}:{' '.join(a)}" for n, a, _ in BAD])
+def test_bad_numbers_are_refused_when_parsing(name, argv, arg, capsys):
+    rc, out, err = _main(name, argv, capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and f"argument {arg}" in lines[0] and "Traceback" not in err
+    assert out == ""  # refused before anything ran
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from scalable_equiformer.training import run
+
+    root = tmp_path_factory.mktemp("cli")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(tiny_config(root, "logging.tensorboard=false", "logging.plot=false", epochs=1, test=8))
+    finally:
+        torch.set_num_threads(n)
+    return root / "run" / "best.pt"
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_evaluate_batch_size_must_be_positive(checkpoint, value, capsys):
+    """Today: -1 evaluated 0 frames and reported MAE 0.0000 (exit 0); 0 used the default."""
+    rc, out, err = _main("evaluate", [str(checkpoint), "--data", str(DEMO_DATA), "--batch-size", value], capsys)
+    assert rc == 2 and out == "", out
+    assert err.strip() == f"error: evaluate.py: argument --batch-size: must be an integer >= 1, not '{value}' (see --help)"
+
+
+def test_evaluate_json_naming_a_folder(checkpoint, tmp_path, capsys):
+    rc, out, err = _main("evaluate", [str(checkpoint), "--data", str(DEMO_DATA), "--json", str(tmp_path)], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and out == ""
+    assert f"argument --json: {tmp_path} is a folder; give a file name" in lines[0]
+
+
+def test_memory_profile_gpu_memory_below_the_runtime_reserve(tmp_path, capsys):
+    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", "--gpu-memory", "256MB",
+                                            "--json", str(tmp_path / "p.json")], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: --gpu-memory 0.25 GiB: below what the CUDA runtime reserves (0.5 GiB")
+    assert "nothing can fit" in lines[0]
+    assert out == "" and not (tmp_path / "p.json").exists()  # refused before estimating or measuring
+
+
+def test_memory_profile_json_naming_a_folder(tmp_path, capsys):
+    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--json", str(tmp_path)], capsys)
+    assert rc == 2 and out == "" and "argument --json" in err and "is a folder" in err
+
+
+def test_binary_file_as_config(tmp_path, capsys):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    for name, argv in (("train", ["--config", str(binary)]), ("memory_profile", ["--config", str(binary), "--estimate-only"])):
+        rc, out, err = _main(name, argv, capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, (name, err)
+        assert lines[0] == (f"error: {binary}: not a text file (binary data); --config takes a YAML file or a name "
+                            "in configs/"), name
+    npz = DEMO_DATA  # a data file passed as the config by mistake
+    rc, _, err = _main("train", ["--config", str(npz)], capsys)
+    assert rc == 2 and "not a text file" in err and len(err.strip().splitlines()) == 1
