@@ -80,6 +80,18 @@ def test_ema():
     assert other.updates == 1 and torch.equal(other.shadow["a"], ema.shadow["a"])
 
 
+def test_ema_state_loads_onto_the_device_of_the_weights():
+    """A resumed GPU run reads its checkpoint onto the CPU; the averages must go back to where the
+    weights are (here the meta device stands in for a GPU)."""
+    from scalable_equiformer.training.ema import EMA
+
+    saved = EMA({"a": torch.ones(3, dtype=torch.float64)}, 0.5).state_dict()
+    live = EMA({"a": torch.zeros(3, device="meta")}, 0.5)
+    live.load_state_dict(saved)
+    assert live.shadow["a"].device.type == "meta" and live.shadow["a"].dtype == torch.float32
+    live.update({"a": torch.zeros(3, device="meta")})
+
+
 def test_checkpoint_atomic_weights_only_and_corrupt(tmp_path):
     from scalable_equiformer.training.checkpoint import check_same_model, load_checkpoint, save_checkpoint
 

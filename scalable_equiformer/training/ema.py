@@ -33,10 +33,14 @@ class EMA:
         return {"decay": self.decay, "updates": self.updates, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Checkpoints are read onto the CPU (``map_location="cpu"``): each average goes to the
+        device and dtype of the weights it follows, or the first ``update`` on a GPU would mix
+        devices."""
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
         for k, v in state["shadow"].items():
-            self.shadow[k] = v.clone()
+            old = self.shadow.get(k)
+            self.shadow[k] = v.to(device=old.device, dtype=old.dtype, copy=True) if old is not None else v.clone()
 
 
 __all__ = ["EMA"]
