@@ -14,7 +14,9 @@ Launch modes handled by :func:`init_distributed`:
 
 Backend: nccl on CUDA, gloo on CPU. On CPU DeepSpeed would compile its shared-memory
 communication op (``deepspeed_shm_comm``, 1-2 min) on first use; :func:`patch_deepspeed_cpu`
-replaces its builder with a no-op (gloo does the communication) and sets ``DS_ACCELERATOR=cpu``.
+replaces its builder with a no-op (gloo does the communication). DeepSpeed's accelerator follows the
+training device: :func:`deepspeed_accelerator` sets ``DS_ACCELERATOR`` (cuda or cpu) and refuses a
+conflicting one.
 """
 
 from __future__ import annotations
@@ -154,6 +156,27 @@ def patch_deepspeed_cpu() -> None:
     module.build_shm_op = build_shm_op
 
 
+def deepspeed_accelerator(device: torch.device) -> str:
+    """Point DeepSpeed at the training device: ``DS_ACCELERATOR`` = ``cuda`` or ``cpu``. Call before
+    ``deepspeed`` is imported. DeepSpeed picks its accelerator once per process, from
+    ``DS_ACCELERATOR`` or by probing; one that differs from ``device`` (``DS_ACCELERATOR=cpu`` left
+    in the environment of a GPU run, or ``train.device=cpu`` on a GPU machine after DeepSpeed chose
+    CUDA) would put its buffers and collectives on the other device, so it is a ConfigError."""
+    from .errors import ConfigError
+
+    want = "cuda" if device.type == "cuda" else "cpu"
+    have = os.environ.get("DS_ACCELERATOR")
+    if have and have != want:
+        raise ConfigError(f"DS_ACCELERATOR={have} in the environment, but training runs on {device} (train.device): "
+                          f"unset DS_ACCELERATOR or set it to {want}")
+    chosen = getattr(sys.modules.get("deepspeed.accelerator.real_accelerator"), "ds_accelerator", None)
+    if chosen is not None and chosen.device_name() != want:
+        raise ConfigError(f"DeepSpeed already chose its {chosen.device_name()} accelerator in this process, but training "
+                          f"runs on {device} (train.device): one process cannot switch")
+    os.environ["DS_ACCELERATOR"] = want
+    return want
+
+
 def configure_threads(info: DistInfo, device: torch.device) -> int:
     """CPU runs: one intra-op thread per rank unless ``OMP_NUM_THREADS`` says otherwise.
 
@@ -190,6 +213,7 @@ def init_distributed(use_deepspeed: bool, device_name: str = "auto", timeout_s: 
     if use_deepspeed:
         if info.world_size == 1:
             set_single_process_env()
+        deepspeed_accelerator(device)
         if device.type == "cpu":
             patch_deepspeed_cpu()
         import deepspeed
@@ -225,6 +249,7 @@ def shutdown_distributed() -> None:
 __all__ = [
     "DistInfo",
     "configure_tf32",
+    "deepspeed_accelerator",
     "default_dtype",
     "init_distributed",
     "launch_env",
