@@ -2,6 +2,8 @@
 
 * DeepSpeed's accelerator follows the training device (``runtime.deepspeed_accelerator``), and the
   process-group backend is nccl for CUDA, gloo for the CPU.
+* The profiler's partition ranks share the GPUs round robin (rank 1 of 2 on a one-GPU machine is
+  on GPU 0, not on a GPU 1 that does not exist).
 """
 
 from __future__ import annotations
@@ -48,3 +50,11 @@ def test_backend_is_nccl_for_cuda_and_gloo_for_cpu(monkeypatch):
     monkeypatch.setattr(runtime, "select_device", lambda name, local_rank=0: torch.device("cpu"))
     info, _ = runtime.init_distributed(use_deepspeed=False, device_name="cpu")
     assert info.backend == "gloo"
+
+
+def test_profiler_ranks_share_the_gpus():
+    from scalable_equiformer.profiling.profiler import cuda_index
+
+    assert [cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    assert [cuda_index(r, 2) for r in range(4)] == [0, 1, 0, 1]
+    assert cuda_index(3, 8) == 3

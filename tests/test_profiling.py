@@ -16,7 +16,7 @@ from scalable_equiformer.config import load_config
 from scalable_equiformer.data.graph import radius_graph
 from scalable_equiformer.profiling import estimate as est
 from scalable_equiformer.profiling import planner, systems
-from scalable_equiformer.profiling.profiler import Request, measure
+from scalable_equiformer.profiling.profiler import Request, measure, measure_many
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.irreps_node=16x0e+8x1e+4x2e", "model.irreps_head=8x0e+4x1e+2x2e",
@@ -274,6 +274,24 @@ def test_partitioned_measurement_reports_the_largest_rank(census_and_runs):
     assert r["peak_bytes"] == max(x["peak_bytes"] for x in ranks)
     assert r["loss"] == pytest.approx(runs["none"]["loss"], rel=1e-4)  # the same model and step
     assert r["activation_bytes"] < 0.8 * runs["none"]["activation_bytes"]
+
+
+def test_measure_many_runs_in_one_process_records_failures_and_stops_at_the_budget():
+    """One worker for all measurements (what a GPU sweep uses): a failing step is recorded and the
+    next one runs; what the time budget does not cover is recorded as not measured."""
+    cfg = load_config(None, ["data.name=x", *SMALL])
+    base = dict(config=cfg.to_dict(), config_name="small", atoms=12, batch=1, timing_steps=0)
+    reqs = [Request(**base, levers={"checkpointing": "none"}), Request(**base, levers={"checkpointing": "bogus"}),
+            Request(**base, levers={"checkpointing": "forces"})]
+    seen = []
+    out = measure_many(reqs, timeout=600, on_result=lambda i, r: seen.append(i))
+    assert seen == [0, 1, 2]
+    for r in (out[0], out[2]):
+        assert r["one_process"] and r["peak_bytes"] >= r["activation_bytes"] > 0 and r["atoms"] == 12
+    assert out[2]["levers"]["checkpointing"] == "forces"
+    assert "bogus" in out[1]["error"] and "peak_bytes" not in out[1]
+    cut = measure_many(reqs, timeout=0.5)
+    assert all(r.get("not_measured") for r in cut) and "time budget" in cut[0]["error"]
 
 
 def test_command_line_json_table_plot_and_plan(tmp_path):

@@ -18,7 +18,12 @@ ratio measured/estimated. --levers takes none, all, config, or comma-separated l
 graph_partitions = parallel.graph_partitions), each optionally =value; it can be repeated to
 compare lever sets. With graph_partitions=P the measurement runs P ranks (gloo on the CPU) on
 one molecule and reports the largest rank's peak and time: what each GPU must hold. --plan
---gpus N also considers graph partitions P dividing N. Sizes are in GiB (2**30 bytes).
+--gpus N also considers graph partitions P dividing N; with several molecules (--sweep) it plans for
+the largest. Sizes are in GiB (2**30 bytes).
+
+--one-process runs all measurements in one subprocess (on a GPU: seconds per measurement instead of
+a process start each; the CUDA peak is reset per measurement), --time-budget S records what is not
+measured within S seconds as such and still writes the JSON (benchmarks/gpu/run.sh uses both).
 """
 
 from __future__ import annotations
@@ -205,6 +210,12 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=positive_int, default=1, help="data-parallel ranks for the ZeRO breakdown")
     p.add_argument("--gpus", type=positive_int, help="GPUs for --plan (default --ranks): data parallel x graph partitions")
     p.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per measurement")
+    p.add_argument("--one-process", action="store_true",
+                   help="all measurements in one subprocess (libraries and CUDA started once; exact on CUDA, where "
+                        "the peak is reset per measurement; approximate on the CPU)")
+    p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
+                   help="seconds for all measurements: those not done in time are recorded as not measured "
+                        "(the JSON is still written)")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -218,7 +229,7 @@ def run(args) -> int:
 
     from scalable_equiformer.profiling import estimate as est
     from scalable_equiformer.profiling import planner
-    from scalable_equiformer.profiling.profiler import Request, measure
+    from scalable_equiformer.profiling.profiler import ProfileError, Request, measure, measure_many
 
     cfg = load(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -263,17 +274,19 @@ def run(args) -> int:
 
     config_name = args.config or "defaults"
     runs = []
+    jobs = []  # (record, request, levers) in the order of the table
     print(f"config {config_name}  device {device}  batch {batch}  parameters {num_params / 1e6:.3f} M  "
           f"ZeRO stage {zero_stage} x {args.ranks} rank(s)  sizes in GiB")
     header = (f"{'levers':<34} {'atoms':>6} {'edges':>7} {'peak':>8} {'activ.':>8} {'est.':>8} {'meas/est':>8} "
               f"{'KB/edge':>8} {'step s':>7} {'cpu s':>7} {'time x':>6}")
     print(header)
     print("-" * len(header))
+    plan_molecule = None  # --plan plans for the largest molecule (the last, in a sweep of growing sizes)
     for data_i, atoms_i in sources:
         n_atoms, edges_max, edges_total, pos_max = molecule_stats(data_i, atoms_i, batch, cfg.model.cutoff)
         part_stats = _PartStats(pos_max, cfg.model.cutoff)
-        last_molecule = (n_atoms, edges_max, part_stats)  # --plan plans for the last one
-        base_time = None
+        if plan_molecule is None or edges_max >= plan_molecule[1]:
+            plan_molecule = (n_atoms, edges_max, part_stats)
         for levers in lever_sets:
             lv = resolve_levers(levers, edges_max)
             lev_obj = est.Levers(**lv)
@@ -283,26 +296,55 @@ def run(args) -> int:
             record = {"config": config_name, "atoms": n_atoms, "edges": edges_total, "batch": batch, "levers": lv,
                       "lever_set": _set_label(levers), "data": data_i, "estimate": e.as_dict(),
                       "estimated_peak_bytes": e.peak_bytes}
+            req = None
             if not args.estimate_only:
                 req = Request(config=cfg.to_dict(), config_name=config_name, data=data_i, atoms=atoms_i, batch=batch,
                               levers={k: lv[k] for k in MEMORY_KEYS}, partitions=lev_obj.graph_partitions,
                               device=device, threads=args.threads, timing_steps=args.timing_steps)
-                m = measure(req, timeout=args.timeout)
-                record.update({k: v for k, v in m.items() if k not in ("config", "levers", "batch")})
-                record["edges"] = m.get("edges", edges_total)
-                if not m.get("oom"):
-                    # this process's model states replaced by the ZeRO stage's, per rank
-                    states0 = m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"]
-                    record["peak_bytes_per_rank"] = m["peak_bytes"] - states0 + e.states.total
-                    record["ratio_measured_estimated"] = m["peak_bytes"] / max(e.peak_bytes - e.states.total + states0, 1)
-                    # per edge that this rank computes (all edges of the step without partitions)
-                    record["bytes_per_edge"] = m["activation_bytes"] / max(m.get("rank_edges", record["edges"]), 1)
-                    t = m.get("step_cpu_seconds") if device == "cpu" else m.get("step_seconds")
-                    if lev_obj.label() == "none":
-                        base_time = t
-                    record["time_ratio"] = t / base_time if base_time else None
             runs.append(record)
+            jobs.append((record, req, lev_obj, e))
+    base_times = {}  # (data, atoms) -> levers-off step time, measured before the other sets (sorted first)
+
+    def take(i, m):
+        record, _, lev_obj, e = jobs[i]
+        record.update({k: v for k, v in m.items() if k not in ("config", "levers", "batch", "atoms")})
+        if not (m.get("oom") or m.get("error") or m.get("not_measured")):
+            record["edges"] = m.get("edges", record["edges"])
+            # this process's model states replaced by the ZeRO stage's, per rank
+            states0 = m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"]
+            record["peak_bytes_per_rank"] = m["peak_bytes"] - states0 + e.states.total
+            record["ratio_measured_estimated"] = m["peak_bytes"] / max(e.peak_bytes - e.states.total + states0, 1)
+            # per edge that this rank computes (all edges of the step without partitions)
+            record["bytes_per_edge"] = m["activation_bytes"] / max(m.get("rank_edges", record["edges"]), 1)
+            t = m.get("step_cpu_seconds") if device == "cpu" else m.get("step_seconds")
+            key = (record["data"], record["atoms"])
+            if lev_obj.label() == "none":
+                base_times[key] = t
+            base = base_times.get(key)
+            record["time_ratio"] = t / base if base else None
+        _print_row(record, lev_obj)
+
+    if args.estimate_only:
+        for i, (record, _, lev_obj, _) in enumerate(jobs):
             _print_row(record, lev_obj)
+    elif args.one_process:
+        measure_many([j[1] for j in jobs], timeout=args.time_budget, on_result=take)
+    else:
+        import time
+
+        deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+        for i, (record, req, _, _) in enumerate(jobs):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                take(i, {"not_measured": True, "error": f"time budget of {args.time_budget:.0f} s used up"})
+                continue
+            try:
+                m = measure(req, timeout=args.timeout if left is None else min(args.timeout, left))
+            except ProfileError as exc:
+                if deadline is None:
+                    raise
+                m = {"error": str(exc).splitlines()[0]}  # with a budget: recorded, the others still run
+            take(i, m)
     if not args.estimate_only:
         print("peak: whole step (model states + activations); activ.: peak minus parameters, gradients and AdamW state; "
               "cpu s: process CPU time (CPU runs, contention-free); time x: step time / levers-off step time")
@@ -317,7 +359,7 @@ def run(args) -> int:
         gpus = args.gpus or args.ranks
         if gpus < 1:
             raise UserError(f"--gpus {gpus}: must be >= 1")
-        n_atoms, edges_max, part_stats = last_molecule
+        n_atoms, edges_max, part_stats = plan_molecule
         precisions = ["fp32", "bf16"] if args.allow_bf16 else [cfg.memory.precision]
 
         def estimator(lv, per_group):
@@ -348,7 +390,8 @@ def run(args) -> int:
 
     if args.json:
         dev = runs[0].get("device") if runs and runs[0].get("device") else device
-        doc = {"device": dev, "config": config_name, "num_params": num_params, "runs": runs,
+        doc = {"device": dev, "config": config_name, "num_params": num_params, "num_blocks": cfg.model.num_blocks,
+               "batch": batch, "one_process": bool(args.one_process), "runs": runs,
                "activation_profiles": {k: v.as_dict() for k, v in profiles.items()}}
         if plan_out:
             doc["plan"] = plan_out
@@ -387,7 +430,11 @@ def _set_label(levers: dict) -> str:
 
 def _print_row(r, lev):
     if r.get("oom"):
-        print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7}  out of memory")
+        print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7}  out of memory (estimate {fmt_gib(r['estimated_peak_bytes']).strip()})")
+        return
+    if r.get("not_measured") or r.get("error"):
+        what = "not measured" if r.get("not_measured") else "failed"
+        print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7}  {what}: {str(r.get('error', ''))[:120]}")
         return
     peak = r.get("peak_bytes")
     ratio = r.get("ratio_measured_estimated")
@@ -411,7 +458,7 @@ def _plot(runs, path, sweep: bool, measured: bool):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}
     for r in runs:
-        if r.get("oom"):
+        if r.get("oom") or (measured and "peak_bytes" not in r):
             continue
         label = r.get("lever_set")
         if label is None:  # records written before lever_set existed

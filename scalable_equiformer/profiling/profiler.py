@@ -20,9 +20,21 @@ optimizer step (with micro-batching, checkpointing and precision as the levers s
 ``step_seconds`` is the median of ``timing_steps`` steps after the measured one.
 
 With ``partitions`` P > 1 (``parallel.graph_partitions``) the subprocess starts P ranks in one
-process group (gloo on the CPU, :func:`~scalable_equiformer.parallel.launch.spawn_local`), each
-running the partitioned model on its part of the same molecules and measuring its own peak;
-the record gives the largest rank's figures (what must fit on each GPU) and ``per_rank``.
+process group (gloo, :func:`~scalable_equiformer.parallel.launch.spawn_local`; with CUDA tensors
+on a GPU machine, rank r on GPU ``r % device_count``), each running the partitioned model on its
+part of the same molecules and measuring its own peak; the record gives the largest rank's figures
+(what must fit on each GPU) and ``per_rank``.
+
+:func:`measure_many` runs a list of measurements one after another in *one* subprocess (the
+libraries and the CUDA context are started once: a GPU sweep of many lever sets and sizes takes
+minutes instead of a process start per measurement). On CUDA that is exact: each measurement
+counts ``max_memory_allocated`` from its own reset, minus what was allocated before its model was
+built (a previous measurement's leftovers, cuBLAS workspaces: these are initialised before the
+first measurement, in both modes). On the CPU the resident-memory count can keep pages of an
+earlier measurement, so there a fresh subprocess per measurement (:func:`measure`) is the
+reference. Results stream back as each measurement ends; a time budget stops the rest
+(``not_measured``) without losing what was measured, and an out-of-memory step is recorded
+(``oom``) and the next one runs.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..errors import UserError
 
@@ -105,17 +117,18 @@ class _Meter:
         import torch
 
         self.torch = torch
+        self.device = device
         self.cuda = device.type == "cuda"
         self.method = "cuda_max_memory_allocated" if self.cuda else "cpu_vmhwm"
         self.base = 0
 
     def start(self) -> None:
         gc.collect()
-        if self.cuda:
-            self.torch.cuda.synchronize()
+        if self.cuda:  # the peak counts from here: reset for every measurement
+            self.torch.cuda.synchronize(self.device)
             self.torch.cuda.empty_cache()
-            self.torch.cuda.reset_peak_memory_stats()
-            self.base = self.torch.cuda.memory_allocated()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = self.torch.cuda.memory_allocated(self.device)
         else:
             _malloc_trim()
             if reset_peak_rss():
@@ -127,8 +140,8 @@ class _Meter:
     def stop(self) -> int:
         """Growth of the peak over the resident (or allocated) memory at :meth:`start`."""
         if self.cuda:
-            self.torch.cuda.synchronize()
-            return int(self.torch.cuda.max_memory_allocated() - self.base)
+            self.torch.cuda.synchronize(self.device)
+            return int(self.torch.cuda.max_memory_allocated(self.device) - self.base)
         return max(read_proc_status("VmHWM") - self.base, 0)
 
 
@@ -170,6 +183,27 @@ def _rank_entry(rank: int, world: int, req_json: str, out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def cuda_index(local_rank: int, device_count: int) -> int:
+    """The GPU of local rank ``local_rank``: ranks share the GPUs round robin (P partitions on
+    fewer GPUs, e.g. one, share them).
+
+    >>> [cuda_index(r, 1) for r in range(3)], [cuda_index(r, 2) for r in range(3)]
+    ([0, 0, 0], [0, 1, 0])
+    """
+    return int(local_rank) % max(int(device_count), 1)
+
+
+def _init_cuda_libraries(device) -> None:
+    """cuBLAS handles and workspaces (fp32 and 16-bit matrix products, forward and backward):
+    allocated once per process and kept, so they are outside every measurement alike."""
+    import torch
+
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
+        (a @ a).sum().backward()
+    torch.cuda.synchronize(device)
+
+
 def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     """One process's measurement; with ``partitioned`` it is one rank of the partition group."""
     import numpy as np
@@ -189,8 +223,17 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     cfg = config_from_dict(cfg_dict, origin=req.config_name or "profile request")
     device = torch.device(req.device)
     if partitioned and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", cuda_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+        _init_cuda_libraries(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+    # allocated before this measurement's model exists (a previous measurement's leftovers in
+    # measure_many): not this step's
+    start_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
     if req.data is not None:
         z, frames = systems.load_frames(req.data, req.batch)
@@ -225,7 +268,7 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     info = step(batch)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     growth = meter.stop()
 
@@ -234,12 +277,12 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         step(batch)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
 
     if device.type == "cuda":
-        peak = meter.base + growth  # everything allocated on the device at the peak
+        peak = meter.base + growth - start_allocated  # this measurement's tensors on the device at the peak
     else:
         peak = params_bytes + opt_bytes + growth  # resident model states + the step's growth
     activation = max(peak - params_bytes - grads_bytes - opt_bytes, 0)
@@ -272,6 +315,8 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).replace("torch.", ""),
         "loss": float(info.get("loss", float("nan"))),
+        "device_total_memory_bytes": (int(torch.cuda.get_device_properties(device).total_memory)
+                                      if device.type == "cuda" else None),
     }
 
 
@@ -301,14 +346,7 @@ def _device_name(device) -> str:
 
 def measure(req: Request, *, timeout: Optional[float] = None, python: str = sys.executable) -> dict:
     """Measure ``req`` in a fresh subprocess; return its record (``oom: true`` when it ran out)."""
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    env.setdefault("DS_ACCELERATOR", "cuda" if req.device.startswith("cuda") else "cpu")
-    if req.threads:
-        env["OMP_NUM_THREADS"] = str(req.threads)
-        env["MKL_NUM_THREADS"] = str(req.threads)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = _worker_env(req)
     try:
         proc = subprocess.run([python, "-m", "scalable_equiformer.profiling.profiler", "--worker"],
                               input=req.to_json(), capture_output=True, text=True, timeout=timeout, env=env)
@@ -324,6 +362,93 @@ def measure(req: Request, *, timeout: Optional[float] = None, python: str = sys.
     raise ProfileError("measurement subprocess failed (exit %s):\n%s" % (proc.returncode, "\n".join(tail)))
 
 
+def _worker_env(req: Request) -> dict:
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    env.setdefault("DS_ACCELERATOR", "cuda" if req.device.startswith("cuda") else "cpu")
+    if req.threads:
+        env["OMP_NUM_THREADS"] = str(req.threads)
+        env["MKL_NUM_THREADS"] = str(req.threads)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _failed(req: Request, **extra) -> dict:
+    return {"config": req.config_name, "batch": req.batch, "levers": req.levers, **extra}
+
+
+def measure_many(reqs: list, *, timeout: Optional[float] = None, python: str = sys.executable,
+                 on_result: Optional[Callable[[int, dict], None]] = None) -> list:
+    """Measure ``reqs`` one after another in one subprocess (see the module docstring).
+
+    Returns one record per request, in order: the measurement, or ``oom: true``, or
+    ``error`` (the step failed; the next ones still run), or ``not_measured: true`` (the
+    ``timeout``, seconds for all of them, ran out first, or the worker died). ``on_result(i,
+    record)`` is called as each arrives. All requests must use the same device and threads.
+    """
+    import queue
+    import threading
+
+    if not reqs:
+        return []
+    out: list = [None] * len(reqs)
+    proc = subprocess.Popen([python, "-m", "scalable_equiformer.profiling.profiler", "--worker-many"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_worker_env(reqs[0]), start_new_session=True)
+    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+    err_tail: list = []
+
+    def pump(stream, sink):
+        for line in stream:
+            sink(line)
+        if stream is proc.stdout:
+            lines.put(None)
+
+    threading.Thread(target=pump, args=(proc.stdout, lines.put), daemon=True).start()
+    threading.Thread(target=pump, args=(proc.stderr, lambda x: (err_tail.append(x), err_tail[:-40].clear())),
+                     daemon=True).start()
+    proc.stdin.write(json.dumps([asdict(r) for r in reqs]))
+    proc.stdin.close()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    why = None
+    while True:
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            why = f"time budget of {timeout:.0f} s used up"
+            break
+        try:
+            line = lines.get(timeout=wait)
+        except queue.Empty:
+            continue
+        if line is None:  # the worker ended
+            break
+        if line.startswith(RESULT_TAG):
+            item = json.loads(line[len(RESULT_TAG):])
+            out[item["index"]] = item["record"]
+            if on_result is not None:
+                on_result(item["index"], item["record"])
+    if proc.poll() is None:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if why is None and any(r is None for r in out):
+        tail = "".join(err_tail).strip().splitlines()[-3:]
+        why = f"measurement worker exited with {proc.returncode}: " + " | ".join(tail)
+    for i, r in enumerate(out):
+        if r is None:
+            out[i] = _failed(reqs[i], not_measured=True, error=why)
+            if on_result is not None:
+                on_result(i, out[i])
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
 def _worker() -> int:
     req = Request(**json.loads(sys.stdin.read()))
     result = measure_in_process(req)
@@ -332,7 +457,34 @@ def _worker() -> int:
     return 0
 
 
+def _worker_many() -> int:
+    import traceback
+
+    import torch
+
+    reqs = [Request(**r) for r in json.loads(sys.stdin.read())]
+    for i, req in enumerate(reqs):
+        try:
+            record = measure_in_process(req)
+            record["one_process"] = True
+        except Exception as exc:  # noqa: BLE001 - recorded, and the next measurement runs
+            if _is_oom(exc):
+                record = _failed(req, oom=True, error=str(exc).strip().splitlines()[0][:300])
+            else:
+                record = _failed(req, error=f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+                traceback.print_exc(file=sys.stderr)
+            del exc
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        sys.stdout.write("\n" + RESULT_TAG + json.dumps({"index": i, "record": record}) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         sys.exit(_worker())
-    sys.exit("usage: python -m scalable_equiformer.profiling.profiler --worker < request.json")
+    if sys.argv[1:] == ["--worker-many"]:
+        sys.exit(_worker_many())
+    sys.exit("usage: python -m scalable_equiformer.profiling.profiler --worker[-many] < request(s).json")
