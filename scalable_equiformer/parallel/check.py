@@ -50,6 +50,7 @@ __all__ = [
     "reference_step",
     "partitioned_step",
     "run_partitioned",
+    "rank_device",
     "compare",
     "evaluate",
     "describe",
@@ -152,21 +153,32 @@ def _loss(out):
     return out["energy"].sum() + 0.5 * (out["forces"].double() ** 2).sum()
 
 
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    """Results are compared on the CPU, whatever device computed them."""
+    return t.detach().cpu()
+
+
 def reference_step(model, system) -> dict:
-    """Single-process training-mode step: energy [B], forces [N, 3], grads {name: tensor}."""
+    """Single-process training-mode step: energy [B], forces [N, 3], grads {name: tensor}, on the
+    model's device (results on the CPU)."""
     model.train()
     model.zero_grad(set_to_none=True)
-    out = model(_as_batch(system))
+    device = _device_of(model)
+    out = model(_as_batch(system).to(device))
     _loss(out).backward()
     res = {
-        "energy": out["energy"].detach(),
-        "forces": out["forces"].detach(),
-        "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+        "energy": _cpu(out["energy"]),
+        "forces": _cpu(out["forces"]),
+        "grads": {n: _cpu(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None},
     }
     model.zero_grad(set_to_none=True)
     if system.get("eval"):
         model.eval()
-        res["eval"] = model(_as_batch(system))
+        res["eval"] = {k: _cpu(v) for k, v in model(_as_batch(system).to(device)).items()}
         model.train()
     return res
 
@@ -178,17 +190,20 @@ def partitioned_step(pmodel, system, loss_scale: float = 1.0, reduce_grads: bool
     model = pmodel.model
     model.train()
     model.zero_grad(set_to_none=True)
+    device = _device_of(model)
     t0 = time.perf_counter()
-    out = pmodel(_as_batch(system))
+    out = pmodel(_as_batch(system).to(device))
     (loss_scale * _loss(out)).backward()
     if reduce_grads:
         allreduce_gradients(model.parameters(), pmodel.group)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     part = pmodel.last_partition.local(pmodel.part_rank)
     res = {
-        "energy": out["energy"].detach(),
-        "forces": out["forces"].detach(),
-        "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+        "energy": _cpu(out["energy"]),
+        "forces": _cpu(out["forces"]),
+        "grads": {n: _cpu(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None},
         "edges": int(part.edge_ids.numel()),
         "edge_ids": part.edge_ids.clone(),
         "owned": part.num_owned,
@@ -200,19 +215,31 @@ def partitioned_step(pmodel, system, loss_scale: float = 1.0, reduce_grads: bool
     model.zero_grad(set_to_none=True)
     if system.get("eval"):  # inference: no graph kept; must equal model.eval() too
         model.eval()
-        out = pmodel(_as_batch(system))
-        res["eval"] = {**out, "requires_grad": any(v.requires_grad for v in out.values())}
+        out = pmodel(_as_batch(system).to(device))
+        res["eval"] = {**{k: _cpu(v) for k, v in out.items()}, "requires_grad": any(v.requires_grad for v in out.values())}
         model.train()
     return res
 
 
-def _build(model_config: dict, state_dict):
+def _build(model_config: dict, state_dict, device="cpu"):
     from ..config import ModelConfig  # noqa: PLC0415
     from ..model import build_model  # noqa: PLC0415
 
     model = build_model(ModelConfig(**model_config))
     model.load_state_dict(state_dict)
-    return model
+    return model.to(device)
+
+
+def rank_device(rank: int, device: str = "cpu") -> torch.device:
+    """Where rank ``rank`` of a spawned group computes: the CPU, or with ``device='cuda'`` the GPU
+    ``rank % device_count`` (several ranks share one GPU; gloo moves CUDA tensors too)."""
+    if torch.device(device).type != "cuda":
+        return torch.device("cpu")
+    from ..profiling.profiler import cuda_index  # noqa: PLC0415
+
+    d = torch.device("cuda", cuda_index(rank, torch.cuda.device_count()))
+    torch.cuda.set_device(d)
+    return d
 
 
 def _worker(rank: int, world: int, workdir: str) -> None:
@@ -221,19 +248,23 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     job = torch.load(Path(workdir) / "job.pt", weights_only=False)
     from .partitioned import PartitionedModel, gradient_scale, make_groups  # noqa: PLC0415
 
+    device = rank_device(rank, job.get("device", "cpu"))
     results = {}
     for case in job["cases"]:  # one partition group of all ranks
-        pmodel = PartitionedModel(_build(case["model_config"], case["state_dict"]), **case["options"])
+        options = dict(case["options"])
+        model = _build(case["model_config"], case["state_dict"], device)
+        model.force_strategy = options.pop("force_strategy", getattr(model, "force_strategy", "autograd"))
+        pmodel = PartitionedModel(model, **options)
         for system in case["systems"]:
             results[system["name"]] = partitioned_step(pmodel, system)
     dp = job.get("data_parallel")
     if dp is not None:  # D x P: data-parallel group d takes system d; world-averaged grads
         P = dp["partitions"]
         _, part_group = make_groups(world, P)
-        pmodel = PartitionedModel(_build(dp["model_config"], dp["state_dict"]), group=part_group)
+        pmodel = PartitionedModel(_build(dp["model_config"], dp["state_dict"], device), group=part_group)
         system = dp["systems"][rank // P]
         r = partitioned_step(pmodel, system, loss_scale=gradient_scale(part_group), reduce_grads=False)
-        for g in r["grads"].values():  # what DeepSpeed / DDP do: average over all ranks
+        for g in r["grads"].values():  # what DeepSpeed / DDP do: average over all ranks (results are on the CPU)
             dist.all_reduce(g)
             g /= world
         results["data_parallel"] = r
@@ -246,17 +277,19 @@ def _worker(rank: int, world: int, workdir: str) -> None:
 def _case(model, systems, options=None) -> dict:
     return {
         "model_config": dataclasses.asdict(_model_config_of(model)),
-        "state_dict": model.state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "systems": list(systems),
         "options": dict(options or {}),
     }
 
 
-def run_partitioned(cases, world: int, data_parallel=None, workdir=None, start_method: str | None = None) -> list[dict]:
+def run_partitioned(cases, world: int, data_parallel=None, workdir=None, start_method: str | None = None,
+                    device: str = "cpu") -> list[dict]:
     """Spawn ``world`` gloo processes; return each rank's results by system name.
 
     ``cases``: ``[(model, systems), ...]`` or ``(model, systems, options)`` with ``options`` the
-    keyword arguments of :class:`PartitionedModel`: each system runs partitioned over all
+    keyword arguments of :class:`PartitionedModel` (and ``force_strategy``: ``"forces"`` for the
+    force-aware recomputation, ``memory.checkpointing``): each system runs partitioned over all
     ``world`` ranks (one partition group); system names must be unique.
     ``data_parallel``: ``(model, systems, P)`` with ``len(systems) = world / P``: ranks form
     D x P groups (:func:`make_groups`), data-parallel group ``d`` takes
@@ -266,8 +299,10 @@ def run_partitioned(cases, world: int, data_parallel=None, workdir=None, start_m
     ``start_method``: ``"fork"`` (the default on Linux while CUDA is not initialised) starts the
     workers without re-importing torch, seconds instead of tens of seconds on a busy CPU (the
     workers run single-threaded); ``"spawn"`` elsewhere.
+    ``device``: ``"cuda"`` runs every rank with CUDA tensors (rank r on GPU ``r % device_count``,
+    gloo between them: one GPU can hold all ranks); results come back on the CPU.
     """
-    job = {"cases": [_case(*c) for c in cases], "data_parallel": None}
+    job = {"cases": [_case(*c) for c in cases], "data_parallel": None, "device": str(device)}
     if data_parallel is not None:
         m, systems, P = data_parallel
         if len(systems) * P != world:
