@@ -331,3 +331,88 @@ def test_command_line_errors_name_the_problem(tmp_path):
                            "--levers", "graph_partitions=2,edge_chunk_size=256", "--estimate-only"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2 and "edge_chunk_size is single-process only" in proc.stderr
+
+
+# ---- time factors: CPU measured, CUDA from a GPU run's JSON (none yet) -------------------------
+
+
+def _fake_cuda_profile():
+    """A memory_profile JSON as a GPU run writes it, with made-up times whose ratios are known:
+    blocks 1.2, forces 1.6, bf16 0.5, forces_fixed 0.2 (keep 3 of 6 blocks: 1.4), chunk overhead
+    0.05 (4 chunks: 1.6 x 1.15). A test fixture, not a measurement."""
+    gib = 2**30
+    runs = []
+    for atoms, t0 in ((60, 0.1), (120, 0.3)):
+        for lev, x in ((dict(), 1.0), (dict(checkpointing="blocks"), 1.2), (dict(checkpointing="forces"), 1.6),
+                       (dict(precision="bf16"), 0.5), (dict(checkpointing="forces", keep_blocks=3), 1.4),
+                       (dict(checkpointing="forces", edge_chunk_size=250), 1.6 * 1.15)):
+            lv = {"checkpointing": "none", "micro_batch_size": None, "edge_chunk_size": None, "precision": "fp32",
+                  "graph_partitions": 1, "keep_blocks": 0, **lev}
+            runs.append({"atoms": atoms, "batch": 8, "edges": 1000, "data": None, "levers": lv, "step_seconds": t0 * x,
+                         "peak_bytes": int(gib * 100 / x), "activation_bytes": int(gib * 99 / x),
+                         "bytes_per_edge": 1e5, "estimated_peak_bytes": int(gib * 90 / x),
+                         "ratio_measured_estimated": 1.1, "time_ratio": x, "rank_edges": 1000,
+                         "device_total_memory_bytes": 140 * gib})
+    runs[6]["peak_bytes"] = int(150 * gib)  # 120 atoms, levers off: past the device's memory
+    runs.append({**runs[7], "levers": {**runs[7]["levers"], "micro_batch_size": 2}, "oom": True})
+    for k in ("peak_bytes", "step_seconds", "time_ratio"):
+        runs[-1].pop(k)
+    return {"device": "cuda:FAKE test fixture", "config": "x", "num_params": 3_500_000, "num_blocks": 6, "batch": 8,
+            "runs": runs}
+
+
+def test_time_factors_from_a_cuda_profile():
+    f = planner.factors_from_profile(_fake_cuda_profile())
+    assert f["factors"] == {"checkpoint": {"blocks": 1.2, "forces": 1.6}, "precision": {"bf16": 0.5},
+                            "forces_fixed": pytest.approx(0.2), "chunk_overhead": pytest.approx(0.05)}
+    assert "measured on cuda:FAKE" in f["source"] and "60 atoms x 8, 120 atoms x 8" in f["source"]
+    assert len(f["samples"]["checkpoint.forces"]) == 2
+
+
+def test_no_cuda_figures_yet_means_assumed_factors_that_say_so():
+    shipped = json.loads(planner.CUDA_FACTORS_FILE.read_text())
+    assert shipped["factors"] is None and "no CUDA figures" in shipped["source"]
+    f = planner.time_factors("cuda")
+    assert f is planner.CUDA_ASSUMED and f.source.startswith("CUDA: no CUDA figures yet")
+    assert planner.time_factors("cpu") is planner.CPU_FACTORS
+    pl = planner.plan(lambda lv, b: 1, 2**30, batch=1, edges=100, device="cuda")
+    assert pl.factors is planner.CUDA_ASSUMED
+
+
+def test_cuda_factors_written_by_memory_tables_reach_the_planner(tmp_path, monkeypatch):
+    prof = tmp_path / "memory_profile.json"
+    prof.write_text(json.dumps(_fake_cuda_profile()))
+    out = tmp_path / "time_factors_cuda.json"
+    tool = [sys.executable, str(ROOT / "tools" / "memory_tables.py")]
+    proc = subprocess.run(tool + [str(prof), "--cuda-factors", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setattr(planner, "CUDA_FACTORS_FILE", out)
+    f = planner.time_factors("cuda")
+    assert f.precision["bf16"] == 0.5 and f.checkpoint["forces"] == 1.6 and f.forces_fixed == pytest.approx(0.2)
+    assert f.precision["fp16"] == planner.CUDA_ASSUMED.precision["fp16"]  # not measured: stays assumed
+    assert f.micro_overhead == planner.CUDA_ASSUMED.micro_overhead and "measured on cuda" in f.source
+    assert planner.relative_time(est.Levers(precision="bf16"), batch=8, edges=1000, device="cuda") == 0.5
+    assert planner.relative_time(est.Levers(precision="bf16"), batch=8, edges=1000, device="cpu") == 1.0  # CPU's own
+    pl = planner.plan(lambda lv, b: 1, 2**30, batch=8, edges=1000, device="cuda", precisions=("fp32", "bf16"))
+    assert pl.best.levers.precision == "bf16" and pl.factors.source == f.source
+    # a CPU JSON is refused: its ratios are not CUDA figures
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({**_fake_cuda_profile(), "device": "cpu:AMD EPYC"}))
+    proc = subprocess.run(tool + [str(cpu), "--cuda-factors", str(tmp_path / "x.json")], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and "not CUDA" in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_memory_tables_report_says_what_fits():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import memory_tables
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    text = memory_tables.report(_fake_cuda_profile(), "fake.json")
+    assert "step s (GPU)" in text and "| ckpt=micro" not in text
+    fit = text.split("## Does the largest molecule fit?")[1].split("##")[0]
+    assert "120 atoms, batch 8" in fit and "140.0 GiB" in fit
+    assert "| none | 150.00 (107 %) | no |" in fit and "| ckpt=forces | 62.50 (45 %) | yes |" in fit
+    assert "| ckpt=blocks+micro=2 | out of memory | no |" in fit
+    assert "| checkpoint.forces | 1.600 |" in text

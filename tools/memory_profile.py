@@ -372,6 +372,7 @@ def run(args) -> int:
                           gpus=gpus, edge_fractions=fractions, num_blocks=cfg.model.num_blocks)
         print(f"\nplan for {gpus} GPU(s) of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
               f"each), {n_atoms} atoms, {edges_max} edges per molecule, batch {batch}, ZeRO stage {zero_stage}:")
+        print(f"time factors: {pl.factors.source}")
         for c in pl.candidates[:6]:
             mark = "fits" if c.fits else "too big"
             print(f"  {c.levers.label():<40} est. peak {fmt_gib(c.peak_bytes)} GiB  time x{c.relative_time:.2f}  {mark}")
@@ -386,6 +387,8 @@ def run(args) -> int:
                       + " ".join(f"--set {o}" for o in pl.overrides()))
         plan_out = {"budget_bytes": budget, "usable_bytes": pl.usable_bytes, "gpus": gpus,
                     "best": pl.best.as_dict() if pl.best else None, "overrides": pl.overrides(),
+                    "atoms": n_atoms, "edges_per_molecule": edges_max, "batch": batch,
+                    "time_factors": pl.factors.as_dict(),
                     "candidates": [c.as_dict() for c in pl.candidates]}
 
     if args.json:

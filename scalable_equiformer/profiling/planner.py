@@ -6,17 +6,31 @@ rank per step), with ``forces`` also ``memory.edge_chunk_size`` or ``memory.keep
 not recomputed: between forces and none in time and memory), and, on several GPUs,
 ``parallel.graph_partitions`` (P dividing the GPU count; the other factor is data parallel).
 Each gets an estimated per-rank peak (``estimate.py``) and an expected time per optimizer step
-relative to the levers-off step on one GPU (:func:`relative_time`), from factors measured on this
-project's benchmarks (``benchmarks/memory.md``). The plan is the fastest candidate that fits
+relative to the levers-off step on one GPU (:func:`relative_time`), from time factors
+(:class:`TimeFactors`, :func:`time_factors`). The plan is the fastest candidate that fits
 ``usable = gpu_memory * (1 - headroom) - reserve``; ties go to fewer partitions, then the
 smaller peak.
+
+Where the time factors come from:
+
+* CPU: measured on this project's CPU benchmarks (``benchmarks/memory.md``): :data:`CPU_FACTORS`.
+* CUDA: the file :data:`CUDA_FACTORS_FILE` (``time_factors_cuda.json`` next to this module), written
+  by ``tools/memory_tables.py --cuda-factors`` from the JSON of a GPU run of
+  ``benchmarks/gpu/run.sh`` (:func:`factors_from_profile`: median time ratios over the molecules
+  measured). Until a GPU run exists the file holds ``"factors": null`` and the planner uses
+  :data:`CUDA_ASSUMED`: the CPU's checkpointing factors, and bf16 / micro-batch factors that are
+  assumptions, not measurements; its ``source`` says so, and ``memory_profile --plan`` prints it.
+  Measured CUDA factors replace the assumed ones key by key; keys a run did not measure stay.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..errors import UserError
@@ -64,34 +78,149 @@ def parse_bytes(text: str) -> int:
 PARTITION_OVERHEAD = 0.10
 
 
+@dataclass(frozen=True)
+class TimeFactors:
+    """Step-time factors of the levers, relative to the levers-off step (see the module docstring)."""
+
+    checkpoint: dict  # memory.checkpointing -> time factor (none 1.0)
+    forces_fixed: float  # what `forces` costs beyond its recomputations (keep_blocks does not save it)
+    precision: dict  # memory.precision -> time factor (fp32 1.0)
+    micro_overhead: float  # per extra micro-batch
+    chunk_overhead: float  # per extra edge chunk
+    partition_overhead: float  # partitioned step over its share of the work
+    source: str = ""  # where these numbers come from (measured where, or assumed)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+#: measured on the CPU (benchmarks/memory.md)
+CPU_FACTORS = TimeFactors(dict(CHECKPOINT_TIME), FORCES_FIXED, dict(PRECISION_TIME["cpu"]), MICRO_OVERHEAD["cpu"],
+                          CHUNK_OVERHEAD, PARTITION_OVERHEAD,
+                          "CPU: measured (benchmarks/memory.md); fp16 1.5 assumed")
+#: for CUDA while no CUDA figures exist
+CUDA_ASSUMED = TimeFactors(dict(CHECKPOINT_TIME), FORCES_FIXED, dict(PRECISION_TIME["cuda"]), MICRO_OVERHEAD["cuda"],
+                           CHUNK_OVERHEAD, PARTITION_OVERHEAD,
+                           "CUDA: no CUDA figures yet; checkpointing and chunk factors measured on the CPU, "
+                           "bf16/fp16 0.75, micro-batch overhead 0.05 and partition overhead 0.10 assumed")
+#: where measured CUDA factors go (``tools/memory_tables.py --cuda-factors``); "factors": null = none yet
+CUDA_FACTORS_FILE = Path(__file__).with_name("time_factors_cuda.json")
+
+
+def load_time_factors(path=None, base: TimeFactors = CUDA_ASSUMED) -> Optional[TimeFactors]:
+    """The measured factors in ``path`` (default :data:`CUDA_FACTORS_FILE`) over ``base``, key by
+    key; None when the file is absent or holds no factors."""
+    path = Path(path) if path is not None else CUDA_FACTORS_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a time-factors JSON ({exc})") from None
+    f = doc.get("factors")
+    if not f:
+        return None
+    out = replace(base, checkpoint={**base.checkpoint, **f.get("checkpoint", {})},
+                  precision={**base.precision, **f.get("precision", {})},
+                  source=str(doc.get("source") or path))
+    for key in ("forces_fixed", "micro_overhead", "chunk_overhead", "partition_overhead"):
+        if f.get(key) is not None:
+            out = replace(out, **{key: float(f[key])})
+    return out
+
+
+def time_factors(device: str = "cuda", path=None) -> TimeFactors:
+    """The factors for ``device``: CPU_FACTORS, or the measured CUDA ones, else CUDA_ASSUMED."""
+    if not str(device).startswith("cuda"):
+        return CPU_FACTORS
+    return load_time_factors(path) or CUDA_ASSUMED
+
+
+def factors_from_profile(doc: dict, name: str = "") -> dict:
+    """Time factors measured in a ``tools/memory_profile.py`` JSON (``doc``): per molecule and
+    batch, each lever set's step time over the levers-off one; each factor the median over the
+    molecules. On CUDA the step time is the synchronised wall time (``step_seconds``), on the CPU
+    the process CPU time. Returns ``{"factors", "source", "samples"}`` for
+    :data:`CUDA_FACTORS_FILE`; only what was measured is in ``factors``."""
+    from .estimate import Levers
+
+    device = str(doc.get("device", "?"))
+    key_t = "step_seconds" if device.startswith("cuda") else "step_cpu_seconds"
+    blocks = int(doc.get("num_blocks") or 0)
+    ok = [r for r in doc.get("runs", []) if r.get(key_t) and not (r.get("oom") or r.get("error") or r.get("not_measured"))]
+    base = {(r.get("data"), r["atoms"], r["batch"]): r[key_t] for r in ok if Levers(**r["levers"]).label() == "none"}
+    ratios = {}
+    for r in ok:
+        b = base.get((r.get("data"), r["atoms"], r["batch"]))
+        if b:
+            ratios.setdefault((r.get("data"), r["atoms"], r["batch"]), []).append((Levers(**r["levers"]), r[key_t] / b, r))
+    samples: dict = {}
+
+    def add(name_, value, r):
+        samples.setdefault(name_, []).append({"atoms": r["atoms"], "batch": r["batch"], "value": round(value, 4)})
+
+    for mol in ratios.values():
+        forces = next((t for lv, t, _ in mol if lv == Levers("forces")), None)
+        for lv, t, r in mol:  # one lever on (or forces + one), each against its base
+            if lv in (Levers("blocks"), Levers("forces")):
+                add(f"checkpoint.{lv.checkpointing}", t, r)
+            elif lv in (Levers(precision="bf16"), Levers(precision="fp16")):
+                add(f"precision.{lv.precision}", t, r)
+            elif lv.micro_batch_size and lv == Levers(micro_batch_size=lv.micro_batch_size):
+                n = math.ceil(r["batch"] / lv.micro_batch_size)
+                if n > 1:
+                    add("micro_overhead", (t - 1.0) / (n - 1), r)
+            elif forces and lv == Levers("forces", keep_blocks=lv.keep_blocks) and 0 < lv.keep_blocks < blocks:
+                kept = lv.keep_blocks / blocks  # t = 1 + F + (forces - 1 - F)(1 - kept)
+                add("forces_fixed", (t - 1.0 - (forces - 1.0) * (1.0 - kept)) / kept, r)
+            elif forces and lv == Levers("forces", edge_chunk_size=lv.edge_chunk_size) and lv.edge_chunk_size:
+                n = math.ceil(r["edges"] / lv.edge_chunk_size)
+                if n > 1:
+                    add("chunk_overhead", (t / forces - 1.0) / (n - 1), r)
+    factors: dict = {}
+    for k, vals in samples.items():
+        med = round(statistics.median(v["value"] for v in vals), 4)
+        if "." in k:
+            group, sub = k.split(".")
+            factors.setdefault(group, {})[sub] = med
+        else:
+            factors[k] = med
+    mols = sorted({(r["atoms"], r["batch"]) for r in ok})
+    source = (f"measured on {device}{' (' + name + ')' if name else ''}: median step-time ratios over "
+              f"{len(mols)} molecule(s) " + ", ".join(f"{a} atoms x {b}" for a, b in mols))
+    return {"factors": factors or None, "source": source, "samples": samples}
+
+
 def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda", gpus: int = 1,
-                  edge_fraction: Optional[float] = None, num_blocks: int = 0) -> float:
+                  edge_fraction: Optional[float] = None, num_blocks: int = 0,
+                  factors: Optional[TimeFactors] = None) -> float:
     """Expected time per optimizer step of ``levers`` relative to the levers-off step on one GPU.
 
     ``batch`` molecules per step over ``gpus`` GPUs: ``gpus / P`` data-parallel groups share the
     batch, and each molecule's edge work is split over the P ranks of a group (``edge_fraction``:
     the largest part's share, from :class:`~.estimate.PartStats`; default ``1 / P``).
-    ``num_blocks``: the model's blocks, for ``keep_blocks``.
+    ``num_blocks``: the model's blocks, for ``keep_blocks``. ``factors``: default
+    :func:`time_factors` of ``device``.
     """
-    kind = "cuda" if device.startswith("cuda") else "cpu"
+    f = factors or time_factors(device)
     parts = max(int(levers.graph_partitions), 1)
     groups = max(gpus // parts, 1)
     per_rank = max(batch // groups, 1)
     micro = min(levers.micro_batch_size or per_rank, per_rank)
     n_micro = math.ceil(per_rank / micro)
-    ckpt = CHECKPOINT_TIME[levers.checkpointing]
+    ckpt = f.checkpoint[levers.checkpointing]
     if levers.checkpointing == "forces" and levers.keep_blocks and num_blocks:
         # a kept block costs what it costs in the plain path; the machinery's own cost stays
-        ckpt = 1.0 + FORCES_FIXED + (ckpt - 1.0 - FORCES_FIXED) * max(num_blocks - levers.keep_blocks, 0) / num_blocks
-    t = ckpt * PRECISION_TIME[kind][levers.precision]
-    t *= 1.0 + MICRO_OVERHEAD[kind] * (n_micro - 1)
+        ckpt = 1.0 + f.forces_fixed + (ckpt - 1.0 - f.forces_fixed) * max(num_blocks - levers.keep_blocks, 0) / num_blocks
+    t = ckpt * f.precision[levers.precision]
+    t *= 1.0 + f.micro_overhead * (n_micro - 1)
     if levers.edge_chunk_size is not None:
         n_chunks = math.ceil(edges * micro / levers.edge_chunk_size)
-        t *= 1.0 + CHUNK_OVERHEAD * max(n_chunks - 1, 0)
+        t *= 1.0 + f.chunk_overhead * max(n_chunks - 1, 0)
     t *= per_rank / batch  # data parallel: each group takes its share of the batch
     if parts > 1:
         share = edge_fraction if edge_fraction is not None else 1.0 / parts
-        t *= share * (1.0 + PARTITION_OVERHEAD)
+        t *= share * (1.0 + f.partition_overhead)
     return t
 
 
@@ -114,6 +243,7 @@ class Plan:
     usable_bytes: int
     candidates: list  # sorted: fitting first, fastest first
     best: Optional[Candidate]
+    factors: Optional[TimeFactors] = None  # the time factors the candidates were ranked with
 
     def overrides(self) -> list[str]:
         return self.best.levers.overrides() if self.best is not None else []
@@ -191,8 +321,10 @@ def plan(estimator: Callable[..., int], budget_bytes: int, *, batch: int, edges:
     """
     usable = usable_bytes(budget_bytes, device=device, headroom=headroom, reserve=reserve)
     fractions = edge_fractions or {}
+    factors = time_factors(device)
     timer = timer or (lambda lv: relative_time(lv, batch=batch, edges=edges, device=device, gpus=gpus,
-                                               edge_fraction=fractions.get(lv.graph_partitions), num_blocks=num_blocks))
+                                               edge_fraction=fractions.get(lv.graph_partitions), num_blocks=num_blocks,
+                                               factors=factors))
     cands = []
     for lv in candidate_levers(batch, edges, precisions, chunk_sizes, gpus=gpus, partitions=partitions,
                                num_blocks=num_blocks):
@@ -201,4 +333,4 @@ def plan(estimator: Callable[..., int], budget_bytes: int, *, batch: int, edges:
         cands.append(Candidate(lv, peak, float(timer(lv)), peak <= usable))
     cands.sort(key=lambda c: (not c.fits, round(c.relative_time, 6), c.levers.graph_partitions, c.peak_bytes))
     best = cands[0] if cands and cands[0].fits else None
-    return Plan(budget_bytes, usable, cands, best)
+    return Plan(budget_bytes, usable, cands, best, factors)
