@@ -52,6 +52,7 @@ def test_python_launch_writes_the_run_folder(tmp_path):
                 "test_force_mae_kcal_per_mol_per_A", "n_test_frames", "checkpoint"):
         assert key in res
     assert res["n_test_frames"] == 8
+    assert res["device"] == "cpu" and res["peak_memory_bytes"] is None  # CUDA runs: max_memory_allocated
     assert math.isclose(res["test_energy_mae_kcal_per_mol"], res["test_energy_mae_meV"] / 1000 * 23.060547830619026)
     versions = json.loads((run / "versions.json").read_text())
     for key in ("python", "torch", "e3nn", "deepspeed", "torch_geometric", "git"):

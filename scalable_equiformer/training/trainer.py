@@ -750,6 +750,9 @@ class Trainer:
             "epochs": self.epoch,
             "steps": self.step,
             "wall_time_s": round(self.elapsed(), 1),
+            "device": str(self.device),
+            # CUDA: the largest memory_allocated of this rank over the run (training steps dominate)
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
             "units": "energy MAE meV per molecule; force MAE meV/Å per component; kcal/mol twins",
             "dataset": str(self.dataset.path),
         }
