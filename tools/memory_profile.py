@@ -214,8 +214,8 @@ def main(argv=None) -> int:
                    help="all measurements in one subprocess (libraries and CUDA started once; exact on CUDA, where "
                         "the peak is reset per measurement; approximate on the CPU)")
     p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
-                   help="seconds for all measurements: those not done in time are recorded as not measured "
-                        "(the JSON is still written)")
+                   help="measurements stop this many seconds after the tool started: those not done by then are "
+                        "recorded as not measured (the JSON is still written)")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -225,6 +225,9 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    import time
+
+    t_start = time.monotonic()
     import torch
 
     from scalable_equiformer.profiling import estimate as est
@@ -328,11 +331,10 @@ def run(args) -> int:
         for i, (record, _, lev_obj, _) in enumerate(jobs):
             _print_row(record, lev_obj)
     elif args.one_process:
-        measure_many([j[1] for j in jobs], timeout=args.time_budget, on_result=take)
+        left = None if args.time_budget is None else max(t_start + args.time_budget - time.monotonic(), 0.0)
+        measure_many([j[1] for j in jobs], timeout=left, on_result=take)
     else:
-        import time
-
-        deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+        deadline = None if args.time_budget is None else t_start + args.time_budget
         for i, (record, req, _, _) in enumerate(jobs):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -394,6 +396,7 @@ def run(args) -> int:
     if args.json:
         dev = runs[0].get("device") if runs and runs[0].get("device") else device
         doc = {"device": dev, "config": config_name, "num_params": num_params, "num_blocks": cfg.model.num_blocks,
+               "model": cfg.to_dict()["model"],
                "batch": batch, "one_process": bool(args.one_process), "runs": runs,
                "activation_profiles": {k: v.as_dict() for k, v in profiles.items()}}
         if plan_out:

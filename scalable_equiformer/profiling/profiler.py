@@ -450,6 +450,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _worker() -> int:
+    _die_with_parent()
     req = Request(**json.loads(sys.stdin.read()))
     result = measure_in_process(req)
     sys.stdout.write("\n" + RESULT_TAG + json.dumps(result) + "\n")
@@ -457,11 +458,21 @@ def _worker() -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the process that started it dies (a benchmark that
+    kills the profiler at its time limit must not leave a worker holding the GPU)."""
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
 def _worker_many() -> int:
     import traceback
 
     import torch
 
+    _die_with_parent()
     reqs = [Request(**r) for r in json.loads(sys.stdin.read())]
     for i, req in enumerate(reqs):
         try:
