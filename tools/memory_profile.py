@@ -13,7 +13,8 @@ Each measurement runs one full training step (forward, forces with create_graph,
 optimizer step) in a fresh subprocess: on CUDA the peak is torch.cuda.max_memory_allocated, on
 the CPU the growth of the peak resident memory (VmHWM) over the step plus the resident model
 states. Next to it: the analytic estimate (scalable_equiformer/profiling/estimate.py) and the
-ratio measured/estimated. --levers takes none, all, config, or comma-separated lever names
+ratio measured/estimated (its census of the model's graph runs on --device). --levers takes none, all,
+config, or comma-separated lever names
 (memory.* keys: checkpointing, micro_batch_size, edge_chunk_size, precision, keep_blocks, and
 graph_partitions = parallel.graph_partitions), each optionally =value; it can be repeated to
 compare lever sets. With graph_partitions=P the measurement runs P ranks (gloo on the CPU) on
@@ -272,7 +273,11 @@ def run(args) -> int:
 
     def profile_for(precision):
         if precision not in profiles:
-            profiles[precision] = est.activation_profile(model_cfg, precision)
+            # on the device measured: CUDA autocast keeps other tensors in fp32 than the CPU's, and
+            # a GPU takes seconds where a CPU's emulated bf16 takes minutes
+            profiles[precision] = est.activation_profile(model_cfg, precision, device=device)
+            if device == "cuda":
+                torch.cuda.empty_cache()
         return profiles[precision]
 
     config_name = args.config or "defaults"
@@ -396,7 +401,7 @@ def run(args) -> int:
     if args.json:
         dev = runs[0].get("device") if runs and runs[0].get("device") else device
         doc = {"device": dev, "config": config_name, "num_params": num_params, "num_blocks": cfg.model.num_blocks,
-               "model": cfg.to_dict()["model"],
+               "model": cfg.to_dict()["model"], "census_device": device,
                "batch": batch, "one_process": bool(args.one_process), "runs": runs,
                "activation_profiles": {k: v.as_dict() for k, v in profiles.items()}}
         if plan_out:

@@ -130,9 +130,10 @@ def summary_sections(summary: dict) -> str:
     out = []
     tests = summary.get("phases", {}).get("tests", {})
     if tests:
+        counts = ", ".join(f"{k} {v}" for k, v in (tests.get("counts") or {}).items()) or "no test results"
         out += ["## Equivalence tests on the device", "",
-                f"`{tests.get('command', '')}`: {tests.get('status')}, " + ", ".join(
-                    f"{k} {v}" for k, v in (tests.get("counts") or {}).items()) + ".", ""]
+                f"`{tests.get('command', '')}`: {tests.get('status')}, {counts}."
+                + (f" {tests['error'].splitlines()[0]}" if tests.get("error") else ""), ""]
         for t in tests.get("failures", []):
             out.append(f"- {t['name']}: {t['message'][:200]}")
         if tests.get("failures"):
@@ -151,6 +152,12 @@ def summary_sections(summary: dict) -> str:
                      if r.get("peak_memory_bytes") and r.get("estimated_peak_bytes") else "-")
             out.append(f"| {r['name']} | {r.get('engine', '-')} | {r.get('precision', '-')} | {r.get('batch', '-')} | "
                        f"{r.get('timed_steps', '-')} | {mps} | {peak} | {est} | {ratio} | {r.get('status')} |")
+        out.append("")
+        for r in train["runs"]:
+            if r.get("error"):
+                out.append(f"- {r['name']}: {r['error'].splitlines()[0][:300]}")
+        if train.get("estimates") not in (None, "ok"):
+            out.append(f"- estimates: {str(train['estimates']).splitlines()[0][:300]}")
         out.append("")
     return "\n".join(out)
 

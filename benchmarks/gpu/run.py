@@ -184,15 +184,19 @@ def _install_info() -> dict:
 
 
 def _tail(text: str, n: int = 12) -> str:
-    lines = [x for x in text.strip().splitlines() if x.strip()]
+    lines = [x for x in text.strip().splitlines() if x.strip() and not x.startswith("=====")]
     return "\n".join(lines[-n:])
 
 
 def _status(res: dict, ok: bool = True) -> dict:
+    """ok / timeout / failed, with the last line of the output in ``error`` (its first line is
+    what the tables show) and the last lines in ``output_tail``."""
+    tail = _tail(res["output"])
+    last = tail.splitlines()[-1] if tail else "(no output)"
     if res["timed_out"]:
-        return {"status": "timeout", "error": f"killed at its time limit; last output:\n{_tail(res['output'])}"}
+        return {"status": "timeout", "error": f"killed at its time limit; last output: {last}", "output_tail": tail}
     if res["rc"] != 0 or not ok:
-        return {"status": "failed", "error": f"exit {res['rc']}; last output:\n{_tail(res['output'])}"}
+        return {"status": "failed", "error": f"exit {res['rc']}: {last}", "output_tail": tail}
     return {"status": "ok"}
 
 
@@ -398,7 +402,7 @@ def phase_train(r: Runner, timeout: float) -> dict:
     spec = r.work / "prepare_spec.json"
     est_out = r.work / "estimates.json"
     atat_frames = max(x["steps"] for x in runs) * runs[0]["batch"] + 2 * runs[0]["batch"]
-    spec.write_text(json.dumps({"runs": runs, "profiles": str(r.out / "memory_profile.json"),
+    spec.write_text(json.dumps({"runs": runs, "profiles": str(r.out / "memory_profile.json"), "device": r.args.device,
                                 "atat": str(r.work / "atat_synthetic.npz"), "atat_frames": atat_frames}))
     res = r.call([r.python, str(Path(__file__).resolve()), "--prepare-train", spec, est_out],
                  min(90.0 if r.cuda else 120.0, 0.3 * timeout))
@@ -499,8 +503,8 @@ def estimate_training(spec: dict, out_path: str) -> int:
             saved = prof_doc.get("activation_profiles", {}).get(precision)
             if saved and _model_key(prof_doc.get("model") or {}) == _model_key(cfg.to_dict()["model"]):
                 profiles[key] = _profile_from_dict(saved)  # the memory phase's census of the same model
-            else:
-                profiles[key] = est.activation_profile(mcfg, precision)
+            else:  # on the device, as memory_profile does
+                profiles[key] = est.activation_profile(mcfg, precision, device=spec.get("device", "cpu"))
         num_params = sum(p.numel() for p in build_model(mcfg).parameters())
         z, frames = systems.load_frames(run["data"], run["batch"])
         edges = max(systems.count_edges(f, cfg.model.cutoff) for f in frames)

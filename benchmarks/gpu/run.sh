@@ -82,6 +82,7 @@ export SE_WHEELS_SECONDS=$((SECONDS - START))
 echo "wheels: $status (${SE_WHEELS_SECONDS} s)"
 
 LEFT=$((BUDGET - (SECONDS - START)))
+[ "$LEFT" -lt 30 ] && LEFT=30
 # run.py keeps to LEFT; the outer limit only catches a hang of run.py itself
 timeout -k 10 $((LEFT + 20)) "$PY" benchmarks/gpu/run.py --device "$DEVICE" --budget "$LEFT" --out "$DEST" --python "$PY"
 rc=$?
