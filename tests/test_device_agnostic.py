@@ -9,6 +9,10 @@
   and a model that mixes the two (a bf16 buffer receiving an fp32 ``index_add``) fails only on the
   GPU. The model's bf16 step (plain, per-block checkpointing, force-aware, edge chunks) runs under
   those rules within the stated tolerance.
+* DeepSpeed ZeRO-2's gradient bucket is sized by the model: its default (5e8 elements, a 1.9 GiB
+  fp32 buffer allocated in every backward) would sit in every GPU's peak next to the activations.
+* ZeRO-3 with float64 parameters starts where DeepSpeed's accelerator reports fp16 support (every
+  GPU; on a CPU only with avx512_fp16): the test makes the CPU accelerator say so.
 """
 
 from __future__ import annotations
@@ -130,3 +134,74 @@ def test_bf16_step_under_cuda_autocast_rules(strategy, chunk):
     assert f16.dtype == torch.float32 and torch.isfinite(g16).all()
     assert float((f16 - f32).norm() / f32.norm()) < 0.05
     assert float((g16 - g32).norm() / g32.norm()) < 0.10
+
+
+ZERO_STEP = r"""
+import os, sys
+import numpy as np
+import torch
+stage, dtype, fp16_accelerator = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+if fp16_accelerator:  # what every GPU accelerator answers (and CPUs with avx512_fp16)
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    CPU_Accelerator.is_fp16_supported = lambda self: True
+big = []
+_empty = torch.empty
+def empty(*a, **k):
+    t = _empty(*a, **k)
+    if t.numel() > 4 << 20:
+        big.append(t.numel())
+    return t
+torch.empty = empty
+from scalable_equiformer import runtime
+from scalable_equiformer.config import load_config
+from scalable_equiformer.parallel import check as C
+from scalable_equiformer.profiling import stepper
+from scalable_equiformer.training.batches import BatchPlan
+from scalable_equiformer.training.engine import DeepSpeedEngine
+from scalable_equiformer.training.steps import compute_loss
+from scalable_equiformer.training.trainer import PACKAGE_DIR
+cfg = load_config(None, ["data.name=x", f"deepspeed.zero_stage={stage}", "train.batch_size=2", "train.device=cpu",
+                         f"model.dtype={dtype}"] + [f"model.{k}={v}" for k, v in C.TINY_MODEL.items()])
+info, dev = runtime.init_distributed(True, "cpu")
+model, dtype = stepper.build(cfg, dev, 21)
+eng = DeepSpeedEngine(model, cfg, BatchPlan.from_config(cfg, 1), 1)
+with np.load(PACKAGE_DIR / "demo_data" / "aspirin_xtb_500K.npz") as d:
+    batch = stepper.make_batch(d["z"], d["R"][:2], dtype, dev)
+with eng.micro_context():
+    out = eng.micro_step(batch)
+    eng.backward(compute_loss(out, batch, cfg, 1.0, 2.0, 42.0))
+eng.step(1e-4)
+dtypes = sorted({str(p.dtype) for p in eng.module.parameters()})
+print("RESULT", getattr(eng.optimizer, "reduce_bucket_size", 0), big, dtypes)
+runtime.shutdown_distributed()
+"""
+
+
+def _zero_step(tmp_path, stage, dtype, fp16_accelerator=False):
+    import os
+    import subprocess
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", ZERO_STEP, str(stage), dtype, "1" if fp16_accelerator else "0"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return line
+
+
+@pytest.mark.slow
+def test_zero2_step_allocates_no_default_sized_bucket(tmp_path):
+    """A ZeRO-2 step of a tiny model (one process, gloo): no tensor of DeepSpeed's default bucket
+    size is allocated (before: one of 5e8 fp32 elements per backward)."""
+    line = _zero_step(tmp_path, 2, "float32")
+    assert line == "RESULT 1048576 [] ['torch.float32']", line
+
+
+@pytest.mark.slow
+def test_zero3_float64_where_the_accelerator_supports_fp16(tmp_path):
+    """DeepSpeed 0.19 asserted fp16/bf16/fp32 when ZeRO-3 partitioned float64 parameters on every
+    GPU; the step now runs and the parameters stay float64."""
+    line = _zero_step(tmp_path, 3, "float64", fp16_accelerator=True)
+    assert line == "RESULT 1048576 [] ['torch.float64']", line  # and no default-sized bucket either
