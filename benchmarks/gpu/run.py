@@ -285,7 +285,7 @@ def phase_memory(r: Runner, timeout: float) -> dict:
     if r.cuda:
         gpu = r.summary.get("env", {}).get("gpu_total_memory_bytes")
         cmd = [r.python, "tools/memory_profile.py", "--set", "data.name=synthetic", "--sweep", "atoms",
-               "--sweep-atoms", ",".join(map(str, MD22_SIZES)), "--batch-size", "8", "--timing-steps", "2",
+               "--sweep-atoms", ",".join(map(str, MD22_SIZES)), "--batch-size", "8", "--timing-steps", "1",
                "--gpu-memory", f"{gpu / GiB:.2f}GB" if gpu else "139GB"]
         levers = LEVER_SETS
     else:
@@ -595,7 +595,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--budget", type=float, help="seconds for all phases (default: 450 cuda, 400 cpu)")
+    p.add_argument("--budget", type=float, help="seconds for all phases (default: 440 cuda, 400 cpu)")
     p.add_argument("--out", help="output folder (default $OUT)")
     p.add_argument("--work", help="folder for run folders and data (default: a temporary folder, removed at the end)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder")
@@ -608,7 +608,7 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("give --out DIR (or set OUT)")
     if args.budget is None:
-        args.budget = 450.0 if args.device == "cuda" else 400.0
+        args.budget = 440.0 if args.device == "cuda" else 400.0
     r = Runner(args)
     r.say(f"run.py --device {args.device}: budget {args.budget:.0f} s, output {r.out}, work {r.work}")
     try:
