@@ -224,13 +224,6 @@ class DeepSpeedEngine:
         self.ds_config = deepspeed_config(cfg, plan, world, num_params=sum(p.numel() for p in model.parameters()))
         self._template = copy.deepcopy(base_model(model)) if self.zero_stage == 3 else None  # plain copy for evaluation
         optimizer = make_optimizer(model, cfg.optim)
-        if self.zero_stage == 3 and any(p.dtype == torch.float64 for p in model.parameters()):
-            # DeepSpeed 0.19 partitions the module's parameters with zero.Init(dtype=<their dtype>), which
-            # asserts fp16/bf16/fp32 whenever its accelerator reports fp16 support (every GPU; CPUs with
-            # avx512_fp16): float64 ZeRO-3 stopped there. That conversion never casts (the dtype is for
-            # parameters created inside an Init context), so partition them first under a dtype it accepts
-            deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config, dtype=torch.float32,
-                                mem_efficient_linear=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.client_optimizer = optimizer
         self.module = self.engine.module
