@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from scalable_equiformer.parallel.check import load_npz_frames, radius_graph, tile_system
+from scalable_equiformer.data import radius_graph
+from scalable_equiformer.parallel.check import load_frames, stack_frames, tile_system
 from scalable_equiformer.parallel.halo import halo_exchange, sum_replicated
 from scalable_equiformer.parallel.partition import partition_graph
 
@@ -54,7 +55,7 @@ def toy_step(p, pos, nodes, z, ei, n_own, exchange, reduce):
 
 
 def systems():
-    R, z = load_npz_frames(ATAT, 2)
+    R, z = stack_frames(load_frames(ATAT, 2))
     yield "atat0", R[0], z
     yield "atat1", R[1], z
     pos, zt = tile_system(R[0], z, reps=(3, 3, 2), gap=2.0)  # 1,080 atoms

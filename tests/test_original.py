@@ -72,7 +72,9 @@ def test_paper_configs_are_the_original_function():
         m = load_config(str(path)).model
         assert (m.smooth_cutoff, m.energy_normalization) == (False, "total_mean_std"), path.name
         assert (m.avg_num_neighbors, m.avg_num_atoms) == (15.57930850982666, 18.03065905448718), path.name
-    from scalable_equiformer.reproduce import ABLATION
+    from helpers import load_tool
+
+    ABLATION = load_tool("reproduce").ABLATION
 
     for _label, sets, _paper in ABLATION.values():  # the ablation runs: md17_aspirin with attention/message switched
         m = load_config("md17_aspirin", sets).model

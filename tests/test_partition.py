@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalable_equiformer.parallel.check import load_npz_frames, radius_graph, tile_system
+from scalable_equiformer.data import radius_graph
+from scalable_equiformer.parallel.check import load_frames, stack_frames, tile_system
 from scalable_equiformer.parallel.partition import bisect_atoms, partition_graph
 
 ATAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "xtb" / "AT-AT_xtb_500K.npz"
@@ -16,7 +17,7 @@ CUTOFF = 5.0
 def atat():
     if not ATAT.exists():
         pytest.skip(f"shared data missing: {ATAT}")
-    R, z = load_npz_frames(ATAT, 1)
+    R, z = stack_frames(load_frames(ATAT, 1))
     return R[0], z
 
 

@@ -70,7 +70,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
 def setup():
     if not ATAT.exists():
         pytest.skip(f"shared data missing: {ATAT}")
-    R, z = C.load_npz_frames(ATAT, 3)
+    R, z = C.stack_frames(C.load_frames(ATAT, 3))
     model = C.build_checked_model(C.tiny_model_config(dtype="float64"), seed=0)  # plain: the oracle
     far = torch.cat([R[2][:2], R[2][:1] + torch.tensor([[30.0, 0.0, 0.0]], dtype=torch.float64)])
     systems = {

@@ -21,7 +21,8 @@ from scalable_equiformer.parallel.check import (
     compare,
     describe,
     evaluate,
-    load_npz_frames,
+    load_frames,
+    stack_frames,
     make_system,
     reference_step,
     run_partitioned,
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.slow
 def setup():
     if not ATAT.exists():
         pytest.skip(f"shared data missing: {ATAT}")
-    R, z = load_npz_frames(ATAT, 5)
+    R, z = stack_frames(load_frames(ATAT, 5))
     m64 = build_checked_model(tiny_model_config(dtype="float64"), seed=0)
     m32 = build_checked_model(tiny_model_config(dtype="float32"), seed=1)
     m64_c3 = build_checked_model(tiny_model_config(dtype="float64", cutoff=3.0), seed=2)
@@ -121,10 +122,12 @@ def test_data_parallel_times_partitions(setup):
 
 
 def test_check_command(tmp_path, capsys):
-    """``python -m scalable_equiformer.parallel.check`` (in-process main) passes and reports."""
+    """``tools/check_partitions.py`` (in-process main) passes and reports."""
     import json
 
-    from scalable_equiformer.parallel.check import main
+    from helpers import load_tool
+
+    main = load_tool("check_partitions").main
 
     if not ATAT.exists():
         pytest.skip(f"shared data missing: {ATAT}")

@@ -6,29 +6,28 @@ These tests write synthetic run folders; ``test_reproduce_e2e.py`` trains for re
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from scalable_equiformer import reproduce as rp
+from helpers import load_tool
 from scalable_equiformer.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+rp = load_tool("reproduce")
+
+
 def _tool():
-    spec = importlib.util.spec_from_file_location("reproduce_tool", ROOT / "tools" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return rp
 
 
 def write_results(folder: Path, e_meV: float, f_meV: float, n_test: int = 100) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    k = rp.KCAL_PER_MOL_PER_EV / 1000.0
+    k = rp.KCAL_PER_EV / 1000.0
     (folder / "results.json").write_text(json.dumps({
         "test_energy_mae_meV": e_meV, "test_force_mae_meV_per_A": f_meV,
         "test_energy_mae_kcal_per_mol": e_meV * k, "test_force_mae_kcal_per_mol_per_A": f_meV * k,

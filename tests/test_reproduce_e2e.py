@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from scalable_equiformer import reproduce as rp
+from helpers import load_tool
+
+rp = load_tool("reproduce")
 
 ROOT = Path(__file__).resolve().parent.parent
 

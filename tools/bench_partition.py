@@ -47,6 +47,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scalable_equiformer.data import radius_graph  # noqa: E402
 from scalable_equiformer.nn.force_checkpoint import STRATEGY_OF_CHECKPOINTING  # noqa: E402
 from scalable_equiformer.parallel import check as C  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
@@ -160,7 +161,7 @@ def partition_figures(system, cutoff: float, P: int, node_dim: int, itemsize: in
     """Partition cost, balance and halo traffic of ``system`` cut into ``P`` parts."""
     pos, batch = system["pos"], system["batch"]
     t0 = time.perf_counter()
-    ei = C.radius_graph(pos, cutoff, batch)
+    ei = radius_graph(pos, cutoff, batch)
     t_graph = time.perf_counter() - t0
     t0 = time.perf_counter()
     gp = partition_graph(pos, ei, P, batch=batch)
@@ -229,11 +230,11 @@ def _main(args) -> int:
     else:
         mcfg = C.tiny_model_config(dtype=args.dtype, cutoff=args.cutoff)
     model = C.build_checked_model(mcfg)
-    R, z = C.load_npz_frames(args.data, 1)
+    R, z = C.stack_frames(C.load_frames(args.data, 1))
     warmup = C.make_system("warmup", [(R[0], z)])
-    systems = {"train": C.make_system("train", [C.tile_system(R[0], z, C._parse_tile(args.train_tile), args.gap)])}
+    systems = {"train": C.make_system("train", [C.tile_system(R[0], z, C.parse_tile(args.train_tile), args.gap)])}
     if not args.skip_infer:
-        systems["infer"] = C.make_system("infer", [C.tile_system(R[0], z, C._parse_tile(args.infer_tile), args.gap)])
+        systems["infer"] = C.make_system("infer", [C.tile_system(R[0], z, C.parse_tile(args.infer_tile), args.gap)])
     tasks = [{"name": k, "mode": k, "system": s} for k, s in systems.items()]
     node_dim = model.irreps_node.dim
     itemsize = torch.empty(0, dtype=model.dtype).element_size()

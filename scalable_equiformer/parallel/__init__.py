@@ -11,7 +11,8 @@ Modules: :mod:`.partition` (recursive coordinate bisection balanced by incoming-
 and send/receive maps), :mod:`.halo` (differentiable exchange and replicated sums over
 ``torch.distributed``), :mod:`.partitioned` (the model wrapper and group helpers), :mod:`.launch`
 (:func:`spawn_local`: P local gloo processes, the one spawner of the package), :mod:`.check`
-(``python -m scalable_equiformer.parallel.check``: partitioned vs single process).
+(the comparison harness of partitioned vs single process; its command line is
+``tools/check_partitions.py``).
 
 Use in training (world = D data-parallel groups x P partitions)::
 

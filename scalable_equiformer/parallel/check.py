@@ -1,6 +1,8 @@
-"""Check that the partitioned model equals the single-process model.
+"""Check that the partitioned model equals the single-process model: the comparison harness.
 
-    python -m scalable_equiformer.parallel.check --config CONFIG --data FILE --partitions P [--frames K]
+Its command line is ``tools/check_partitions.py``:
+
+    python tools/check_partitions.py --config CONFIG --data FILE --partitions P [--frames K]
 
 spawns P gloo processes on this machine (CPU), runs one training-mode step (energy, forces with
 ``create_graph``, ``loss.backward()``) of the same weights partitioned over them, runs the same
@@ -20,15 +22,13 @@ a tensor whose gradient is a sum with cancellations is at the level of float32 r
 Loss of the step: ``sum_b E_b + 0.5 * sum F^2`` (its gradient exercises the force graph).
 
 The same machinery (:func:`run_partitioned`, :func:`reference_step`, :func:`compare`) is used by
-``tests/test_partition*.py`` and ``tools/bench_partition.py``.
+``tests/test_partition*.py``, ``tools/check_partitions.py`` and ``tools/bench_partition.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,15 +37,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import radius_graph
+from ..data import load_dataset
 from .launch import spawn_local
 
 __all__ = [
     "TINY_MODEL",
     "tiny_model_config",
-    "radius_graph",
     "tile_system",
-    "load_npz_frames",
+    "parse_tile",
+    "load_frames",
+    "stack_frames",
     "make_system",
     "reference_step",
     "partitioned_step",
@@ -57,7 +58,6 @@ __all__ = [
     "build_checked_model",
     "TOLERANCE",
     "check",
-    "main",
 ]
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
@@ -108,22 +108,29 @@ def tile_system(
     return tiled, z.repeat(grid.shape[0])
 
 
-def load_npz_frames(path, frames: int = 1):
-    """First ``frames`` frames of an sGDML npz: ``(R [K, N, 3] Å, z [N])``, float64 / int64."""
-    with np.load(path) as d:
-        return (
-            torch.as_tensor(d["R"][:frames], dtype=torch.float64),
-            torch.as_tensor(d["z"], dtype=torch.long),
-        )
+def parse_tile(text: str | None) -> tuple[int, int, int] | None:
+    """``"AxBxC"`` -> ``(A, B, C)`` (each >= 1); None for no tiling."""
+    if not text:
+        return None
+    try:
+        reps = tuple(int(v) for v in text.lower().split("x"))
+        assert len(reps) == 3 and all(r >= 1 for r in reps)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"error: --tile: expected AxBxC (e.g. 3x3x2), got {text!r}") from None
+    return reps
 
 
-def _load_frames(path, frames: int):
-    """``[(pos [n, 3] Å, z [n]), ...]`` of the first ``frames`` frames of a data file."""
-    from ..data import load_dataset  # noqa: PLC0415
-
+def load_frames(path, frames: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(pos [n, 3] Å float64, z [n] int64), ...]`` of the first ``frames`` frames of a data file
+    (any format :func:`..data.load_dataset` reads)."""
     ds = load_dataset(path)
     items = [ds[i] for i in range(min(frames, len(ds)))]
     return [(d.pos.to(torch.float64), d.z.long()) for d in items]
+
+
+def stack_frames(molecules) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames of one molecule from :func:`load_frames` as ``(R [K, n, 3], z [n])``."""
+    return torch.stack([p for p, _ in molecules]), molecules[0][1]
 
 
 def make_system(name: str, molecules, eval: bool = False) -> dict:
@@ -425,84 +432,3 @@ def check(
     if verbose:
         print(f"spawn + partitioned runs {t_part:.1f} s; tolerance {tol:.0e} ({model.dtype})")
     return report
-
-
-# --- command line --------------------------------------------------------------------------------
-
-
-def _parse_tile(text: str | None):
-    if not text:
-        return None
-    try:
-        reps = tuple(int(v) for v in text.lower().split("x"))
-        assert len(reps) == 3 and all(r >= 1 for r in reps)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"error: --tile: expected AxBxC (e.g. 3x3x2), got {text!r}") from None
-    return reps
-
-
-def main(argv=None) -> int:
-    from ..cli import ArgumentParser, nonnegative_float, output_file, positive_float, positive_int, tile_spec  # noqa: PLC0415
-
-    ap = ArgumentParser(
-        prog="python -m scalable_equiformer.parallel.check",
-        description="Partitioned model vs single process: energies (eV), forces (eV/Å), parameter gradients.",
-    )
-    ap.add_argument("--config", help="YAML path or name in configs/ (its model section); default: tiny model")
-    ap.add_argument("--data", required=True, help="data file (sGDML npz, ...) or catalog name")
-    ap.add_argument("--partitions", "-P", type=positive_int, required=True)
-    ap.add_argument("--frames", type=positive_int, default=1, help="first K >= 1 frames, as one batch")
-    ap.add_argument("--tile", type=tile_spec, help="AxBxC copies of each frame (a large system), e.g. 3x3x2")
-    ap.add_argument("--gap", type=nonnegative_float, default=2.0, help="Å between tiled copies")
-    ap.add_argument("--tiny", action="store_true", help="use the tiny model (cutoff etc. from the config)")
-    ap.add_argument("--dtype", choices=["float32", "float64"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    ap.add_argument("--tolerance", type=positive_float)
-    ap.add_argument("--json", type=output_file, help="write the report to this file")
-    args = ap.parse_args(argv)
-    from ..errors import UserError  # noqa: PLC0415
-
-    try:
-        if args.partitions < 1:
-            raise UserError("--partitions must be >= 1")
-        overrides = {}
-        if args.config:
-            from ..config import load_config  # noqa: PLC0415
-
-            sets = list(args.set)
-            if not any(s.startswith(("data.path=", "data.name=")) for s in sets):
-                sets.append(f"data.path={args.data}")
-            mcfg = load_config(args.config, sets).model
-            if args.tiny:
-                keep = {k: getattr(mcfg, k) for k in ("cutoff", "attention", "message", "radial_basis", "dtype")}
-                mcfg = tiny_model_config(**keep)
-        else:
-            mcfg = tiny_model_config()
-        if args.dtype:
-            overrides["dtype"] = args.dtype
-        frames = _load_frames(args.data, args.frames)
-        if mcfg.avg_num_neighbors is None or mcfg.avg_num_atoms is None:
-            n = sum(p.shape[0] for p, _ in frames)
-            e = sum(radius_graph(p, mcfg.cutoff).shape[1] for p, _ in frames)
-            overrides.setdefault("avg_num_neighbors", mcfg.avg_num_neighbors or e / n)
-            overrides.setdefault("avg_num_atoms", mcfg.avg_num_atoms or n / len(frames))
-        mcfg = dataclasses.replace(mcfg, **overrides)
-        reps = _parse_tile(args.tile)
-        if reps:
-            frames = [tile_system(p, z, reps, args.gap) for p, z in frames]
-        name = Path(str(args.data)).stem + (f"_x{args.tile}" if reps else "") + f"_{len(frames)}f"
-        system = make_system(name, frames, eval=True)
-        model = build_checked_model(mcfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"model: {sum(p.numel() for p in model.parameters())} parameters, {model.dtype}, cutoff {model.cutoff} Å")
-    report = check(model, [system], args.partitions, tolerance=args.tolerance)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    print("OK" if report["ok"] else "FAILED: past tolerance or edges not covered exactly once")
-    return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

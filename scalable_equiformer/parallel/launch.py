@@ -1,6 +1,6 @@
 """Start ``world`` local processes that form one gloo process group (one machine, CPU).
 
-The one spawner of the package: ``python -m scalable_equiformer.parallel.check``,
+The one spawner of the package: ``tools/check_partitions.py`` (through :mod:`.check`),
 ``tools/bench_partition.py`` and ``tools/evaluate.py --partitions P`` (when not started by
 torchrun / deepspeed) all use :func:`spawn_local`::
 

@@ -38,3 +38,19 @@ def tiny_model_config(lmax: int = 2, attention: str = "mlp", message: str = "non
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py`` (tools are scripts, not a package), loaded once per name."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    key = f"tool_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod  # dataclasses look their module up by name
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
