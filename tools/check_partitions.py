@@ -21,8 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scalable_equiformer.data import load_dataset  # noqa: E402
-from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
+from scalable_equiformer.data.statistics import count_edges  # noqa: E402
 from scalable_equiformer.parallel.check import (  # noqa: E402
     build_checked_model,
     check,
@@ -77,10 +76,10 @@ def main(argv=None) -> int:
             overrides["dtype"] = args.dtype
         frames = load_frames(args.data, args.frames)
         if mcfg.avg_num_neighbors is None or mcfg.avg_num_atoms is None:
-            ds = load_dataset(args.data)
-            stats = compute_statistics(ds.subset(range(len(frames))), mcfg.cutoff)
-            overrides.setdefault("avg_num_neighbors", mcfg.avg_num_neighbors or stats.avg_num_neighbors)
-            overrides.setdefault("avg_num_atoms", mcfg.avg_num_atoms or stats.avg_num_atoms)
+            n = sum(p.shape[0] for p, _ in frames)
+            e = sum(count_edges(p, mcfg.cutoff) for p, _ in frames)
+            overrides.setdefault("avg_num_neighbors", mcfg.avg_num_neighbors or e / n)
+            overrides.setdefault("avg_num_atoms", mcfg.avg_num_atoms or n / len(frames))
         mcfg = dataclasses.replace(mcfg, **overrides)
         reps = parse_tile(args.tile)
         if reps:

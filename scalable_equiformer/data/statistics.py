@@ -96,16 +96,32 @@ def _bulk(dataset):
     return pos, energies.reshape(-1), forces, z.reshape(-1)
 
 
-def _count_neighbors(pos: torch.Tensor, cutoff: float) -> int:
-    """Ordered pairs (i != j) closer than cutoff (exact differences), summed over frames; pos [n, N, 3]."""
+def count_edges(pos, cutoff: float) -> int:
+    """Directed edges i != j with ``|r_ij| < cutoff`` (exact differences: what a radius graph without
+    a neighbour cap gives), summed over frames. ``pos``: [N, 3] or [frames, N, 3] Å, tensor or array.
+
+    The one neighbour counter of the package (statistics, memory estimates, the profiler). Memory:
+    about 2M pair distances at a time (frames batched for small molecules, rows of one frame for
+    large ones).
+    """
+    p = (pos if torch.is_tensor(pos) else torch.as_tensor(np.asarray(pos))).to(torch.float64)
+    if p.dim() == 2:
+        p = p.unsqueeze(0)
+    frames, n_atoms = p.shape[0], p.shape[1]
+    budget = 1 << 21
+    r2 = cutoff * cutoff
     total = 0
-    n_atoms = pos.shape[1]
-    chunk = max(1, (1 << 21) // max(n_atoms * n_atoms, 1))
-    for s in range(0, pos.shape[0], chunk):
-        p = pos[s : s + chunk]
-        d2 = (p[:, :, None, :] - p[:, None, :, :]).pow(2).sum(-1)  # [c, N, N]
-        total += int((d2 < cutoff * cutoff).sum()) - p.shape[0] * n_atoms  # remove self pairs
-    return total
+    if n_atoms * n_atoms <= budget:
+        chunk = max(1, budget // max(n_atoms * n_atoms, 1))
+        for s in range(0, frames, chunk):
+            c = p[s : s + chunk]
+            total += int(((c[:, :, None, :] - c[:, None, :, :]).pow(2).sum(-1) < r2).sum())
+    else:
+        rows = max(1, budget // n_atoms)
+        for f in p:
+            for s in range(0, n_atoms, rows):
+                total += int(((f[s : s + rows, None, :] - f[None, :, :]).pow(2).sum(-1) < r2).sum())
+    return total - frames * n_atoms  # the self pairs (distance 0)
 
 
 def _even_subsample(n: int, max_frames: int) -> torch.Tensor:
@@ -128,7 +144,7 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
         n_atoms = z.numel()
         e_per_atom = float((energies / n_atoms).mean())
         f_rms = float(forces.pow(2).mean().sqrt())
-        avg_neighbors = _count_neighbors(pos, cutoff) / (pos.shape[0] * n_atoms)
+        avg_neighbors = count_edges(pos, cutoff) / (pos.shape[0] * n_atoms)
         avg_atoms = float(n_atoms)
         all_e = energies_all.to(torch.float64)
         fixed_atoms = n_atoms
@@ -144,7 +160,7 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
             f = torch.as_tensor(item.forces, dtype=torch.float64)
             f_sq += float(f.pow(2).sum())
             f_count += f.numel()
-            edges += _count_neighbors(p.unsqueeze(0), cutoff)
+            edges += count_edges(p, cutoff)
             atoms += na
         e_per_atom = e_sum / len(sel)
         f_rms = math.sqrt(f_sq / max(f_count, 1))

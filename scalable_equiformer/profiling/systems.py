@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.statistics import count_edges  # the one neighbour counter; callers use systems.count_edges
 from ..errors import DataError
 
 #: Data shipped inside the package (GFN2-xTB MD made for this project; see demo_data/README.md).
@@ -100,12 +101,3 @@ def load_frames(path: Path | str, count: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(raw.z, np.int64), np.asarray(raw.positions[idx], np.float64)
 
 
-def count_edges(pos: np.ndarray, cutoff: float) -> int:
-    """Directed edges i != j with |r_ij| < cutoff (what a radius graph without a neighbour cap gives)."""
-    pos = np.asarray(pos, np.float64)
-    n = len(pos)
-    total = 0
-    for start in range(0, n, 512):  # rows in chunks: O(N) memory per chunk
-        d2 = ((pos[start:start + 512, None, :] - pos[None]) ** 2).sum(-1)
-        total += int((d2 < cutoff ** 2).sum())
-    return total - n
