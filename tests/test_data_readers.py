@@ -11,7 +11,6 @@ from scalable_equiformer.data import (
     MolecularDataset,
     dataset_md5,
     load_dataset,
-    make_loader,
 )
 from scalable_equiformer.data.sgdml import read_npz
 from scalable_equiformer.errors import DataError, UserError
@@ -153,14 +152,20 @@ def test_items_subset_and_loader():
     assert torch.equal(sub.subset([2]).positions, ds.positions[[7]])
     with pytest.raises(IndexError):
         ds[20]
-    loader = make_loader(ds, batch_size=4, shuffle=True, seed=3)
-    batches = list(loader)
+    # the training's batching (a seeded epoch order, collated items)
+    from scalable_equiformer.training.batches import BatchPlan, StepSampler, collate
+
+    def epoch(seed):
+        sampler = StepSampler(len(ds), BatchPlan(4, 4, 1, 1), seed, dp_rank=0)
+        return [collate(ds, sampler.global_batch(0, s), "cpu") for s in range(sampler.steps_per_epoch)]
+
+    batches = epoch(3)
     assert len(batches) == 5
     b = batches[0]
     assert b.num_graphs == 4 and b.energy.shape == (4,) and b.pos.shape == (36, 3)
     assert b.batch.shape == (36,) and b.ptr.tolist() == [0, 9, 18, 27, 36]
     assert b.natoms.tolist() == [9, 9, 9, 9]
-    again = list(make_loader(ds, batch_size=4, shuffle=True, seed=3))
+    again = epoch(3)
     assert all(torch.equal(x.idx, y.idx) for x, y in zip(batches, again))  # seeded order
     assert sorted(torch.cat([x.idx for x in batches]).tolist()) == list(range(20))
 

@@ -1,5 +1,5 @@
 """Data layer: read MD17 / rMD17 / MD22 files (units to eV, Å), the dataset catalog, seeded splits,
-the radius graph and batching.
+the radius graph.
 
 Units: positions Å, energies eV, forces eV/Å, all float64 on load; 1 eV = 23.060547830619026
 kcal/mol (:data:`KCAL_PER_EV`).
@@ -7,7 +7,7 @@ kcal/mol (:data:`KCAL_PER_EV`).
 
 from .catalog import CATALOG, DatasetInfo, dataset_file, get_info
 from .dataset import MolecularDataset, load_dataset
-from .graph import make_loader, radius_graph
+from .graph import radius_graph
 from .sgdml import KCAL_PER_EV, RawData, dataset_md5, read_file
 from .splits import check_splits, load_index_split, load_splits, make_splits, save_splits
 
@@ -23,7 +23,6 @@ __all__ = [
     "read_file",
     "dataset_md5",
     "radius_graph",
-    "make_loader",
     "make_splits",
     "save_splits",
     "load_splits",

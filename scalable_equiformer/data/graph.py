@@ -1,4 +1,4 @@
-"""Radius graph (neighbour search) and batching.
+"""Radius graph (neighbour search). Batching for training: :mod:`..training.batches`.
 
 Edge convention (PyG ``flow='source_to_target'``): ``edge_index[0]`` is the source (sender) atom j,
 ``edge_index[1]`` the target (receiver) atom i; messages flow j -> i. An edge j -> i exists iff
@@ -45,21 +45,6 @@ def _sort_edges(src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
     key = dst * n + src
     order = torch.argsort(key)
     return torch.stack([src[order], dst[order]])
-
-
-def _limit_neighbors(src, dst, dist, n: int, k: int):
-    """Keep the k closest sources of every target (ties broken by lower source index)."""
-    counts = torch.bincount(dst, minlength=n)
-    if counts.numel() == 0 or int(counts.max()) <= k:
-        return src, dst
-    order = torch.argsort(src)  # secondary key: source
-    order = order[torch.argsort(dist[order], stable=True)]  # then distance
-    order = order[torch.argsort(dst[order], stable=True)]  # primary key: target
-    src, dst = src[order], dst[order]
-    start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(dst.numel(), device=dst.device) - start[dst]
-    keep = rank < k
-    return src[keep], dst[keep]
 
 
 def _fallback(pos: torch.Tensor, r: float, batch: torch.Tensor):
@@ -146,7 +131,6 @@ def radius_graph(
     pos: torch.Tensor,
     r: float,
     batch: torch.Tensor | None = None,
-    max_num_neighbors: int | None = None,
 ) -> torch.Tensor:
     """All pairs closer than ``r`` within each graph; see the module docstring for the exact rule.
 
@@ -154,8 +138,6 @@ def radius_graph(
         pos: [n, 3] positions (Å), any float dtype, any device. Not differentiated through.
         r: cutoff radius (Å); pairs with distance strictly below r are edges.
         batch: [n] graph index of each atom (need not be sorted); None = one graph.
-        max_num_neighbors: if given, keep only the k closest sources of every target (ties: lower
-            source index). None = no limit (the default, and what the model should use).
 
     Returns:
         edge_index [2, E] long on pos's device: row 0 = source j, row 1 = target i, sorted by
@@ -183,47 +165,10 @@ def radius_graph(
             raise ValueError("radius_graph: batch indices must be >= 0")
         sorted_batch = bool((batch[1:] >= batch[:-1]).all()) if n > 1 else True
         if _torch_cluster is not None and sorted_batch:
-            src, dst, dist = _with_torch_cluster(pos, r, batch)
+            src, dst, _ = _with_torch_cluster(pos, r, batch)
         else:
-            src, dst, dist = _fallback(pos, r, batch)
-        if max_num_neighbors is not None:
-            src, dst = _limit_neighbors(src, dst, dist, n, int(max_num_neighbors))
+            src, dst, _ = _fallback(pos, r, batch)
         return _sort_edges(src, dst, n)
 
 
-def make_loader(
-    dataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int | None = None,
-    drop_last: bool = False,
-    sampler=None,
-    num_workers: int = 0,
-):
-    """A torch_geometric ``DataLoader`` over a dataset of ``Data`` items.
-
-    Batches carry ``pos`` [sum N, 3] Å, ``z`` [sum N], ``energy`` [B] eV, ``forces`` [sum N, 3] eV/Å,
-    ``natoms`` [B], ``batch``, ``ptr`` and ``num_graphs``. ``seed`` fixes the shuffling order (a
-    dedicated ``torch.Generator``); with a ``sampler`` (e.g. DistributedSampler), ``shuffle`` must
-    be False and the sampler owns the order.
-    """
-    from torch_geometric.loader import DataLoader
-
-    if sampler is not None and shuffle:
-        raise ValueError("make_loader: pass shuffle=False with a sampler (the sampler shuffles)")
-    generator = None
-    if seed is not None and sampler is None:
-        generator = torch.Generator()
-        generator.manual_seed(int(seed))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        sampler=sampler,
-        num_workers=num_workers,
-        generator=generator,
-    )
-
-
-__all__ = ["radius_graph", "make_loader"]
+__all__ = ["radius_graph"]
