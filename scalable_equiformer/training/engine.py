@@ -30,7 +30,6 @@ graph are what fills memory, see ``memory.*``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from pathlib import Path
 from typing import Optional
@@ -172,18 +171,12 @@ class PlainEngine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     # -- weights and state --
     def full_state_dict(self) -> dict:
         return clean_state(self.base.state_dict())
 
     def named_full_parameters(self):
         return self.base.named_parameters()
-
-    def eval_module(self) -> torch.nn.Module:
-        return self.module
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
@@ -222,7 +215,6 @@ class DeepSpeedEngine:
         self.world = world
         self.zero_stage = cfg.deepspeed.zero_stage
         self.ds_config = deepspeed_config(cfg, plan, world, num_params=sum(p.numel() for p in model.parameters()))
-        self._template = copy.deepcopy(base_model(model)) if self.zero_stage == 3 else None  # plain copy for evaluation
         optimizer = make_optimizer(model, cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.client_optimizer = optimizer
@@ -267,9 +259,6 @@ class DeepSpeedEngine:
         self.set_lr(lr)
         self.engine.step()
 
-    def zero_grad(self) -> None:
-        self.engine.zero_grad()
-
     # -- weights and state --
     def full_state_dict(self) -> dict:
         """Consolidated weights on every rank (ZeRO-3: gathered)."""
@@ -285,12 +274,6 @@ class DeepSpeedEngine:
             return list(self.base.named_parameters())
         state = self.full_state_dict()
         return [(k, state[k]) for k, _ in self.base.named_parameters()]
-
-    def eval_module(self) -> torch.nn.Module:
-        if self.zero_stage != 3:
-            return self.module
-        self._template.load_state_dict(self.full_state_dict(), strict=False)
-        return self._template
 
     def state_dict(self) -> dict:
         return {"optimizer": None, "scaler": None}
