@@ -28,10 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-try:
-    import scalable_equiformer  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as every tool: the checkout's package
 
 from scalable_equiformer.data import catalog  # noqa: E402
 from scalable_equiformer.data.sgdml import read_npz  # noqa: E402

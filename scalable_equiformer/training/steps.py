@@ -29,10 +29,8 @@ def base_model(model):
 
 def configure_model(model, cfg) -> None:
     """Apply ``cfg.memory`` levers that live on the model (the force strategy)."""
-    try:
-        from ..nn.force_checkpoint import configure_model as _configure
-    except ImportError:  # pragma: no cover - the lever module is optional
-        return
+    from ..nn.force_checkpoint import configure_model as _configure
+
     _configure(base_model(model), cfg.memory)
 
 
