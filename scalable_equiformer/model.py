@@ -23,7 +23,7 @@ from .nn.radial import RADIAL_BASES
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from .runtime import DTYPES as _DTYPES  # noqa: E402 (the one dtype map)
 
 
 def _irreps(cfg, key: str) -> o3.Irreps:

@@ -35,7 +35,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: model dtype names -> torch dtypes: the one map of the package (:func:`torch_dtype`)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -50,9 +51,9 @@ def seed_everything(seed: int) -> None:
 
 def torch_dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[name]
+        return DTYPES[name]
     except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
 
 
 @contextlib.contextmanager
