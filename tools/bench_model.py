@@ -13,8 +13,8 @@ Modes (each: one warm-up, then ``--repeats`` timed runs; the median is reported)
                  loss.backward() and an AdamW step
 Peak memory per mode: CUDA ``max_memory_allocated`` on a GPU; on the CPU the process's resident
 high-water mark (VmHWM, reset before each mode through /proc/self/clear_refs where the kernel
-allows, else the lifetime ``ru_maxrss``), reported as the peak and its growth over the RSS at the
-start of the mode. Times in seconds, memory in bytes (MiB in the table).
+allows, else the lifetime peak), reported as the peak and its growth over the RSS at the start of
+the mode (``profiling.profiler.PeakMemoryMeter``). Times in seconds, memory in bytes (MiB in the table).
 
 ``--tp fast|e3nn`` picks the depth-wise tensor product implementation (default: the library's
 default). ``--tp compare`` times both on the same model and batch, alternating them run by run
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
 from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
-from scalable_equiformer.profiling.profiler import ProfileError, read_proc_status, reset_peak_rss  # noqa: E402
+from scalable_equiformer.profiling.profiler import PeakMemoryMeter  # noqa: E402
 
 DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (made for this project)
 DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]
@@ -63,38 +62,10 @@ LMAX3 = dict(irreps_node="128x0e+64x1e+64x2e+32x3e", irreps_head="32x0e+16x1e+16
 # -- memory ------------------------------------------------------------------------------------
 
 
-def _rss_bytes(field: str) -> int | None:
-    try:
-        return read_proc_status(field)
-    except (OSError, ProfileError):
-        return None
-
-
-class MemoryMeter:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda max_memory_allocated"
-        else:
-            self.reset = reset_peak_rss()
-            self.base = _rss_bytes("VmRSS") or 0
-            self.method = "VmHWM (reset per mode)" if self.reset else "ru_maxrss (process lifetime)"
-
-    def stop(self) -> dict:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _rss_bytes("VmHWM") if self.reset else None
-            if peak is None:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"peak_bytes": int(peak), "peak_growth_bytes": int(max(peak - self.base, 0)), "memory_method": self.method}
+def _peak(meter: PeakMemoryMeter) -> dict:
+    """The meter's reading as this tool reports it."""
+    growth = meter.stop()
+    return {"peak_bytes": int(meter.peak), "peak_growth_bytes": int(growth), "memory_method": meter.method}
 
 
 # -- benchmark ---------------------------------------------------------------------------------
@@ -140,7 +111,7 @@ def make_step(model, batch, mode: str, optimizer):
 
 def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimizer) -> dict:
     step = make_step(model, batch, mode, optimizer)
-    meter = MemoryMeter(device)
+    meter = PeakMemoryMeter(device)
     meter.start()
     step()  # warm-up (also part of the peak: same work)
     _sync(device)
@@ -150,7 +121,7 @@ def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimi
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    mem = meter.stop()
+    mem = _peak(meter)
     optimizer.zero_grad(set_to_none=True)
     return {"median_s": statistics.median(times), "times_s": times, **mem}
 
@@ -166,11 +137,11 @@ def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device
         _sync(device)
     for impl in impls:
         set_tp_implementation(model, impl)
-        meter = MemoryMeter(device)
+        meter = PeakMemoryMeter(device)
         meter.start()
         step()
         _sync(device)
-        res[impl].update(meter.stop())
+        res[impl].update(_peak(meter))
     for r in range(repeats):
         for impl in impls if r % 2 == 0 else impls[::-1]:
             set_tp_implementation(model, impl)

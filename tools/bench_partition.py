@@ -52,7 +52,7 @@ from scalable_equiformer.nn.force_checkpoint import STRATEGY_OF_CHECKPOINTING  #
 from scalable_equiformer.parallel import check as C  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
-from scalable_equiformer.profiling.profiler import read_proc_status, reset_peak_rss  # noqa: E402
+from scalable_equiformer.profiling.profiler import PeakMemoryMeter  # noqa: E402
 from scalable_equiformer.parallel.partitioned import PartitionedModel  # noqa: E402
 
 DEFAULT_DATA = ROOT / "scalable_equiformer" / "demo_data" / "AT-AT_xtb_500K_20frames.npz"  # shipped
@@ -61,24 +61,14 @@ PAPER_NODE_DIM = 128 * 1 + 64 * 3 + 32 * 5  # 128x0e+64x1e+32x2e
 
 def _measure(fn, device):
     """(seconds, peak memory growth in bytes) of ``fn()``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        import gc
-
-        gc.collect()
-        base = read_proc_status("VmRSS")
-        reset_peak_rss()
+    meter = PeakMemoryMeter(device)
+    meter.start()
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = read_proc_status("VmHWM") - base
-    return time.perf_counter() - t0, peak
+    seconds = time.perf_counter() - t0
+    return seconds, meter.stop()
 
 
 def _tight_malloc() -> None:

@@ -110,17 +110,26 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class _Meter:
-    """Peak memory over a region: CUDA allocator or process RSS."""
+class PeakMemoryMeter:
+    """Peak memory over a region, on the CUDA allocator (``max_memory_allocated``) or as the
+    process's resident set (VmHWM, reset through /proc/self/clear_refs where allowed).
+
+    The one meter of the project: the profiler, ``tools/bench_model.py`` and
+    ``tools/bench_partition.py`` measure with it. :meth:`start` collects garbage, empties the CUDA
+    cache or trims malloc, resets the peak and records the base (allocated or resident bytes);
+    :meth:`stop` returns the peak's growth over that base and keeps the absolute peak in
+    :attr:`peak`. :attr:`method` says how it measured.
+    """
 
     def __init__(self, device):
         import torch
 
         self.torch = torch
-        self.device = device
-        self.cuda = device.type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.method = "cuda_max_memory_allocated" if self.cuda else "cpu_vmhwm"
         self.base = 0
+        self.peak = 0
 
     def start(self) -> None:
         gc.collect()
@@ -133,7 +142,7 @@ class _Meter:
             _malloc_trim()
             if reset_peak_rss():
                 self.method = "cpu_vmhwm_clear_refs"
-            else:
+            else:  # the process's lifetime peak
                 self.method = "cpu_vmhwm_baseline"
             self.base = read_proc_status("VmRSS")
 
@@ -141,8 +150,10 @@ class _Meter:
         """Growth of the peak over the resident (or allocated) memory at :meth:`start`."""
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
-            return int(self.torch.cuda.max_memory_allocated(self.device) - self.base)
-        return max(read_proc_status("VmHWM") - self.base, 0)
+            self.peak = int(self.torch.cuda.max_memory_allocated(self.device))
+            return int(self.peak - self.base)
+        self.peak = read_proc_status("VmHWM")
+        return max(self.peak - self.base, 0)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -263,7 +274,7 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     opt_bytes = _tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
     del warm
 
-    meter = _Meter(device)
+    meter = PeakMemoryMeter(device)
     meter.start()
     t0, c0 = time.perf_counter(), time.process_time()
     info = step(batch)
