@@ -33,6 +33,7 @@ except ImportError:  # older ASE
     def thermalize_momenta(atoms, temperature_K, rng=None):
         _mb(atoms, temperature_K=temperature_K, rng=rng)
 
+from helpers import tiny_sets
 from scalable_equiformer import build_model, load_config
 from scalable_equiformer.calculator import EquiformerCalculator
 from scalable_equiformer.data import load_dataset
@@ -44,9 +45,7 @@ ETHANOL = ROOT.parent / "shared" / "data" / "real" / "md17_ethanol_2000_schnetpa
 DRIFT_BOUND = 1.0  # meV / atom / ps
 FLUCTUATION_BOUND = 1.0  # meV / atom
 
-TINY = ["model.irreps_node=16x0e+8x1e+4x2e", "model.num_blocks=2", "model.num_heads=2",
-        "model.irreps_head=8x0e+4x1e+2x2e", "model.irreps_feedforward=32x0e+16x1e+8x2e",
-        "model.irreps_feature=32x0e", "model.num_radial=8", "model.radial_hidden=[16]"]
+TINY = tiny_sets(width=2)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_sets
 from helpers.equivariance import run_model_battery, single_thread  # noqa: F401 (fixture)
 from scalable_equiformer.config import load_config
 from scalable_equiformer.errors import ConfigError
@@ -24,10 +25,7 @@ from scalable_equiformer.profiling.stepper import make_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["model.irreps_node=8x0e+4x1e+2x2e", "model.irreps_head=4x0e+2x1e+1x2e",
-        "model.irreps_feedforward=16x0e+8x1e+4x2e", "model.irreps_feature=16x0e", "model.num_blocks=2",
-        "model.num_heads=2", "model.radial_hidden=[8]", "model.num_radial=8", "model.avg_num_neighbors=10",
-        "model.avg_num_atoms=16"]
+TINY = tiny_sets(radial_hidden="[8]", avg_num_neighbors=10, avg_num_atoms=16)
 
 
 def _model(dtype="float64", extra=()):

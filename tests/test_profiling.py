@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_sets
 from scalable_equiformer.config import load_config
 from scalable_equiformer.data.graph import radius_graph
 from scalable_equiformer.profiling import estimate as est
@@ -19,10 +20,7 @@ from scalable_equiformer.profiling import planner, systems
 from scalable_equiformer.profiling.profiler import Request, measure, measure_many
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.irreps_node=16x0e+8x1e+4x2e", "model.irreps_head=8x0e+4x1e+2x2e",
-         "model.irreps_feedforward=32x0e+16x1e+8x2e", "model.irreps_feature=32x0e", "model.num_blocks=2",
-         "model.num_heads=2", "model.num_radial=8", "model.radial_hidden=[16]",
-         "model.avg_num_neighbors=20", "model.avg_num_atoms=20"]
+SMALL = tiny_sets(width=2, avg_num_neighbors=20, avg_num_atoms=20)
 
 
 # ---- molecules --------------------------------------------------------------------------------

@@ -10,23 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import tiny_sets
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEMO_DATA = REPO / "scalable_equiformer" / "demo_data" / "aspirin_xtb_500K.npz"
 
-#: a model small enough for many runs on 2 shared CPU cores (~0.1 s per step of 4 aspirins)
-TINY = [
-    "model.irreps_node=8x0e+4x1e",
-    "model.lmax=1",
-    "model.num_blocks=1",
-    "model.num_heads=2",
-    "model.irreps_head=4x0e+2x1e",
-    "model.irreps_feedforward=16x0e+4x1e",
-    "model.irreps_feature=16x0e",
-    "model.num_radial=8",
-    "model.radial_hidden=[8]",
-    "model.cutoff=4.0",
-]
+#: the tiny model cut to lmax 1 and one block: many runs on 2 shared CPU cores (~0.1 s per step of 4 aspirins)
+TINY = tiny_sets(lmax=1, num_blocks=1, irreps_node="8x0e+4x1e", irreps_head="4x0e+2x1e",
+                 irreps_feedforward="16x0e+4x1e", radial_hidden="[8]", cutoff=4.0)
 
 
 def tiny_overrides(tmp_path, *extra, epochs=2, train=16, val=8, test=8, batch=4, dtype="float64", run_name="run"):

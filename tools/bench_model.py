@@ -48,14 +48,13 @@ from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
 from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
+from scalable_equiformer.parallel.check import tiny_model_dict  # noqa: E402
 from scalable_equiformer.profiling.profiler import PeakMemoryMeter  # noqa: E402
 
 DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (made for this project)
 DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]
-TINY = dict(
-    irreps_node="16x0e+8x1e+4x2e", num_blocks=2, num_heads=2, irreps_head="8x0e+4x1e+2x2e",
-    irreps_feedforward="32x0e+16x1e+8x2e", irreps_feature="32x0e", num_radial=16, radial_hidden=[32],
-)
+#: --tiny: configs/tiny.yaml at twice its channels, with a wider radial network
+TINY = dict(tiny_model_dict(width=2), num_radial=16, radial_hidden=[32])
 LMAX3 = dict(irreps_node="128x0e+64x1e+64x2e+32x3e", irreps_head="32x0e+16x1e+16x2e+8x3e", irreps_feedforward="384x0e+192x1e+192x2e+96x3e")
 
 

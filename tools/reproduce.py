@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from scalable_equiformer.data import KCAL_PER_EV  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
+from scalable_equiformer.parallel.check import tiny_model_dict  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Published numbers
@@ -122,17 +123,10 @@ MD22_PAPER_NOTE = ("No published Equiformer (V1) MD22 numbers could be confirmed
 QUICK_MOLECULE = "aspirin"
 QUICK_DATA = REPO_ROOT / "scalable_equiformer" / "demo_data" / "aspirin_xtb_500K.npz"
 
-#: Tiny model, few frames, two epochs. Results are not comparable with the paper; the point is that
-#: the same commands, run folders and table work end to end.
-QUICK_OVERRIDES = [
-    "model.irreps_node=16x0e+8x1e+4x2e",
-    "model.num_blocks=2",
-    "model.num_heads=2",
-    "model.irreps_head=8x0e+4x1e+2x2e",
-    "model.irreps_feedforward=32x0e+16x1e+8x2e",
-    "model.irreps_feature=32x0e",
-    "model.num_radial=8",
-    "model.radial_hidden=[16]",
+#: Tiny model (configs/tiny.yaml at twice its channels; the suite's lmax stays), few frames, two
+#: epochs. Results are not comparable with the paper; the point is that the same commands, run
+#: folders and table work end to end.
+QUICK_OVERRIDES = [f"model.{k}={v}" for k, v in tiny_model_dict(width=2).items() if k != "lmax"] + [
     "data.train_size=100",
     "data.val_size=20",
     "data.test_size=100",

@@ -42,6 +42,7 @@ from .launch import spawn_local
 
 __all__ = [
     "TINY_MODEL",
+    "tiny_model_dict",
     "tiny_model_config",
     "tile_system",
     "parse_tile",
@@ -62,20 +63,26 @@ __all__ = [
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
-#: A few thousand parameters: every stage of the paper's model (lmax 2, attention, FFN, head).
-TINY_MODEL = dict(
-    irreps_node="8x0e+4x1e+2x2e",
-    lmax=2,
-    num_blocks=2,
-    num_heads=2,
-    irreps_head="4x0e+2x1e+1x2e",
-    irreps_feedforward="16x0e+8x1e+4x2e",
-    irreps_feature="16x0e",
-    num_radial=8,
-    radial_hidden=[16],
-    avg_num_neighbors=20.0,
-    avg_num_atoms=60.0,
-)
+def tiny_model_dict(width: int = 1) -> dict:
+    """The model section of ``configs/tiny.yaml``, the project's one tiny model (a few thousand
+    parameters, every stage of the paper's model); ``width`` multiplies every channel count
+    (``width=2``: ``16x0e+8x1e+4x2e`` nodes)."""
+    import re  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from ..config import resolve_config_path  # noqa: PLC0415
+
+    model = yaml.safe_load(resolve_config_path("tiny").read_text())["model"]
+    if width != 1:
+        for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
+            model[key] = re.sub(r"(\d+)x", lambda m: f"{int(m.group(1)) * width}x", model[key])
+    return model
+
+
+#: The check's tiny model: ``configs/tiny.yaml`` with the normalisation constants fixed (no data
+#: statistics needed; about those of the AT-AT frames).
+TINY_MODEL = {**tiny_model_dict(), "avg_num_neighbors": 20.0, "avg_num_atoms": 60.0}
 
 
 def tiny_model_config(**overrides):

@@ -1,11 +1,14 @@
-"""Shared test helpers: the equivariance battery (``helpers.equivariance``) and tiny model configs."""
+"""Shared test helpers: the equivariance battery (``helpers.equivariance``), the tiny model
+(``configs/tiny.yaml``) as a config or as ``--set`` strings, and the tools as modules."""
 
 from __future__ import annotations
 
 from scalable_equiformer.config import ModelConfig
+from scalable_equiformer.parallel.check import tiny_model_dict
 
+#: the tiny model's irreps (configs/tiny.yaml), and their lmax 3 extension
 TINY_IRREPS = {
-    2: dict(irreps_node="8x0e+4x1e+2x2e", irreps_head="4x0e+2x1e+1x2e", irreps_feedforward="16x0e+8x1e+4x2e"),
+    2: {k: tiny_model_dict()[k] for k in ("irreps_node", "irreps_head", "irreps_feedforward")},
     3: dict(irreps_node="8x0e+4x1e+2x2e+2x3e", irreps_head="4x0e+2x1e+1x2e+1x3e", irreps_feedforward="16x0e+8x1e+4x2e+4x3e"),
 }
 
@@ -16,15 +19,11 @@ PAPER_IRREPS = {  # the original's graph_attention_transformer_nonlinear_exp_l{2
 
 
 def tiny_model_config(lmax: int = 2, attention: str = "mlp", message: str = "nonlinear", **overrides) -> ModelConfig:
-    """A 2-block model with a few channels per l, 2 heads, cutoff 4 Å, smooth cutoff and per-atom
-    normalisation: milliseconds per molecule."""
+    """The tiny model (2 blocks, a few channels per l, 2 heads) with cutoff 4 Å, smooth cutoff and
+    per-atom normalisation: milliseconds per molecule."""
     kw = dict(
+        tiny_model_dict(),
         lmax=lmax,
-        num_blocks=2,
-        num_heads=2,
-        irreps_feature="16x0e",
-        num_radial=8,
-        radial_hidden=[16],
         cutoff=4.0,
         attention=attention,
         message=message,
@@ -38,6 +37,13 @@ def tiny_model_config(lmax: int = 2, attention: str = "mlp", message: str = "non
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+def tiny_sets(width: int = 1, **changes) -> list[str]:
+    """The tiny model (``configs/tiny.yaml``, channels times ``width``) as ``model.key=value``
+    overrides, with ``changes`` on top."""
+    model = {**tiny_model_dict(width), **changes}
+    return [f"model.{k}={v}" for k, v in model.items()]
 
 
 def load_tool(name: str):
