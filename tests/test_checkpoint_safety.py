@@ -20,7 +20,8 @@ import zipfile
 import pytest
 import torch
 
-from test_train_common import DEMO_DATA, PY, REPO, launch, results, tiny_config, train_cmd
+from helpers.equivariance import single_thread  # noqa: F401 (fixture)
+from test_train_common import DEMO_DATA, PY, REPO, launch, results, tiny_config, train_cmd, train_in_process
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, TrainingError
 from scalable_equiformer.training import checkpoint as ckpt_io
@@ -28,30 +29,14 @@ from scalable_equiformer.training import checkpoint as ckpt_io
 EVALUATE = str(REPO / "tools" / "evaluate.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(cfg, **kw):
-    from scalable_equiformer.training import run
-
-    return run(cfg, **kw)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 2-epoch run (last.pt, best.pt)."""
     root = tmp_path_factory.mktemp("safety")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _run(tiny_config(root, test=8))
-    finally:
-        torch.set_num_threads(n)
+    train_in_process(tiny_config(root, test=8))
     return root / "run"
 
 

@@ -9,9 +9,8 @@ import importlib.util
 import sys
 
 import pytest
-import torch
 
-from test_train_common import DEMO_DATA, REPO, tiny_config
+from test_train_common import DEMO_DATA, REPO, tiny_config, train_in_process
 
 #: every command-line entry point of the product: (name, path)
 TOOLS = {
@@ -137,15 +136,8 @@ def test_bad_numbers_are_refused_when_parsing(name, argv, arg, capsys):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from scalable_equiformer.training import run
-
     root = tmp_path_factory.mktemp("cli")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(tiny_config(root, "logging.tensorboard=false", "logging.plot=false", epochs=1, test=8))
-    finally:
-        torch.set_num_threads(n)
+    train_in_process(tiny_config(root, "logging.tensorboard=false", "logging.plot=false", epochs=1, test=8))
     return root / "run" / "best.pt"
 
 

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from test_train_common import PY, REPO, empty_config, epoch_rows, free_port, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd
+from test_train_common import PY, REPO, empty_config, epoch_rows, free_port, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, train_in_process
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [PY, "-m", "torch.distributed.run"]
@@ -49,16 +49,9 @@ def _same_trajectory(a, b, rel):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One-process runs, in-process: float64 and float32."""
-    from scalable_equiformer.training import run
-
     root = tmp_path_factory.mktemp("reference")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(tiny_config(root, run_name="fp64", dtype="float64"))
-        run(tiny_config(root, run_name="fp32", dtype="float32"))
-    finally:
-        torch.set_num_threads(n)
+    train_in_process(tiny_config(root, run_name="fp64", dtype="float64"))
+    train_in_process(tiny_config(root, run_name="fp32", dtype="float32"))
     return root
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from ase import Atoms
 
-from test_train_common import DEMO_DATA, PY, REPO, launch, tiny_config
+from test_train_common import DEMO_DATA, PY, REPO, launch, tiny_config, train_in_process
 
 from scalable_equiformer.calculator import EquiformerCalculator
 from scalable_equiformer.errors import ConfigError, UserError
@@ -24,15 +24,8 @@ EVALUATE = str(REPO / "tools" / "evaluate.py")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from scalable_equiformer.training import run
-
     root = tmp_path_factory.mktemp("elements")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(tiny_config(root, epochs=1, test=8))
-    finally:
-        torch.set_num_threads(n)
+    train_in_process(tiny_config(root, epochs=1, test=8))
     return root / "run"
 
 

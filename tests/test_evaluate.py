@@ -7,22 +7,15 @@ import json
 import pytest
 import torch
 
-from test_train_common import DEMO_DATA, PY, REPO, free_port, launch, results, tiny_config
+from test_train_common import DEMO_DATA, PY, REPO, free_port, launch, results, tiny_config, train_in_process
 
 EVALUATE = str(REPO / "tools" / "evaluate.py")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from scalable_equiformer.training import run
-
     root = tmp_path_factory.mktemp("evaluate")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(tiny_config(root, "train.ema_decay=0.8", test=20, dtype="float64"))
-    finally:
-        torch.set_num_threads(n)
+    train_in_process(tiny_config(root, "train.ema_decay=0.8", test=20, dtype="float64"))
     return root / "run"
 
 

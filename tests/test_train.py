@@ -13,23 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.equivariance import single_thread  # noqa: F401 (fixture)
 from test_train_common import DEMO_DATA, epoch_rows, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, REPO
+from test_train_common import train_in_process as _run
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(cfg, **kw):
-    from scalable_equiformer.training import run
-
-    return run(cfg, **kw)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---- launch mode 1: python train.py (one process, no launcher) ------------------------------

@@ -32,6 +32,20 @@ def tiny_overrides(tmp_path, *extra, epochs=2, train=16, val=8, test=8, batch=4,
     ] + list(extra)
 
 
+def train_in_process(cfg, **kw):
+    """``scalable_equiformer.training.run`` in this process, on one torch thread (restored after)."""
+    import torch
+
+    from scalable_equiformer.training import run
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(cfg, **kw)
+    finally:
+        torch.set_num_threads(n)
+
+
 def tiny_config(tmp_path, *extra, **kw):
     from scalable_equiformer.config import load_config
 
