@@ -48,6 +48,13 @@ FLUCTUATION_BOUND = 1.0  # meV / atom
 TINY = tiny_sets(width=2)
 
 
+def _tiny_model(ethanol, dtype: str):
+    """The tiny model (seed 0) in ``dtype``, normalised on 50 ethanol frames, in eval mode."""
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY + [f"model.dtype={dtype}", f"data.path={ETHANOL}"])
+    return build_model(cfg, compute_statistics(ethanol.subset(range(50)), 5.0)).eval()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Two shared cores: one intra-op thread is several times faster than oversubscription."""
@@ -94,9 +101,7 @@ def test_calculator_equals_model_on_the_same_geometry(ethanol, dtype):
 
 
 def test_calculator_casts_to_the_asked_precision(ethanol):
-    torch.manual_seed(0)
-    cfg = load_config(None, TINY + ["model.dtype=float32", f"data.path={ETHANOL}"])
-    model = build_model(cfg, compute_statistics(ethanol.subset(range(50)), 5.0)).eval()
+    model = _tiny_model(ethanol, "float32")
     atoms = atoms_of(ethanol[1])
     atoms.calc = EquiformerCalculator(model, device="cpu")
     e32, f32 = atoms.get_potential_energy(), atoms.get_forces()
@@ -197,9 +202,7 @@ def test_nve_md_conserves_total_energy(trained_run, ethanol):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_calculator_on_gpu_equals_cpu(ethanol):
-    torch.manual_seed(0)
-    cfg = load_config(None, TINY + ["model.dtype=float64", f"data.path={ETHANOL}"])
-    model = build_model(cfg, compute_statistics(ethanol.subset(range(50)), 5.0)).eval()
+    model = _tiny_model(ethanol, "float64")
     atoms = atoms_of(ethanol[3])
     atoms.calc = EquiformerCalculator(model, device="cpu")
     e_cpu, f_cpu = atoms.get_potential_energy(), atoms.get_forces()

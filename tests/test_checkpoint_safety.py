@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)
-from test_train_common import DEMO_DATA, PY, REPO, launch, results, tiny_config, train_cmd, train_in_process
+from test_train_common import DEMO_DATA, PY, REPO, launch, results, tiny_config, train_cmd
+from test_train_common import train_in_process as _run
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, TrainingError
 from scalable_equiformer.training import checkpoint as ckpt_io
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def trained(tmp_path_factory):
     """A finished 2-epoch run (last.pt, best.pt)."""
     root = tmp_path_factory.mktemp("safety")
-    train_in_process(tiny_config(root, test=8))
+    _run(tiny_config(root, test=8))
     return root / "run"
 
 
