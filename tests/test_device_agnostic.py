@@ -102,7 +102,7 @@ def test_bf16_step_under_cuda_autocast_rules(strategy, chunk):
     from scalable_equiformer.nn.precision import autocast
     from scalable_equiformer.parallel import check as C
     from scalable_equiformer.profiling.stepper import make_batch
-    from scalable_equiformer.training.trainer import PACKAGE_DIR
+    from scalable_equiformer.data.dataset import PACKAGE_DIR
 
     with np.load(PACKAGE_DIR / "demo_data" / "aspirin_xtb_500K.npz") as d:
         z, R = d["z"], d["R"][:2]
@@ -154,7 +154,7 @@ from scalable_equiformer.profiling import stepper
 from scalable_equiformer.training.batches import BatchPlan
 from scalable_equiformer.training.engine import DeepSpeedEngine
 from scalable_equiformer.training.steps import compute_loss
-from scalable_equiformer.training.trainer import PACKAGE_DIR
+from scalable_equiformer.data.dataset import PACKAGE_DIR
 cfg = load_config(None, ["data.name=x", f"deepspeed.zero_stage={stage}", "train.batch_size=2", "train.device=cpu",
                          f"model.dtype={dtype}"] + [f"model.{k}={v}" for k, v in C.TINY_MODEL.items()])
 info, dev = runtime.init_distributed(True, "cpu")

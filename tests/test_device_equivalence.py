@@ -35,7 +35,7 @@ from scalable_equiformer.nn.forces import energy_and_forces
 from scalable_equiformer.nn.precision import autocast
 from scalable_equiformer.parallel import check as C
 from scalable_equiformer.profiling import stepper
-from scalable_equiformer.training.trainer import PACKAGE_DIR
+from scalable_equiformer.data.dataset import PACKAGE_DIR
 
 pytestmark = pytest.mark.gpu_equivalence
 
