@@ -356,37 +356,24 @@ class Trainer(CheckpointSteps):
                     file=sys.stderr, mininterval=1.0)
 
     def _train_step(self, epoch: int, s: int, order) -> float:
-        """One optimizer step; returns the step's training loss (all ranks)."""
-        cfg, info = self.cfg, self.info
+        """One optimizer step (:func:`.steps.optimizer_step`), then the EMA; returns the step's
+        training loss (all ranks)."""
         global_idx = self.sampler.global_batch(epoch, s, order)
-        n_mol = float(len(global_idx))
-        n_atoms = float(self.train_atoms[global_idx].sum())
-        micro = self.sampler.micro_batches(global_idx)
-        local = 0.0
-        for i, idx in enumerate(micro):
-            batch = collate(self.train_ds, idx, self.device)
-            with self.engine.micro_context():
-                out = self.engine.micro_step(batch)
-                terms = steps.loss_parts(out, batch, cfg, self.loss_scale, n_mol, n_atoms)
-                local += float(terms.loss.detach())
-                # backward even for a non-finite loss: the other ranks' backward waits on this
-                # rank's gradient collectives; the step is refused below, before any update
-                self.engine.backward(terms.loss)
-            del out, terms
-            if i < len(micro) - 1:
-                self.engine.after_micro()
-        t = torch.tensor([local if math.isfinite(local) else 0.0, 0.0 if math.isfinite(local) else 1.0],
-                         dtype=torch.float64)
-        t = runtime.sum_over_ranks(t, info, self.device)
-        if float(t[1]) > 0 or not math.isfinite(float(t[0])):
+        try:
+            loss = steps.optimizer_step(
+                self.engine, self.sampler.micro_batches(global_idx), self.cfg, self.schedule(self.step),
+                n_molecules=float(len(global_idx)), n_atoms=float(self.train_atoms[global_idx].sum()),
+                loss_scale=self.loss_scale, load=lambda idx: collate(self.train_ds, idx, self.device),
+                info=self.info, device=self.device)
+        except steps.NonFiniteLoss:
+            last = self.run / "last.pt"
             raise TrainingError(
                 f"non-finite training loss at epoch {epoch}, batch {s + 1} of {self.steps_per_epoch} (step {self.step + 1}); "
-                f"stopped; the last good checkpoint is kept: {self.run / 'last.pt' if (self.run / 'last.pt').exists() else 'none yet'}"
-                " (lower optim.lr, or set train.grad_clip)")
-        self.engine.step(self.schedule(self.step))
+                f"stopped; the last good checkpoint is kept: {last if last.exists() else 'none yet'}"
+                " (lower optim.lr, or set train.grad_clip)") from None
         if self.ema is not None:
             self.ema.update(dict(self.engine.named_full_parameters()))
-        return float(t[0]) / (self.partitions if self.partitions > 1 else 1)
+        return loss
 
     def _evaluate(self, indices, label: str) -> dict:
         module = self._eval_module()
