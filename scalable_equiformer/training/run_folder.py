@@ -1,10 +1,20 @@
 """The run folder of a training run: making it, ``metrics.csv`` and the learning-curve plot.
 
-``<train.out_dir>/<train.run_name>`` (default name: ``<dataset>_<date-time>``) holds ``config.yaml``,
-``versions.json`` and ``splits.npz`` (written by :func:`create_run_folder` on rank 0), ``metrics.csv``
-(:data:`CSV_COLUMNS`, one row per logged interval and per epoch; atomic rewrites), the checkpoints
-and ``learning_curve.png`` (:func:`plot_learning_curve`). The trainer's module docstring lists the
-whole layout.
+``<train.out_dir>/<train.run_name>`` (default name ``<dataset>_<date-time>``, :func:`new_run_path`)
+holds::
+
+    config.yaml       resolved config (units, origin of each value)        create_run_folder
+    versions.json     python, torch, e3nn, deepspeed, torch_geometric, numpy, git hash
+    splits.npz        the frame indices of train / val / test
+    train.log         the log of rank 0
+    metrics.csv       epoch, step, lr, train_loss, val_energy_mae_meV, val_force_mae_meV_per_A, time
+    tensorboard/      TensorBoard events (same scalars)                    (training/progress.py)
+    last.pt, best.pt  checkpoints (best by validation force MAE), written atomically (run_state.py)
+    deepspeed/<tag>/  DeepSpeed's sharded optimizer state (DeepSpeed runs only)
+    learning_curve.png, results.json  (test metrics of best.pt)            plot_learning_curve
+
+``metrics.csv`` has the columns :data:`CSV_COLUMNS`: one row per logged interval and per epoch,
+appended by :class:`RunFolder`, rewritten atomically when a resumed run drops later rows.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
-"""Training: epochs of optimizer steps, evaluation, EMA, LR schedule, checkpoints, resume, logs.
+"""The Trainer: set-up (each step a method of its own), epochs of optimizer steps, evaluation,
+EMA, the end-of-run test; ``run(config, resume=None)`` is the whole job (``train.py`` only parses
+arguments).
 
-``run(config, resume=None)`` is the whole job (``train.py`` only parses arguments). The run folder
-``<train.out_dir>/<train.run_name>`` holds::
-
-    config.yaml       resolved config (units, origin of each value)
-    versions.json     python, torch, e3nn, deepspeed, torch_geometric, numpy, git hash
-    splits.npz        the frame indices of train / val / test
-    train.log         the log of rank 0
-    metrics.csv       epoch, step, lr, train_loss, val_energy_mae_meV, val_force_mae_meV_per_A, time
-    tensorboard/      TensorBoard events (same scalars)
-    last.pt, best.pt  checkpoints (best by validation force MAE), written atomically
-    deepspeed/<tag>/  DeepSpeed's sharded optimizer state (DeepSpeed runs only)
-    learning_curve.png, results.json  (test metrics of best.pt)
+Its other jobs live beside it: the optimizer step in :mod:`.steps` (shared with the memory
+profiler), checkpoints and resume in :mod:`.run_state`, the run folder (layout, ``metrics.csv``,
+the plot) in :mod:`.run_folder`, the log header and metric rows in :mod:`.progress`, process-wide
+state and collectives in :mod:`scalable_equiformer.runtime`.
 
 Units: energies eV and forces eV/Å inside; metrics in meV (per molecule) and meV/Å (per force
 component), stated in every log header.
@@ -21,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -38,7 +31,8 @@ from . import steps
 from .batches import BatchPlan, StepSampler, atom_counts, collate
 from .ema import EMA
 from .engine import DeepSpeedEngine, PlainEngine, use_deepspeed
-from .metrics import UNITS_HEADER, evaluate
+from .metrics import evaluate
+from .progress import ProgressLog
 from .run_folder import RunFolder, create_run_folder, new_run_path, plot_learning_curve
 from .run_state import CheckpointSteps, read_resume_checkpoint
 from .schedule import LRSchedule
@@ -47,7 +41,9 @@ log = logging.getLogger("scalable_equiformer.training")
 
 # ---- the trainer ----------------------------------------------------------------------------
 
-class Trainer(CheckpointSteps):
+class Trainer(CheckpointSteps, ProgressLog):
+    """One training run (``run`` makes one, calls ``setup``, ``train`` and ``close``)."""
+
     def __init__(self, cfg: Config, resume: Optional[str] = None, stop_after_epochs: Optional[int] = None):
         self.cfg = cfg
         self.resume = Path(resume) if resume is not None else None
@@ -244,44 +240,7 @@ class Trainer(CheckpointSteps):
             return []
         return [runtime.add_log_file(self.run / "train.log")]
 
-    def _open_writers(self) -> None:
-        if not self.info.is_main:
-            return
-        if self.resume is not None:  # drop rows written after the checkpoint we resume from
-            self.run.keep_metrics_until(self.step, self.epoch)
-        if self.cfg.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=self.step if self.resume else None)
-            except ImportError:
-                log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
-
-    def _log_header(self) -> None:
-        cfg, info = self.cfg, self.info
-        log.info("run folder: %s%s", self.run.path, " (resumed)" if self.resume else "")
-        log.info("%s", UNITS_HEADER)
-        log.info("data: %s, %d frames, %d atoms; split train %d / val %d (evaluated %d) / test %d",
-                 self.dataset.path, len(self.dataset), self.dataset.num_atoms, len(self.splits["train"]),
-                 len(self.splits["val"]), len(self.val_idx), len(self.splits["test"]))
-        log.info("statistics of the training split: %s", self.stats.describe())
-        log.info("model: %d parameters, %s, lmax %d, %d blocks, irreps %s, memory: checkpointing=%s precision=%s",
-                 self.n_params, cfg.model.dtype, cfg.model.lmax, cfg.model.num_blocks, cfg.model.irreps_node,
-                 cfg.memory.checkpointing, cfg.memory.precision)
-        ds = f"DeepSpeed ZeRO stage {cfg.deepspeed.zero_stage}" if self.use_ds else "plain torch"
-        threads = f", {torch.get_num_threads()} torch thread(s) per rank (OMP_NUM_THREADS)" if self.device.type == "cpu" else ""
-        log.info("parallel: %d rank(s) (%s, %s backend, launcher %s) = %d data-parallel x %d graph partitions; on %s%s",
-                 info.world_size, ds, info.backend, info.launcher, self.dp_world, self.partitions, self.device, threads)
-        log.info("batch %d molecules per step = %d rank(s) x %d micro-batch(es) x %d; %d steps per epoch, %d epochs, "
-                 "%d steps in all", self.plan.batch_size, self.dp_world, self.plan.grad_accum, self.plan.micro_batch_size,
-                 self.steps_per_epoch, cfg.train.max_epochs, self.total_steps)
-        log.info("loss: %s, energy weight %g, force weight %g, divided by the model's energy scale %.4f eV (%s); "
-                 "AdamW lr %g (warm-up %g epochs from %g, %s to %g), weight decay %g%s",
-                 cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale, cfg.model.energy_normalization, cfg.optim.lr,
-                 cfg.optim.warmup_epochs, cfg.optim.warmup_lr, cfg.optim.scheduler, cfg.optim.min_lr,
-                 cfg.optim.weight_decay, f", EMA {cfg.train.ema_decay}" if self.ema else "")
-
-    # -- checkpoints --
+    # -- the weights evaluated --
     def _eval_state(self) -> dict:
         """Weights evaluated and kept in best.pt: the EMA when on, else the live weights."""
         live = self.engine.full_state_dict()
@@ -328,12 +287,7 @@ class Trainer(CheckpointSteps):
                     bar.update(self.plan.batch_size)
                     bar.set_postfix_str(f"loss {loss:.4g}, lr {self.schedule(self.step - 1):.3g}", refresh=False)
                 if self.step % cfg.train.log_every == 0 and info.is_main:
-                    row = {"epoch": epoch, "step": self.step, "lr": self.schedule(self.step - 1),
-                           "train_loss": interval_loss / interval_n, "time": round(self.elapsed(), 3)}
-                    self.run.append_metrics(row)
-                    if self.writer is not None:
-                        self.writer.add_scalar("train/loss", row["train_loss"], self.step)
-                        self.writer.add_scalar("train/lr", row["lr"], self.step)
+                    self._log_interval(epoch, interval_loss / interval_n)
                     interval_loss, interval_n = 0.0, 0
             if bar is not None:
                 bar.close()
@@ -345,15 +299,6 @@ class Trainer(CheckpointSteps):
                 log.info("stopping after %d epoch(s) as asked; continue with --resume %s", epochs_this_session, self.run.path)
                 return None
         return self._finish()
-
-    def _bar(self, epoch: int):
-        if not (self.info.is_main and self.cfg.train.progress):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.steps_per_epoch * self.plan.batch_size, unit="mol", unit_scale=False,
-                    desc=f"epoch {epoch}/{self.cfg.train.max_epochs}", leave=False, dynamic_ncols=True,
-                    file=sys.stderr, mininterval=1.0)
 
     def _train_step(self, epoch: int, s: int, order) -> float:
         """One optimizer step (:func:`.steps.optimizer_step`), then the EMA; returns the step's
@@ -395,23 +340,7 @@ class Trainer(CheckpointSteps):
                 self.best_epoch = self.epoch
         lr = self.schedule(max(self.step - 1, 0))
         if info.is_main:
-            row = {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": train_loss,
-                   "val_energy_mae_meV": metrics.get("energy_mae_meV"),
-                   "val_force_mae_meV_per_A": metrics.get("force_mae_meV_per_A"), "time": round(self.elapsed(), 3)}
-            self.run.append_metrics(row)
-            if self.writer is not None and metrics:
-                self.writer.add_scalar("val/energy_mae_meV", metrics["energy_mae_meV"], self.step)
-                self.writer.add_scalar("val/force_mae_meV_per_A", metrics["force_mae_meV_per_A"], self.step)
-                self.writer.add_scalar("train/epoch_loss", train_loss, self.step)
-                self.writer.flush()
-            if metrics:
-                log.info("epoch %4d/%d  step %7d  lr %.3e  train loss %.5f  val energy MAE %9.3f meV  "
-                         "val force MAE %9.3f meV/Å%s  [%.0f s]", self.epoch, cfg.train.max_epochs, self.step, lr,
-                         train_loss, metrics["energy_mae_meV"], metrics["force_mae_meV_per_A"],
-                         "  *best" if is_best else "", self.elapsed())
-            else:
-                log.info("epoch %4d/%d  step %7d  lr %.3e  train loss %.5f  [%.0f s]", self.epoch,
-                         cfg.train.max_epochs, self.step, lr, train_loss, self.elapsed())
+            self._log_epoch(train_loss, metrics, is_best, lr)
         self._save(metrics, is_best)
 
     def _finish(self) -> dict:
