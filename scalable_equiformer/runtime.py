@@ -1,6 +1,17 @@
-"""Process-wide state in one place: seeds, default dtype, TF32, the device, distributed init.
+"""Process-wide state in one place: seeds, default dtype, TF32, the device, distributed init,
+the collectives every rank calls together, and the package's log handlers.
 
 Nothing here runs at import time; entry points call these functions once, early.
+
+* seeds, dtype, TF32: :func:`seed_everything`, :func:`torch_dtype`, :func:`default_dtype`,
+  :func:`configure_tf32`;
+* the device and the process group: :func:`select_device`, :func:`launch_env`,
+  :func:`init_distributed`, :func:`shutdown_distributed`, :func:`current_dist_info`;
+* collectives (no-ops on one process): :func:`broadcast_object`, :func:`barrier`,
+  :func:`sum_over_ranks`, :func:`failed_ranks`, :func:`error_everywhere` (an error on one rank
+  stops all ranks, none hangs);
+* logging of the ``scalable_equiformer`` logger: :func:`setup_logging`, :func:`add_log_file`,
+  :func:`teardown_logging`.
 
 Launch modes handled by :func:`init_distributed`:
 
@@ -28,6 +39,7 @@ import os
 import random
 import socket
 import sys
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -247,8 +259,114 @@ def shutdown_distributed() -> None:
         pass
 
 
+def current_dist_info() -> DistInfo:
+    """Rank, world and backend of the process group that exists now (not initialised: one process).
+    For code that runs inside a group someone else made (the memory profiler's ranks)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return DistInfo()
+    return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                    backend=torch.distributed.get_backend(), initialized=True)
+
+
+# ---- collectives (every rank calls them; one process: no-ops) -------------------------------
+
+def _distributed(info: DistInfo) -> bool:
+    return info.initialized and info.world_size > 1
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank."""
+    if not _distributed(info):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if _distributed(info):
+        torch.distributed.barrier()
+
+
+def sum_over_ranks(values: torch.Tensor, info: DistInfo, device) -> torch.Tensor:
+    """``values`` (a CPU tensor) summed over all ranks, back on the CPU (nccl: through ``device``)."""
+    if not _distributed(info):
+        return values
+    t = values.to(device) if info.backend == "nccl" else values
+    torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def failed_ranks(ok: bool, info: DistInfo, device) -> int:
+    """How many ranks have ``ok`` false."""
+    t = sum_over_ranks(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64), info, device)
+    return int(round(float(t)))
+
+
+def error_everywhere(exc: Optional[BaseException], info: DistInfo, device) -> None:
+    """Raise ``exc`` on its rank and a short TrainingError on the others, so no rank hangs.
+    An error that only some ranks hit is marked ``rank_specific``: ``train.py`` prints those on
+    every rank (it prints errors that are the same everywhere on rank 0 only)."""
+    failed = failed_ranks(exc is None, info, device)
+    if failed == 0:
+        return
+    if exc is not None:
+        if failed < info.world_size:
+            exc.rank_specific = True
+        raise exc
+    from .errors import TrainingError
+
+    raise TrainingError("another rank stopped with an error (see its message)")
+
+
+# ---- logging --------------------------------------------------------------------------------
+
+def setup_logging(is_main: bool, level: str, log_file: Optional[Path] = None) -> list[logging.Handler]:
+    """Handlers of the ``scalable_equiformer`` logger: stdout (every rank; below WARNING on rank 0
+    only) and ``log_file`` (rank 0). Returns them for :func:`teardown_logging`."""
+    root = logging.getLogger("scalable_equiformer")
+    root.setLevel(getattr(logging, level.upper()) if is_main else logging.WARNING)
+    root.propagate = False
+    handlers: list[logging.Handler] = []
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    handlers.append(h)
+    if is_main and log_file is not None:
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(fmt)
+        handlers.append(fh)
+    for x in handlers:
+        root.addHandler(x)
+    return handlers
+
+
+def add_log_file(path: Path) -> logging.Handler:
+    """A file handler (date and time on each line) on the ``scalable_equiformer`` logger."""
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger("scalable_equiformer").addHandler(fh)
+    return fh
+
+
+def teardown_logging(handlers) -> None:
+    root = logging.getLogger("scalable_equiformer")
+    for h in handlers:
+        root.removeHandler(h)
+        h.close()
+
+
 __all__ = [
     "DistInfo",
+    "add_log_file",
+    "barrier",
+    "broadcast_object",
+    "current_dist_info",
+    "error_everywhere",
+    "failed_ranks",
+    "setup_logging",
+    "sum_over_ranks",
+    "teardown_logging",
     "configure_tf32",
     "deepspeed_accelerator",
     "default_dtype",

@@ -101,8 +101,8 @@ def test_bf16_step_under_cuda_autocast_rules(strategy, chunk):
     from scalable_equiformer.nn.forces import energy_and_forces
     from scalable_equiformer.nn.precision import autocast
     from scalable_equiformer.parallel import check as C
-    from scalable_equiformer.profiling.stepper import make_batch
-    from scalable_equiformer.training.trainer import PACKAGE_DIR
+    from scalable_equiformer.profiling.measured_step import make_batch
+    from scalable_equiformer.data.dataset import PACKAGE_DIR
 
     with np.load(PACKAGE_DIR / "demo_data" / "aspirin_xtb_500K.npz") as d:
         z, R = d["z"], d["R"][:2]
@@ -150,18 +150,18 @@ torch.empty = empty
 from scalable_equiformer import runtime
 from scalable_equiformer.config import load_config
 from scalable_equiformer.parallel import check as C
-from scalable_equiformer.profiling import stepper
+from scalable_equiformer.profiling import measured_step
 from scalable_equiformer.training.batches import BatchPlan
 from scalable_equiformer.training.engine import DeepSpeedEngine
 from scalable_equiformer.training.steps import compute_loss
-from scalable_equiformer.training.trainer import PACKAGE_DIR
+from scalable_equiformer.data.dataset import PACKAGE_DIR
 cfg = load_config(None, ["data.name=x", f"deepspeed.zero_stage={stage}", "train.batch_size=2", "train.device=cpu",
                          f"model.dtype={dtype}"] + [f"model.{k}={v}" for k, v in C.TINY_MODEL.items()])
 info, dev = runtime.init_distributed(True, "cpu")
-model, dtype = stepper.build(cfg, dev, 21)
+model, dtype = measured_step.build(cfg, dev, 21)
 eng = DeepSpeedEngine(model, cfg, BatchPlan.from_config(cfg, 1), 1)
 with np.load(PACKAGE_DIR / "demo_data" / "aspirin_xtb_500K.npz") as d:
-    batch = stepper.make_batch(d["z"], d["R"][:2], dtype, dev)
+    batch = measured_step.make_batch(d["z"], d["R"][:2], dtype, dev)
 with eng.micro_context():
     out = eng.micro_step(batch)
     eng.backward(compute_loss(out, batch, cfg, 1.0, 2.0, 42.0))

@@ -9,7 +9,7 @@ machine that gets the checkout alone (no ``../shared``).
 
 * memory levers against the plain path, fp64, 1e-10: ``blocks``, ``forces``, ``forces`` + edge
   chunks, ``forces`` + a kept block (energies, forces, parameter gradients);
-* two optimizer steps through the trainer's own step (``profiling/stepper.py``: PlainEngine,
+* two optimizer steps through the trainer's own step (``profiling/measured_step.py``: PlainEngine,
   AdamW, the loss) with ``forces`` equal the plain ones, fp64;
 * bf16 autocast on the device within the tolerance ``nn/precision.py`` states against fp32;
 * the partitioned model over 2 ranks (gloo between them, both on the device: one GPU holds both)
@@ -34,8 +34,8 @@ from scalable_equiformer.nn import force_checkpoint as fc
 from scalable_equiformer.nn.forces import energy_and_forces
 from scalable_equiformer.nn.precision import autocast
 from scalable_equiformer.parallel import check as C
-from scalable_equiformer.profiling import stepper
-from scalable_equiformer.training.trainer import PACKAGE_DIR
+from scalable_equiformer.profiling import measured_step
+from scalable_equiformer.data.dataset import PACKAGE_DIR
 
 pytestmark = pytest.mark.gpu_equivalence
 
@@ -57,7 +57,7 @@ def _tiny(dtype="float64", **kw):
 
 def _batch(frames, dtype, device, n=2, seed=1):
     z, R = frames
-    batch = stepper.make_batch(z, R[:n], dtype, device)
+    batch = measured_step.make_batch(z, R[:n], dtype, device)
     g = torch.Generator().manual_seed(seed)
     batch.forces = torch.randn(batch.forces.shape, generator=g, dtype=dtype).to(device)
     batch.energy = torch.randn(batch.energy.shape, generator=g, dtype=dtype).to(device)
@@ -103,8 +103,8 @@ def test_training_steps_with_force_checkpointing_equal_plain_on_device(frames, d
         cfg = load_config(None, ["data.name=x", "model.dtype=float64", f"memory.checkpointing={lever}",
                                  *(f"model.{k}={v}" for k, v in C.TINY_MODEL.items())])
         torch.manual_seed(0)
-        model, dtype = stepper.build(cfg, device, 21)
-        step, _ = stepper.make_step(model, cfg)
+        model, dtype = measured_step.build(cfg, device, 21)
+        step, _ = measured_step.make_step(model, cfg)
         batch = _batch(frames, dtype, device, n=3)
         losses[lever] = [step(batch)["loss"] for _ in range(2)]
         assert next(model.parameters()).device.type == device.type

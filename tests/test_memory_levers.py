@@ -21,7 +21,7 @@ from scalable_equiformer.nn import force_checkpoint as fc
 from scalable_equiformer.nn.forces import energy_and_forces
 from scalable_equiformer.nn.precision import autocast, fp32_island
 from scalable_equiformer.profiling import systems
-from scalable_equiformer.profiling.stepper import make_batch
+from scalable_equiformer.profiling.measured_step import make_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -130,7 +130,7 @@ def test_use_deepspeed_rules():
 
 def test_demo_data_path_resolves_from_anywhere(tmp_path, monkeypatch):
     from scalable_equiformer.config import load_config
-    from scalable_equiformer.training.trainer import resolve_data_path
+    from scalable_equiformer.data.dataset import resolve_data_path
 
     monkeypatch.chdir(tmp_path)
     path = resolve_data_path(load_config("demo").data.path)

@@ -123,7 +123,7 @@ def _evaluate(args) -> dict:
     from scalable_equiformer.errors import DataError, UserError
     from scalable_equiformer.training.checkpoint import check_atomic_numbers, load_model, write_json
     from scalable_equiformer.training.metrics import UNITS_HEADER, evaluate
-    from scalable_equiformer.training.trainer import resolve_data_path
+    from scalable_equiformer.data.dataset import resolve_data_path
 
     info, device = runtime.init_distributed(False, args.device)
     model, cfg, meta = load_model(args.checkpoint, device=device)

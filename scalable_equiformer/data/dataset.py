@@ -1,4 +1,6 @@
-"""``MolecularDataset``: the frames of one molecule in package units, as torch_geometric ``Data``.
+"""``MolecularDataset``: the frames of one molecule in package units, as torch_geometric ``Data``;
+where a data file is (:func:`resolve_path` for the loader, :func:`resolve_data_path` for a
+``data.path`` of a config or command line) and :func:`load_dataset`.
 
 Units everywhere: positions Å, energies eV, forces eV/Å (float64); atomic numbers int64.
 """
@@ -156,6 +158,27 @@ def resolve_path(path_or_name, root=None) -> tuple[Path, str | None]:
     raise DataError(f"{p}: file not found")
 
 
+#: the installed package (``scalable_equiformer/``); the shipped demo data lie under it
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def resolve_data_path(path: str, root=None) -> str:
+    """``data.path`` as given when it exists (or under ``data.root``); else relative to the
+    repository root or to the installed package (so the shipped demo file is found from
+    anywhere). Unresolved paths are returned unchanged (the loader names them in its error)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.is_file() or (root is not None and (Path(root) / p).is_file()):
+        return str(p)
+    parts = p.parts
+    candidates = [PACKAGE_DIR.parent / p]
+    if parts and parts[0] == PACKAGE_DIR.name:
+        candidates.append(PACKAGE_DIR.joinpath(*parts[1:]))
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    return str(p)
+
+
 def load_dataset(
     path_or_name,
     root=None,
@@ -188,4 +211,4 @@ def load_dataset(
     return MolecularDataset.from_raw(raw, name=name)
 
 
-__all__ = ["MolecularDataset", "load_dataset", "resolve_path"]
+__all__ = ["MolecularDataset", "PACKAGE_DIR", "load_dataset", "resolve_data_path", "resolve_path"]

@@ -233,12 +233,12 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
     from ..nn import force_checkpoint as fc
     from ..nn.forces import energy_and_forces
     from ..nn.precision import autocast
-    from . import stepper, systems
+    from . import measured_step, systems
 
     precision = precision or cfg.memory.precision
     cfg = copy.deepcopy(cfg)
     cfg.memory.edge_chunk_size = None
-    model, dtype = stepper.build(cfg, torch.device(device), 20)
+    model, dtype = measured_step.build(cfg, torch.device(device), 20)
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
     exclude |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     z, pos = systems.synthetic_molecule(24)
@@ -250,7 +250,7 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
     try:
         for n, cutoff in probes:
             model.cutoff = cutoff
-            batch = stepper.make_batch(z[:n], pos[None, :n], dtype, device)
+            batch = measured_step.make_batch(z[:n], pos[None, :n], dtype, device)
             num_edges = systems.count_edges(pos[:n], cutoff)
             for name, strategy in (("plain", "autograd"), ("blocks", "blocks"), ("forces", "forces")):
                 census = _Census(exclude)

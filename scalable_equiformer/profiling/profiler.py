@@ -222,7 +222,7 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
 
     from ..config import config_from_dict
     from ..training.steps import configure_model
-    from . import stepper, systems
+    from . import measured_step, systems
 
     torch.manual_seed(req.seed)
     if req.threads:
@@ -254,17 +254,17 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     atoms = len(z)
     edges = sum(systems.count_edges(f, cfg.model.cutoff) for f in frames)
 
-    model, dtype = stepper.build(cfg, device, atoms)
+    model, dtype = measured_step.build(cfg, device, atoms)
     module = model
     if partitioned:
         from ..parallel.partitioned import PartitionedModel
 
         configure_model(model, cfg)  # the wrapper reads the force strategy when it is made
         module = PartitionedModel(model)
-    batch = stepper.make_batch(z, frames, dtype, device)
+    batch = measured_step.make_batch(z, frames, dtype, device)
     small = min(atoms, 8)
-    warm = stepper.make_batch(z[:small], np.repeat(frames[:1, :small], req.batch, axis=0), dtype, device)
-    step, engine = stepper.make_step(module, cfg, world=int(req.partitions) if partitioned else 1)
+    warm = measured_step.make_batch(z[:small], np.repeat(frames[:1, :small], req.batch, axis=0), dtype, device)
+    step, engine = measured_step.make_step(module, cfg, world=int(req.partitions) if partitioned else 1)
     optimizer = engine.optimizer
 
     step(warm)  # libraries initialised, optimizer state allocated

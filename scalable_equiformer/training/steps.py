@@ -1,18 +1,28 @@
-"""The one place where training calls the model and computes the loss.
+"""The one place where training calls the model, computes the loss and takes an optimizer step.
 
 ``model_call(model, batch, cfg)`` runs the model (or a DeepSpeed engine / partitioned wrapper
 around it) on a batch with forces, under the memory levers of ``cfg.memory``: the force strategy
 (``memory.checkpointing``, set on the model by :func:`configure_model`) and mixed precision
 (``memory.precision``). ``compute_loss(out, batch, cfg, ...)`` is :func:`.loss.loss_terms` with the
-config's weights. The memory profiler imports both so it measures exactly what training runs.
+config's weights.
+
+:func:`optimizer_step` is the whole optimizer step over one rank's micro-batches: forward with
+forces, loss share, backward (loss scaling is the engine's), the engine's hook between
+micro-batches, the check that the loss is finite on every rank, then the engine's update
+(gradient reduction, clipping, AdamW). The trainer (``Trainer._train_step``) and the memory
+profiler (``profiling/measured_step.py``) both call it, so the profiler measures the trainer's
+own step.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import runtime
+from ..errors import TrainingError
 from .loss import LossTerms, loss_terms
 
 
@@ -57,4 +67,48 @@ def loss_parts(out: dict, batch, cfg, scale: float = 1.0, n_molecules: Optional[
     return loss_terms(out, batch, t.loss, t.energy_weight, t.force_weight, scale, n_molecules, n_atoms)
 
 
-__all__ = ["base_model", "configure_model", "model_call", "compute_loss", "loss_parts"]
+class NonFiniteLoss(TrainingError):
+    """The training loss of a step was not finite on some rank; the step was refused (no update)."""
+
+
+def optimizer_step(engine, micro_batches: Sequence, cfg, lr: float, *, n_molecules: float, n_atoms: float,
+                   loss_scale: float = 1.0, load: Optional[Callable] = None,
+                   info: Optional[runtime.DistInfo] = None, device=None) -> float:
+    """One optimizer step of ``engine`` (``training/engine.py``) over this rank's ``micro_batches``.
+
+    Each micro-batch (``load(item)`` when ``load`` is given: batches are then made one at a
+    time) runs ``engine.micro_step`` and its share of the loss (sums over the micro-batch divided
+    by ``n_molecules`` / ``n_atoms`` of the global batch, and by ``loss_scale``, see :mod:`.loss`),
+    then ``engine.backward`` inside ``engine.micro_context()``; ``engine.after_micro()`` runs
+    *between* micro-batches (not after the last one: the update is ``engine.step``). The losses
+    are summed over the ranks of ``info`` (all ranks call this together); a non-finite loss on any
+    rank raises :class:`NonFiniteLoss` before any update. Returns the step's training loss: the
+    sum over micro-batches and ranks, divided by ``parallel.graph_partitions`` (the ranks of a
+    partition group share one molecule's loss).
+    """
+    local = 0.0
+    last = len(micro_batches) - 1
+    for i, item in enumerate(micro_batches):
+        batch = load(item) if load is not None else item
+        with engine.micro_context():
+            out = engine.micro_step(batch)
+            terms = loss_parts(out, batch, cfg, loss_scale, n_molecules, n_atoms)
+            local += float(terms.loss.detach())
+            # backward even for a non-finite loss: the other ranks' backward waits on this
+            # rank's gradient collectives; the step is refused below, before any update
+            engine.backward(terms.loss)
+        del out, terms
+        if i < last:
+            engine.after_micro()
+    finite = math.isfinite(local)
+    t = torch.tensor([local if finite else 0.0, 0.0 if finite else 1.0], dtype=torch.float64)
+    t = runtime.sum_over_ranks(t, info if info is not None else runtime.DistInfo(), device)
+    if float(t[1]) > 0 or not math.isfinite(float(t[0])):
+        raise NonFiniteLoss("non-finite training loss")
+    engine.step(lr)
+    partitions = cfg.parallel.graph_partitions
+    return float(t[0]) / (partitions if partitions > 1 else 1)
+
+
+__all__ = ["NonFiniteLoss", "base_model", "configure_model", "model_call", "compute_loss", "loss_parts",
+           "optimizer_step"]

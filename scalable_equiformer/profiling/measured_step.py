@@ -1,11 +1,13 @@
-"""One training step as the profiler runs it: the trainer's own engine, model call and loss.
+"""What the memory profiler measures: the model (:func:`build`), a batch of molecules
+(:func:`make_batch`) and the trainer's own optimizer step over it (:func:`make_step`).
 
-``make_step(model, cfg)`` returns ``(step, engine)``; ``step(batch) -> dict`` runs what one
-optimizer step of training runs (``training/engine.py`` ``PlainEngine`` and
-``training/steps.py``): the force strategy of ``memory.checkpointing`` set on the model, each
-micro-batch of ``memory.micro_batch_size`` molecules through ``model_call`` (forward, forces with
-``create_graph=True``, under ``memory.precision``), its share of the loss, backward, then the
-optimizer step. Only data loading is left out.
+``make_step(model, cfg)`` returns ``(step, engine)``; ``step(batch) -> dict`` is the trainer's
+step, :func:`scalable_equiformer.training.steps.optimizer_step` with the trainer's
+``PlainEngine``: the force strategy of ``memory.checkpointing`` set on the model, each micro-batch
+of ``memory.micro_batch_size`` molecules through ``model_call`` (forward, forces with
+``create_graph=True``, under ``memory.precision``), its share of the loss, backward, the finite-loss
+check, then the optimizer step (gradient sum over ranks, clipping, AdamW). Only data loading is
+left out (the batch is made beforehand and cut into micro-batches by :func:`split`).
 """
 
 from __future__ import annotations
@@ -53,28 +55,24 @@ def split(batch, size):
     return [Batch.from_data_list(data[i:i + size]) for i in range(0, len(data), size)]
 
 
-def make_step(model, cfg, world: int = 1):
+def make_step(model, cfg, world: int = 1, loss_scale: float = 1.0):
     """``world`` > 1: ``model`` is a PartitionedModel over the ``world`` ranks of the default
-    group (one partition group; the engine sums the ranks' partial gradients)."""
+    group (one partition group; the engine sums the ranks' partial gradients). ``loss_scale``:
+    the loss divisor (the trainer's is the model's energy scale; 1 without statistics)."""
+    from .. import runtime
     from ..training.batches import BatchPlan
     from ..training.engine import PlainEngine
-    from ..training.steps import compute_loss, configure_model
+    from ..training.steps import configure_model, optimizer_step
 
     configure_model(model, cfg)
-    engine = PlainEngine(model, cfg, BatchPlan.from_config(cfg, 1), group=None, world=world)
+    plan = BatchPlan.from_config(cfg, 1)
+    engine = PlainEngine(model, cfg, plan, group=None, world=world)
+    info = runtime.current_dist_info()
 
     def step(batch) -> dict:
-        n_mol = float(batch.num_graphs)
-        n_at = float(batch.pos.shape[0])
-        total = 0.0
-        for mb in split(batch, cfg.memory.micro_batch_size):
-            out = engine.micro_step(mb)
-            loss = compute_loss(out, mb, cfg, 1.0, n_mol, n_at)
-            engine.backward(loss)
-            engine.after_micro()
-            total += float(loss.detach())
-            del out, loss
-        engine.step(cfg.optim.lr)
-        return {"loss": total}
+        loss = optimizer_step(engine, split(batch, plan.micro_batch_size), cfg, cfg.optim.lr,
+                              n_molecules=float(batch.num_graphs), n_atoms=float(batch.pos.shape[0]),
+                              loss_scale=loss_scale, info=info, device=batch.pos.device)
+        return {"loss": loss}
 
     return step, engine
