@@ -47,7 +47,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scalable_equiformer.nn.force_checkpoint import STRATEGY_OF_CHECKPOINTING  # noqa: E402
+from scalable_equiformer.model import STRATEGY_OF_CHECKPOINTING  # noqa: E402
 from scalable_equiformer.parallel import check as C  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402

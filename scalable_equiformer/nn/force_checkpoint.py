@@ -2,9 +2,10 @@
 
 Both give the same energies, forces and parameter gradients as the plain path
 (``nn/forces.py``, strategy ``"autograd"``, the oracle); ``tests/test_memory_levers.py`` checks
-it to 1e-10 in fp64. The config key ``memory.checkpointing`` picks one:
+it to 1e-10 in fp64. ``model.force_strategy`` picks one (``model.configure_model`` sets it from
+the config key ``memory.checkpointing``; this package knows no config):
 
-``"blocks"`` (:func:`checkpointed_blocks`)
+``"blocks"`` (``nn/forces.py``'s ``_checkpointed_blocks``, with :func:`checkpointed_call`)
     The plain path with every transformer block in a non-reentrant
     ``torch.utils.checkpoint`` (the reentrant form does not support ``autograd.grad``). Forces
     come from ``autograd.grad(E, pos, create_graph=True)``, which recomputes each block; the
@@ -61,32 +62,8 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from ..errors import ConfigError
-
-#: ``memory.checkpointing`` -> the strategy name registered in ``nn/forces.py``.
-STRATEGY_OF_CHECKPOINTING = {"none": "autograd", "blocks": "blocks", "forces": "forces"}
-
 #: EdgeFeatures fields that carry gradients to pos (``index`` does not).
 _EDGE_FIELDS = ("vec", "length", "sh", "radial", "envelope")
-
-
-def configure_model(model, memory) -> None:
-    """Point ``model.force_strategy`` at the strategy that ``memory.checkpointing`` names."""
-    try:
-        model.force_strategy = STRATEGY_OF_CHECKPOINTING[memory.checkpointing]
-    except KeyError:
-        raise ValueError(f"memory.checkpointing must be one of {sorted(STRATEGY_OF_CHECKPOINTING)}, "
-                         f"got {memory.checkpointing!r}") from None
-    chunk = getattr(memory, "edge_chunk_size", None)
-    if chunk is not None and memory.checkpointing != "forces":
-        # under plain autograd every chunk's graph is kept for the force loss: chunking saves nothing
-        raise ConfigError(f"memory.edge_chunk_size ({chunk}) needs memory.checkpointing=forces, "
-                          f"not {memory.checkpointing!r}")
-    model.edge_chunk_size = chunk
-    keep = int(getattr(memory, "keep_blocks", 0) or 0)
-    if keep and memory.checkpointing != "forces":
-        raise ConfigError(f"memory.keep_blocks ({keep}) needs memory.checkpointing=forces, not {memory.checkpointing!r}")
-    model.keep_blocks = keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,14 +190,8 @@ class _BlockVJP:
 
 
 # ---------------------------------------------------------------------------------------------
-# strategies (signature and result as nn/forces.py's ``_autograd``)
-
-
-def checkpointed_blocks(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
-    """The plain path with each block in a non-reentrant checkpoint."""
-    from .forces import _autograd  # noqa: PLC0415  (forces.py imports this module)
-
-    return _autograd(model, pos, z, batch_vec, num_graphs, training, run_block=checkpointed_call)
+# the force-aware strategy (signature and result as nn/forces.py's ``_autograd``); this module
+# imports nothing from nn/forces.py, which registers it
 
 
 def edge_chunks(edge_index: torch.Tensor, num_nodes: int, chunk_size) -> list[tuple[int, int, int, int]]:
@@ -464,5 +435,5 @@ def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> di
     return {"energy": energy, "forces": forces}
 
 
-__all__ = ["STRATEGY_OF_CHECKPOINTING", "configure_model", "edge_chunks", "checkpointed_blocks", "blockwise_forces",
+__all__ = ["edge_chunks", "checkpointed_call", "blockwise_forces",
            "blockwise_sweep", "node_attr_once"]

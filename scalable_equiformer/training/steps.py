@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..model import configure_model as _configure
 from .loss import LossTerms, loss_terms
 
 
@@ -28,12 +29,16 @@ def base_model(model):
 
 
 def configure_model(model, cfg) -> None:
-    """Apply ``cfg.memory`` levers that live on the model (the force strategy)."""
-    try:
-        from ..nn.force_checkpoint import configure_model as _configure
-    except ImportError:  # pragma: no cover - the lever module is optional
-        return
-    _configure(base_model(model), cfg.memory)
+    """Apply ``cfg.memory`` levers that live on the model (:func:`..model.configure_model`) to the
+    Equiformer inside ``model`` (a DeepSpeed engine or partitioned wrapper, or the model itself)."""
+    _configure(base_model(model), cfg)
+
+
+def loss_scaler(precision: str, device):
+    """A ``torch.amp.GradScaler`` for ``memory.precision=fp16`` (see ``nn/precision.py``), None otherwise."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def model_call(model, batch, cfg) -> dict:
@@ -59,4 +64,4 @@ def loss_parts(out: dict, batch, cfg, scale: float = 1.0, n_molecules: Optional[
     return loss_terms(out, batch, t.loss, t.energy_weight, t.force_weight, scale, n_molecules, n_atoms)
 
 
-__all__ = ["base_model", "configure_model", "model_call", "compute_loss", "loss_parts"]
+__all__ = ["base_model", "configure_model", "loss_scaler", "model_call", "compute_loss", "loss_parts"]
