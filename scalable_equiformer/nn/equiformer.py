@@ -114,7 +114,11 @@ class EnergyHead(torch.nn.Module):
 
 
 class Equiformer(torch.nn.Module):
-    """Equiformer interatomic potential (Liao & Smidt, ICLR 2023). See the module docstring."""
+    """Equiformer interatomic potential (Liao & Smidt, ICLR 2023). See the module docstring.
+
+    The arguments are trusted: ``model.build_model`` checks them first by the config's rules
+    (``config.ModelConfig.validate``), e.g. ``irreps_feature`` even scalars only (the energy head
+    reads scalars)."""
 
     def __init__(
         self,
