@@ -23,6 +23,7 @@ import torch
 from test_train_common import DEMO_DATA, PY, REPO, launch, results, tiny_config, train_cmd
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, TrainingError
+from scalable_equiformer.inference import load_model
 from scalable_equiformer.training import checkpoint as ckpt_io
 
 EVALUATE = str(REPO / "tools" / "evaluate.py")
@@ -109,7 +110,7 @@ def test_evaluate_refuses_a_damaged_best_pt_and_names_the_intact_last_pt(trained
 
     flip_middle(run / "last.pt")  # both damaged
     with pytest.raises(CheckpointError, match="best.pt: corrupt checkpoint .*; last.pt next to it is damaged too"):
-        ckpt_io.load_model(run)
+        load_model(run)
 
 
 def test_checkpoints_are_written_with_crc32_even_when_torch_is_told_not_to(tmp_path):
