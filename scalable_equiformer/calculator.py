@@ -13,7 +13,7 @@ isolated molecules (no periodic boundary conditions); a periodic ``Atoms`` is re
 The calculator is a thin adapter: ``Atoms`` -> a one-molecule torch-geometric ``Batch`` (``pos``,
 ``z``, ``batch``) -> ``model(batch, compute_forces=True)`` -> ``energy`` [1] and ``forces`` [N, 3].
 It computes exactly what ``model(batch)`` computes (tested), in the model's dtype, on ``device``.
-A checkpoint is read by :func:`scalable_equiformer.training.checkpoint.load_model` (the loader
+A checkpoint is read by :func:`scalable_equiformer.inference.load_model` (the loader
 ``tools/evaluate.py`` uses too): the run's evaluated weights, EMA when training kept one.
 
 Graph partitions (``partitions=P``), for a system too big for one process: the calculator is then
@@ -111,7 +111,7 @@ class EquiformerCalculator(Calculator):
             self.checkpoint = Path(checkpoint_or_model)
             # the force strategy stays plain autograd (no memory.checkpointing): nothing is kept for
             # a force loss at inference
-            from .training.checkpoint import load_model
+            from .inference import load_model
 
             self.model, self.config, info = load_model(self.checkpoint, device=self.device, configure=False)
             if self.elements is None:
@@ -159,7 +159,7 @@ class EquiformerCalculator(Calculator):
                             "(the model is for isolated molecules); set atoms.pbc = False")
         if len(atoms) == 0:
             raise UserError("EquiformerCalculator: the Atoms object has no atoms; nothing to compute")
-        from .training.checkpoint import check_atomic_numbers
+        from .checkpoint_io import check_atomic_numbers
 
         z = torch.as_tensor(np.asarray(atoms.numbers), dtype=torch.long, device=self.device)
         check_atomic_numbers(np.asarray(atoms.numbers).tolist(), max_atomic_number=self.max_atomic_number,

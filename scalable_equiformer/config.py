@@ -82,22 +82,40 @@ class ModelConfig:
     energy_normalization: str = "total_mean_std"  # total_mean_std (the original: E = std * out + mean of the training split's total energies) | per_atom_mean_force_rms
 
     def validate(self, check):
+        """Every rule of the model section, the one copy: ``load_config`` runs it at load and
+        ``model.build_model`` runs it (through :func:`validate_section`) for a ModelConfig built in
+        Python. The builder and the ``nn`` modules trust what passes here."""
         from e3nn import o3
 
+        from .nn.attention import ATTENTION_TYPES, MESSAGE_TYPES
+        from .nn.radial import RADIAL_BASES
+
+        irreps = {}
         for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
             try:
-                o3.Irreps(getattr(self, key))
+                irreps[key] = o3.Irreps(getattr(self, key))
             except Exception:
                 check(False, key, f"not an irreps string: {getattr(self, key)!r}")
+        check(all(ir.l == 0 and ir.p == 1 for _, ir in irreps["irreps_feature"]), "irreps_feature",
+              f"must be even scalars only (e.g. '512x0e'), got {irreps['irreps_feature']}")
+        for key in ("lmax", "num_blocks", "num_heads", "num_radial", "max_atomic_number"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
         check(0 <= self.lmax <= 6, "lmax", "must be 0-6")
         check(self.num_blocks >= 1, "num_blocks", "must be >= 1")
         check(self.num_heads >= 1, "num_heads", "must be >= 1")
         check(self.num_radial >= 1, "num_radial", "must be >= 1")
-        check(self.radial_basis in ("exp_normal", "gaussian", "bessel"), "radial_basis",
-              f"must be exp_normal, gaussian or bessel, not {self.radial_basis!r}")
+        check(self.radial_basis in RADIAL_BASES, "radial_basis",
+              f"must be {', '.join(RADIAL_BASES[:-1])} or {RADIAL_BASES[-1]}, not {self.radial_basis!r}")
+        hidden = self.radial_hidden
+        check(isinstance(hidden, (list, tuple)) and len(hidden) > 0
+              and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden), "radial_hidden",
+              f"must be a non-empty list of positive integers, got {hidden!r}")
         check(self.cutoff > 0, "cutoff", "must be > 0 Å")
-        check(self.attention in ("mlp", "dot"), "attention", f"must be mlp or dot, not {self.attention!r}")
-        check(self.message in ("nonlinear", "linear"), "message",
+        check(self.attention in ATTENTION_TYPES, "attention", f"must be mlp or dot, not {self.attention!r}")
+        check(self.attention != "mlp" or any(ir.l == 0 and ir.p == 1 for _, ir in irreps["irreps_head"]), "irreps_head",
+              f"MLP attention needs even scalars in each head, got {irreps['irreps_head']}")
+        check(self.message in MESSAGE_TYPES, "message",
               f"must be nonlinear or linear, not {self.message!r}")
         for key in ("alpha_drop", "proj_drop", "drop_path"):
             check(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
@@ -258,15 +276,7 @@ class Config:
 
     def validate(self, origin: str = "config") -> None:
         for section in self.SECTIONS:
-            obj = getattr(self, section)
-
-            def check(ok, key, message, _section=section):
-                if not ok:
-                    name = f"{_section}.{key}"
-                    where = self.sources.get(name, origin)
-                    raise ConfigError(f"{where}: {name}: {message}")
-
-            obj.validate(check)
+            getattr(self, section).validate(_section_check(section, lambda name: self.sources.get(name, origin)))
         if self.memory.micro_batch_size is not None and self.memory.micro_batch_size > self.train.batch_size:
             raise ConfigError(f"{self.sources.get('memory.micro_batch_size', origin)}: memory.micro_batch_size "
                               f"({self.memory.micro_batch_size}) is larger than train.batch_size ({self.train.batch_size})")
@@ -275,24 +285,60 @@ class Config:
             raise ConfigError(f"{where}: deepspeed.zero_stage=3 with model.dtype=float64: DeepSpeed's ZeRO-3 partitions "
                               "only fp32/bf16/fp16 parameters (whether it notices depends on the processor); use "
                               "model.dtype=float32, or zero_stage 1-2 for a float64 model")
-        keep = self.memory.keep_blocks
-        if keep:
-            where = self.sources.get("memory.keep_blocks", origin)
-            if self.memory.checkpointing != "forces":
-                raise ConfigError(f"{where}: memory.keep_blocks ({keep}) needs memory.checkpointing=forces (it is the "
-                                  f"number of blocks that force-aware checkpointing does not recompute)")
-            if keep > self.model.num_blocks:
-                raise ConfigError(f"{where}: memory.keep_blocks ({keep}) is more than model.num_blocks ({self.model.num_blocks})")
-        chunk = self.memory.edge_chunk_size
-        if chunk is not None:
-            where = self.sources.get("memory.edge_chunk_size", origin)
-            if self.memory.checkpointing != "forces":
-                raise ConfigError(f"{where}: memory.edge_chunk_size ({chunk}) needs memory.checkpointing=forces (under "
-                                  f"{self.memory.checkpointing!r} every chunk's graph is kept for the force loss)")
-            if self.parallel.graph_partitions > 1:
-                raise ConfigError(f"{where}: memory.edge_chunk_size ({chunk}) is single-process only, not with "
-                                  f"parallel.graph_partitions={self.parallel.graph_partitions}: unset it (the "
-                                  "partitions divide the edges)")
+        check_memory_levers(self.memory, self.model.num_blocks, self.parallel.graph_partitions,
+                            where=lambda key: self.sources.get(key, origin))
+
+
+def _section_check(section: str, where):
+    """The ``check(ok, key, message)`` that the sections' ``validate`` methods call."""
+
+    def check(ok, key, message):
+        if not ok:
+            name = f"{section}.{key}"
+            raise ConfigError(f"{where(name)}: {name}: {message}")
+
+    return check
+
+
+def validate_section(obj, section: str, origin: str = "config") -> None:
+    """Run one section's rules on ``obj`` (e.g. a ``ModelConfig`` built in Python, without
+    :func:`load_config`): a :class:`ConfigError` naming the key, as at load.
+
+    ``obj`` may be any object with the section's attributes (the section class's ``validate`` is
+    called on it). ``model.build_model`` calls this for the model section.
+    """
+    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
+           "memory": MemoryConfig, "parallel": ParallelConfig, "deepspeed": DeepSpeedConfig,
+           "logging": LoggingConfig}[section]
+    cls.validate(obj, _section_check(section, lambda name: origin))
+
+
+def check_memory_levers(memory, num_blocks: Optional[int] = None, graph_partitions: int = 1,
+                        where=lambda key: "config") -> None:
+    """The rules between the memory levers, the one copy: :meth:`Config.validate` runs it at load,
+    ``model.configure_model`` on the memory config it applies (which may have changed since), and
+    ``PartitionedModel`` with the number of partitions it runs on. ``where(key)`` names the origin
+    of a key in the message. ``num_blocks`` None: not checked against the model."""
+    checkpointing = memory.checkpointing
+    keep = int(getattr(memory, "keep_blocks", 0) or 0)
+    if keep:
+        if checkpointing != "forces":
+            raise ConfigError(f"{where('memory.keep_blocks')}: memory.keep_blocks ({keep}) needs "
+                              f"memory.checkpointing=forces (it is the number of blocks that force-aware "
+                              f"checkpointing does not recompute)")
+        if num_blocks is not None and keep > num_blocks:
+            raise ConfigError(f"{where('memory.keep_blocks')}: memory.keep_blocks ({keep}) is more than "
+                              f"model.num_blocks ({num_blocks})")
+    chunk = getattr(memory, "edge_chunk_size", None)
+    if chunk is not None:
+        if checkpointing != "forces":
+            raise ConfigError(f"{where('memory.edge_chunk_size')}: memory.edge_chunk_size ({chunk}) needs "
+                              f"memory.checkpointing=forces (under {checkpointing!r} every chunk's graph is kept "
+                              "for the force loss)")
+        if graph_partitions > 1:
+            raise ConfigError(f"{where('memory.edge_chunk_size')}: memory.edge_chunk_size ({chunk}) is "
+                              f"single-process only, not with parallel.graph_partitions={graph_partitions}: unset "
+                              "it (the partitions divide the edges)")
 
 
 def _field_comments(cls) -> dict:

@@ -6,6 +6,13 @@ the energy shift/scale (``model.energy_normalization``, :func:`normalization_con
 the config leaves them null, ``avg_num_neighbors`` and ``avg_num_atoms``; a value set in the config
 wins over the statistics (the defaults are the original's QM9 constants 15.58 / 18.03). Without
 ``stats`` the shift is 0 and the scale 1.
+
+The model section is validated here by the config's own rules (``config.ModelConfig.validate``,
+through :func:`config.validate_section`): a ModelConfig built in Python gets the checks that
+``load_config`` runs, from the one copy; the builder and ``nn/`` trust what passes.
+
+``configure_model(model, config)`` applies the memory levers that live on the model (force
+strategy, edge chunks, kept blocks); ``nn/`` reads only those model attributes, never the config.
 """
 
 from __future__ import annotations
@@ -13,48 +20,33 @@ from __future__ import annotations
 import logging
 
 import torch
-from e3nn import o3
-
 from .data.statistics import DatasetStatistics
+from .config import check_memory_levers, validate_section
 from .errors import ConfigError
-from .nn.attention import ATTENTION_TYPES, MESSAGE_TYPES
 from .nn.equiformer import Equiformer
-from .nn.radial import RADIAL_BASES
 
 log = logging.getLogger(__name__)
 
 from .runtime import DTYPES as _DTYPES  # noqa: E402 (the one dtype map)
 
-
-def _irreps(cfg, key: str) -> o3.Irreps:
-    value = getattr(cfg, key)
-    try:
-        return o3.Irreps(value)
-    except (ValueError, AssertionError, TypeError) as e:
-        raise ConfigError(f"model.{key}: not an irreps string: {value!r} ({e})") from None
+#: ``memory.checkpointing`` -> the force strategy of ``nn/forces.py`` (``model.force_strategy``).
+STRATEGY_OF_CHECKPOINTING = {"none": "autograd", "blocks": "blocks", "forces": "forces"}
 
 
-def _choice(cfg, key: str, choices) -> str:
-    value = getattr(cfg, key)
-    if value not in choices:
-        raise ConfigError(f"model.{key}: must be one of {list(choices)}, got {value!r}")
-    return value
+def configure_model(model, config) -> None:
+    """Apply the ``memory.*`` levers that live on the model: ``force_strategy`` (from
+    ``memory.checkpointing``), ``edge_chunk_size`` and ``keep_blocks``.
 
-
-def _positive(cfg, key: str, integer: bool = False):
-    value = getattr(cfg, key)
-    if integer and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"model.{key}: must be an integer, got {value!r}")
-    if not value > 0:
-        raise ConfigError(f"model.{key}: must be > 0, got {value!r}")
-    return value
-
-
-def _probability(cfg, key: str) -> float:
-    value = float(getattr(cfg, key))
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"model.{key}: must be in [0, 1), got {value!r}")
-    return value
+    ``config`` is a full ``Config`` or its ``memory`` section. The section is validated again here
+    (by the same rules as at load, :func:`config.validate_section` and
+    :func:`config.check_memory_levers`), since it may have been changed since it was loaded.
+    """
+    memory = getattr(config, "memory", config)
+    validate_section(memory, "memory")
+    check_memory_levers(memory)
+    model.force_strategy = STRATEGY_OF_CHECKPOINTING[memory.checkpointing]
+    model.edge_chunk_size = getattr(memory, "edge_chunk_size", None)
+    model.keep_blocks = int(getattr(memory, "keep_blocks", 0) or 0)
 
 
 def normalization_constants(config, stats: DatasetStatistics | None) -> tuple[float, float]:
@@ -89,32 +81,8 @@ def normalization_constants(config, stats: DatasetStatistics | None) -> tuple[fl
 
 def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
     cfg = getattr(config, "model", config)
-    irreps_node = _irreps(cfg, "irreps_node")
-    irreps_head = _irreps(cfg, "irreps_head")
-    irreps_ffn = _irreps(cfg, "irreps_feedforward")
-    irreps_feature = _irreps(cfg, "irreps_feature")
-    if any(ir.l != 0 or ir.p != 1 for _, ir in irreps_feature):
-        raise ConfigError(f"model.irreps_feature: must be even scalars only (e.g. '512x0e'), got {irreps_feature}")
-    lmax = getattr(cfg, "lmax")
-    if not isinstance(lmax, int) or lmax < 0:
-        raise ConfigError(f"model.lmax: must be an integer >= 0, got {lmax!r}")
-    num_blocks = _positive(cfg, "num_blocks", integer=True)
-    num_heads = _positive(cfg, "num_heads", integer=True)
-    if not any(ir.l == 0 and ir.p == 1 for _, ir in irreps_head) and cfg.attention == "mlp":
-        raise ConfigError(f"model.irreps_head: MLP attention needs even scalars in each head, got {irreps_head}")
-    num_radial = _positive(cfg, "num_radial", integer=True)
-    radial_hidden = list(getattr(cfg, "radial_hidden"))
-    if not radial_hidden or any(not isinstance(h, int) or h <= 0 for h in radial_hidden):
-        raise ConfigError(f"model.radial_hidden: must be a non-empty list of positive integers, got {radial_hidden!r}")
-    cutoff = float(_positive(cfg, "cutoff"))
-    max_z = _positive(cfg, "max_atomic_number", integer=True)
-    dtype_name = _choice(cfg, "dtype", _DTYPES)
-
-    avg_nb = getattr(cfg, "avg_num_neighbors", None)
-    avg_at = getattr(cfg, "avg_num_atoms", None)
-    for key, value in (("avg_num_neighbors", avg_nb), ("avg_num_atoms", avg_at)):
-        if value is not None and not float(value) > 0:
-            raise ConfigError(f"model.{key}: must be > 0 or null, got {value!r}")
+    validate_section(cfg, "model")  # the rules of config.ModelConfig.validate: one copy
+    avg_nb, avg_at = cfg.avg_num_neighbors, cfg.avg_num_atoms
     if (avg_nb is None or avg_at is None) and stats is None:
         raise ConfigError(
             "model.avg_num_neighbors / model.avg_num_atoms are null and no training-split statistics were given: "
@@ -130,23 +98,23 @@ def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
     torch.set_default_dtype(torch.float64)  # e3nn builds its Clebsch-Gordan constants in the default dtype
     try:
         model = Equiformer(
-            irreps_node=irreps_node,
-            lmax=lmax,
-            num_blocks=num_blocks,
-            num_heads=num_heads,
-            irreps_head=irreps_head,
-            irreps_feedforward=irreps_ffn,
-            irreps_feature=irreps_feature,
-            num_radial=num_radial,
-            radial_basis=_choice(cfg, "radial_basis", RADIAL_BASES),
-            radial_hidden=radial_hidden,
-            cutoff=cutoff,
-            attention=_choice(cfg, "attention", ATTENTION_TYPES),
-            message=_choice(cfg, "message", MESSAGE_TYPES),
-            alpha_drop=_probability(cfg, "alpha_drop"),
-            proj_drop=_probability(cfg, "proj_drop"),
-            drop_path=_probability(cfg, "drop_path"),
-            max_atomic_number=max_z,
+            irreps_node=cfg.irreps_node,
+            lmax=cfg.lmax,
+            num_blocks=cfg.num_blocks,
+            num_heads=cfg.num_heads,
+            irreps_head=cfg.irreps_head,
+            irreps_feedforward=cfg.irreps_feedforward,
+            irreps_feature=cfg.irreps_feature,
+            num_radial=cfg.num_radial,
+            radial_basis=cfg.radial_basis,
+            radial_hidden=list(cfg.radial_hidden),
+            cutoff=float(cfg.cutoff),
+            attention=cfg.attention,
+            message=cfg.message,
+            alpha_drop=float(cfg.alpha_drop),
+            proj_drop=float(cfg.proj_drop),
+            drop_path=float(cfg.drop_path),
+            max_atomic_number=cfg.max_atomic_number,
             avg_num_neighbors=avg_nb,
             avg_num_atoms=avg_at,
             energy_shift=shift,
@@ -157,11 +125,11 @@ def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
         raise ConfigError(f"model: {e}") from None
     finally:
         torch.set_default_dtype(old_default)
-    model = model.to(_DTYPES[dtype_name])  # built in float64 (exact constants), then cast
+    model = model.to(_DTYPES[cfg.dtype])  # built in float64 (exact constants), then cast
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "Equiformer: %d parameters (%.3f M), %s, lmax %d, %d blocks, attention=%s, message=%s, cutoff %.2f Å",
-        n_params, n_params / 1e6, dtype_name, lmax, num_blocks, cfg.attention, cfg.message, cutoff,
+        n_params, n_params / 1e6, cfg.dtype, cfg.lmax, cfg.num_blocks, cfg.attention, cfg.message, cfg.cutoff,
     )
     log.info(
         "normalisation %s: energy shift %.6f eV/atom, scale %.6f eV (%s); avg_num_neighbors %.4f (%s); avg_num_atoms %.4f (%s); smooth cutoff %s",

@@ -256,7 +256,7 @@ def imported_payload(model, config, stats: DatasetStatistics, source: dict, elem
     calculator, ``tools/evaluate.py`` and ``train.init_from`` read. ``source`` says where it came
     from; ``elements`` (atomic numbers of the original's training data, or None = unknown) lets the
     calculator and ``evaluate.py`` refuse elements the model never saw."""
-    from .training.checkpoint import clean_state, normalise_elements
+    from .checkpoint_io import clean_state, normalise_elements
 
     return {
         "config": config.to_dict(),

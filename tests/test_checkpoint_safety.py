@@ -25,6 +25,7 @@ from test_train_common import DEMO_DATA, PY, REPO, launch, results, tiny_config,
 from test_train_common import train_in_process as _run
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, TrainingError
+from scalable_equiformer.inference import load_model
 from scalable_equiformer.training import checkpoint as ckpt_io
 
 EVALUATE = str(REPO / "tools" / "evaluate.py")
@@ -95,7 +96,7 @@ def test_evaluate_refuses_a_damaged_best_pt_and_names_the_intact_last_pt(trained
 
     flip_middle(run / "last.pt")  # both damaged
     with pytest.raises(CheckpointError, match="best.pt: corrupt checkpoint .*; last.pt next to it is damaged too"):
-        ckpt_io.load_model(run)
+        load_model(run)
 
 
 def test_checkpoints_are_written_with_crc32_even_when_torch_is_told_not_to(tmp_path):

@@ -17,6 +17,7 @@ from test_train_common import DEMO_DATA, PY, REPO, launch, tiny_config, train_in
 
 from scalable_equiformer.calculator import EquiformerCalculator
 from scalable_equiformer.errors import ConfigError, UserError
+from scalable_equiformer.inference import load_model
 from scalable_equiformer.training import checkpoint as ckpt_io
 
 EVALUATE = str(REPO / "tools" / "evaluate.py")
@@ -53,7 +54,7 @@ def test_every_checkpoint_records_the_training_elements(trained):
     for name in ("last.pt", "best.pt"):
         ck = torch.load(trained / name, weights_only=True)
         assert ck["elements"] == [1, 6, 8], name  # aspirin: H, C, O
-    _, _, info = ckpt_io.load_model(trained)
+    _, _, info = load_model(trained)
     assert info["elements"] == [1, 6, 8]
 
 

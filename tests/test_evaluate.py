@@ -119,7 +119,8 @@ def test_load_model_weights_and_errors(trained, tmp_path):
     """One loader for evaluate.py and the calculator: a run folder means best.pt; EMA weights by
     default (what the run evaluated), live weights from last.pt; one-line errors naming the file."""
     from scalable_equiformer.errors import CheckpointError
-    from scalable_equiformer.training.checkpoint import load_checkpoint, load_model
+    from scalable_equiformer.inference import load_model
+    from scalable_equiformer.training.checkpoint import load_checkpoint
 
     model, cfg, info = load_model(trained)
     assert info["path"] == trained / "best.pt" and info["weights"] == "ema" and not model.training

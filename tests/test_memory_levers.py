@@ -16,7 +16,7 @@ from helpers import tiny_sets
 from helpers.equivariance import run_model_battery, single_thread  # noqa: F401 (fixture)
 from scalable_equiformer.config import load_config
 from scalable_equiformer.errors import ConfigError
-from scalable_equiformer.model import build_model
+from scalable_equiformer.model import build_model, configure_model
 from scalable_equiformer.nn import force_checkpoint as fc
 from scalable_equiformer.nn.forces import energy_and_forces
 from scalable_equiformer.nn.precision import autocast, fp32_island
@@ -181,10 +181,10 @@ def test_edge_chunks_cover_every_edge_and_atom_once():
 def test_configure_model_maps_config_and_rejects_chunks_without_forces():
     model = _model()
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100"])
-    fc.configure_model(model, cfg.memory)
+    configure_model(model, cfg.memory)
     assert model.force_strategy == "forces" and model.edge_chunk_size == 100
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=none"])
-    fc.configure_model(model, cfg.memory)
+    configure_model(model, cfg.memory)
     assert model.force_strategy == "autograd" and model.edge_chunk_size is None
     with pytest.raises(ConfigError, match=r"--set.*edge_chunk_size \(100\) needs memory.checkpointing=forces"):
         load_config(None, ["data.name=x", "memory.checkpointing=blocks", "memory.edge_chunk_size=100"])
@@ -196,12 +196,12 @@ def test_configure_model_maps_config_and_rejects_chunks_without_forces():
     with pytest.raises(ConfigError, match="keep_blocks \\(7\\) is more than model.num_blocks \\(6\\)"):
         load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.keep_blocks=7"])
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.keep_blocks=2"])
-    fc.configure_model(model, cfg.memory)
+    configure_model(model, cfg.memory)
     assert model.keep_blocks == 2
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100"])
     cfg.memory.checkpointing = "blocks"  # set after loading: configure_model still refuses it
     with pytest.raises(ConfigError, match="edge_chunk_size"):
-        fc.configure_model(model, cfg.memory)
+        configure_model(model, cfg.memory)
 
 
 # ---- mixed precision ---------------------------------------------------------------------------

@@ -66,6 +66,26 @@ def test_build_from_config_or_model_config_and_errors():
     assert m4.statistics()["avg_num_neighbors"] == 3.0 and m4.statistics()["energy_scale"] == 0.8
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("irreps_feature", "8x0e+4x1e", r"model.irreps_feature: must be even scalars only"),
+    ("irreps_head", "4x1e", r"model.irreps_head: MLP attention needs even scalars"),
+    ("radial_hidden", [], r"model.radial_hidden: must be a non-empty list"),
+    ("num_blocks", 2.0, r"model.num_blocks: must be an integer"),
+    ("radial_basis", "fourier", r"model.radial_basis: must be exp_normal, gaussian or bessel"),
+])
+def test_one_copy_of_the_model_rules_at_load_and_in_build_model(key, value, match):
+    """The rules build_model used to check on its own are the config's: load_config refuses them,
+    and a ModelConfig built in Python gets the same message from build_model (one function)."""
+    from scalable_equiformer.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        build_model(dataclasses.replace(tiny_model_config(), **{key: value}))
+    if not isinstance(value, float):  # a float is coerced to an integer by load_config
+        shown = value if isinstance(value, str) else str(value)
+        with pytest.raises(ConfigError, match=r"--set: " + match):
+            load_config(None, ["data.name=x", f"model.{key}={shown}"])
+
+
 def test_statistics_are_float64_buffers_in_the_state_dict():
     model = _tiny("float32")
     sd = model.state_dict()

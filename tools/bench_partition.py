@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scalable_equiformer.data import radius_graph  # noqa: E402
-from scalable_equiformer.nn.force_checkpoint import STRATEGY_OF_CHECKPOINTING  # noqa: E402
+from scalable_equiformer.model import STRATEGY_OF_CHECKPOINTING  # noqa: E402
 from scalable_equiformer.parallel import check as C  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402

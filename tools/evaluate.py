@@ -85,7 +85,7 @@ def _evaluate_on_local_ranks(args) -> dict:
 
     from scalable_equiformer.errors import UserError
     from scalable_equiformer.parallel.launch import spawn_local
-    from scalable_equiformer.training.checkpoint import load_checkpoint, resolve_model_checkpoint
+    from scalable_equiformer.checkpoint_io import load_checkpoint, resolve_model_checkpoint
 
     if args.device == "cuda":
         raise UserError(f"--partitions {args.partitions} without a launcher runs {args.partitions} local CPU processes "
@@ -121,7 +121,8 @@ def _evaluate(args) -> dict:
     from scalable_equiformer import runtime
     from scalable_equiformer.data import load_dataset, load_splits, make_splits
     from scalable_equiformer.errors import DataError, UserError
-    from scalable_equiformer.training.checkpoint import check_atomic_numbers, load_model, write_json
+    from scalable_equiformer.checkpoint_io import check_atomic_numbers, write_json
+    from scalable_equiformer.inference import load_model
     from scalable_equiformer.training.metrics import UNITS_HEADER, evaluate
     from scalable_equiformer.data.dataset import resolve_data_path
 

@@ -110,10 +110,9 @@ class GraphAttention(torch.nn.Module):
         smooth: bool = True,
     ) -> None:
         super().__init__()
-        if attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {attention!r}")
-        if message not in MESSAGE_TYPES:
-            raise ValueError(f"message must be one of {MESSAGE_TYPES}, got {message!r}")
+        # user choices are validated once, at config load (config.ModelConfig.validate); this is for
+        # programming errors in standalone use
+        assert attention in ATTENTION_TYPES and message in MESSAGE_TYPES, (attention, message)
         self.irreps_in = o3.Irreps(irreps_node_input)
         self.irreps_node_attr = o3.Irreps(irreps_node_attr)
         self.irreps_edge = o3.Irreps(irreps_edge)

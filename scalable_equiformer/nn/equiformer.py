@@ -31,6 +31,7 @@ from e3nn import o3
 
 from ..data.graph import radius_graph
 from .block import TransformerBlock
+from .forces import energy_and_forces
 from .gate import ScalarActivation
 from .norm import EquivariantLayerNorm
 from .precision import fp32_island
@@ -113,7 +114,11 @@ class EnergyHead(torch.nn.Module):
 
 
 class Equiformer(torch.nn.Module):
-    """Equiformer interatomic potential (Liao & Smidt, ICLR 2023). See the module docstring."""
+    """Equiformer interatomic potential (Liao & Smidt, ICLR 2023). See the module docstring.
+
+    The arguments are trusted: ``model.build_model`` checks them first by the config's rules
+    (``config.ModelConfig.validate``), e.g. ``irreps_feature`` even scalars only (the energy head
+    reads scalars)."""
 
     def __init__(
         self,
@@ -147,8 +152,6 @@ class Equiformer(torch.nn.Module):
         self.irreps_node_attr = o3.Irreps("1x0e")
         self.irreps_in = o3.Irreps(f"{max_atomic_number}x0e")
         self.irreps_out = o3.Irreps("1x0e")
-        if any(ir.l != 0 or ir.p != 1 for _, ir in self.irreps_feature):
-            raise ValueError(f"irreps_feature must be even scalars (e.g. 512x0e), got {self.irreps_feature}")
         self.lmax = lmax
         self.num_blocks = num_blocks
         self.cutoff = float(cutoff)
@@ -260,8 +263,6 @@ class Equiformer(torch.nn.Module):
 
     def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
         """``{"energy": [B] eV (float64), "forces": [N, 3] eV/Å (model dtype)}``."""
-        from .forces import energy_and_forces  # noqa: PLC0415  (forces.py imports this module)
-
         return energy_and_forces(self, batch, training=self.training, compute_forces=compute_forces)
 
     def extra_repr(self) -> str:

@@ -2,9 +2,10 @@
 
 Both give the same energies, forces and parameter gradients as the plain path
 (``nn/forces.py``, strategy ``"autograd"``, the oracle); ``tests/test_memory_levers.py`` checks
-it to 1e-10 in fp64. The config key ``memory.checkpointing`` picks one:
+it to 1e-10 in fp64. ``model.force_strategy`` picks one (``model.configure_model`` sets it from
+the config key ``memory.checkpointing``; this package knows no config):
 
-``"blocks"`` (:func:`checkpointed_blocks`)
+``"blocks"`` (``nn/forces.py``'s ``_checkpointed_blocks``, with :func:`checkpointed_call`)
     The plain path with every transformer block in a non-reentrant
     ``torch.utils.checkpoint`` (the reentrant form does not support ``autograd.grad``). Forces
     come from ``autograd.grad(E, pos, create_graph=True)``, which recomputes each block; the
@@ -61,32 +62,8 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from ..errors import ConfigError
-
-#: ``memory.checkpointing`` -> the strategy name registered in ``nn/forces.py``.
-STRATEGY_OF_CHECKPOINTING = {"none": "autograd", "blocks": "blocks", "forces": "forces"}
-
 #: EdgeFeatures fields that carry gradients to pos (``index`` does not).
 _EDGE_FIELDS = ("vec", "length", "sh", "radial", "envelope")
-
-
-def configure_model(model, memory) -> None:
-    """Point ``model.force_strategy`` at the strategy that ``memory.checkpointing`` names."""
-    try:
-        model.force_strategy = STRATEGY_OF_CHECKPOINTING[memory.checkpointing]
-    except KeyError:
-        raise ValueError(f"memory.checkpointing must be one of {sorted(STRATEGY_OF_CHECKPOINTING)}, "
-                         f"got {memory.checkpointing!r}") from None
-    chunk = getattr(memory, "edge_chunk_size", None)
-    if chunk is not None and memory.checkpointing != "forces":
-        # under plain autograd every chunk's graph is kept for the force loss: chunking saves nothing
-        raise ConfigError(f"memory.edge_chunk_size ({chunk}) needs memory.checkpointing=forces, "
-                          f"not {memory.checkpointing!r}")
-    model.edge_chunk_size = chunk
-    keep = int(getattr(memory, "keep_blocks", 0) or 0)
-    if keep and memory.checkpointing != "forces":
-        raise ConfigError(f"memory.keep_blocks ({keep}) needs memory.checkpointing=forces, not {memory.checkpointing!r}")
-    model.keep_blocks = keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,14 +190,8 @@ class _BlockVJP:
 
 
 # ---------------------------------------------------------------------------------------------
-# strategies (signature and result as nn/forces.py's ``_autograd``)
-
-
-def checkpointed_blocks(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
-    """The plain path with each block in a non-reentrant checkpoint."""
-    from .forces import _autograd  # noqa: PLC0415  (forces.py imports this module)
-
-    return _autograd(model, pos, z, batch_vec, num_graphs, training, run_block=checkpointed_call)
+# the force-aware strategy (signature and result as nn/forces.py's ``_autograd``); this module
+# imports nothing from nn/forces.py, which registers it
 
 
 def edge_chunks(edge_index: torch.Tensor, num_nodes: int, chunk_size) -> list[tuple[int, int, int, int]]:
@@ -268,6 +239,132 @@ def node_attr_once(model):
     return attr
 
 
+class _Chain:
+    """The stages of one sweep, cut into chunks of receiving atoms: set up once per call.
+
+    ``names`` / ``feats``: the edge features that carry gradients to pos; ``chunks``: ``(n0, n1,
+    e0, e1)`` per chunk (``whole``: a single chunk, no slicing); ``params``: what the recomputed
+    VJPs hand their parameter gradients to (training only).
+    """
+
+    def __init__(self, model, stage, edges, x0, training: bool, chunks, device):
+        self.stage, self.edges, self.training, self.device = stage, edges, training, device
+        self.names = _grad_fields(edges)
+        self.feats = [getattr(edges, n) for n in self.names]
+        self.params = [p for p in model.parameters() if p.requires_grad] if training else []
+        self.num_stages = 1 + len(model.blocks)
+        self.chunks = chunks if chunks is not None else [(0, x0.shape[0], 0, edges.index.shape[1])]
+        self.whole = len(self.chunks) == 1
+        # per chunk: its edges (index only; features come in as arguments) and its features
+        self.chunk_edges = [edges if self.whole else edges._replace(index=edges.index[:, e0:e1])
+                            for _, _, e0, e1 in self.chunks]
+        self.chunk_feats = [self.feats if self.whole else [f[e0:e1] for f in self.feats]
+                            for _, _, e0, e1 in self.chunks]
+
+    def stage_fn(self, s, c):
+        """``(x, feats of chunk c) -> rows of chunk c`` of stage ``s``."""
+        n0, n1, _, _ = self.chunks[c]
+        sub = self.chunk_edges[c]
+
+        def fn(x, fs):
+            y = self.stage(s, x, _with_fields(sub, self.names, fs))
+            return y if self.whole else y[n0:n1]
+
+        return fn
+
+    def run_stage(self, s, x, rng):
+        """Forward of one stage over all chunks; keeps only the stage input (training)."""
+        outs = []
+        for c in range(len(self.chunks)):
+            fn = self.stage_fn(s, c)
+            ctx = contextlib.nullcontext() if c == 0 else _rng_restored(rng, self.device)
+            with ctx:
+                if self.training:
+                    outs.append(checkpointed_call(lambda x_, *fs, fn=fn: fn(x_, list(fs)), x, *self.chunk_feats[c]))
+                else:
+                    with torch.no_grad():
+                        outs.append(fn(x, self.chunk_feats[c]))
+        return outs[0] if self.whole else torch.cat(outs, 0)
+
+    def run_kept(self, s, x):
+        """Stage ``s`` once with its whole graph: ``(output, the aliases of the edge features it saw)``."""
+        aliases = [f.view_as(f) for f in self.feats]  # fresh: this stage's direct share only
+        return self.stage(s, x, _with_fields(self.edges, self.names, aliases)), aliases
+
+
+def _forward_pass(chain: _Chain, x0, keep: int, rngs_on: bool):
+    """Step 2: the stages in order. Returns ``(x_L, xs, rngs, kept)``: each stage's input ``xs[s]``
+    (all that is kept of a recomputed stage), the random state before it (``rngs_on``: dropout),
+    and ``kept[s] = (output, aliases)`` of the last ``keep`` stages (training), whose graphs stay."""
+    first_kept = chain.num_stages - (max(0, min(int(keep), chain.num_stages)) if chain.training else 0)
+    kept = {}
+    xs, rngs, x = [], [], x0
+    for s in range(chain.num_stages):
+        rngs.append(_rng_capture(chain.device) if rngs_on else None)
+        xs.append(x)
+        if s >= first_kept:
+            x, aliases = chain.run_kept(s, x)
+            kept[s] = (x, aliases)
+        else:
+            x = chain.run_stage(s, x, rngs[-1])
+    return x, xs, rngs, kept
+
+
+def _backward_sweep(chain: _Chain, g, xs, rngs, kept) -> list:
+    """Step 4 (and the embedding's share of 5): stages ``L-1 .. 0``, chunk by chunk, from
+    ``g = dE/dx_L``. Returns ``dE/dfeats`` per edge feature: the sum of every stage's direct share
+    (the cotangent for the edge features' VJP to pos)."""
+    chunks, whole = chain.chunks, chain.whole
+    total = [[None] * len(chunks) for _ in chain.feats]  # [feature][chunk]
+
+    def add(i, c, e):
+        total[i][c] = e if total[i][c] is None else total[i][c] + e
+
+    for s in range(chain.num_stages - 1, -1, -1):
+        wrt_x = s > 0
+        if s in kept:  # its graph is alive: the VJP with create_graph, no recomputation
+            g_next, shares = _kept_vjp(kept.pop(s), xs[s], g, wrt_x)
+            for i, e in enumerate(shares):
+                for c, (_, _, e0, e1) in enumerate(chunks):
+                    add(i, c, e if whole else e[e0:e1])
+        else:  # g_s = sum_c VJP_c, e = cat_c e_c
+            g_next = None
+            for c in range(len(chunks)):
+                outs = _recomputed_vjp(chain, s, c, xs[s], g, rngs[s], wrt_x)
+                if wrt_x:
+                    g_next = outs[0] if g_next is None else g_next + outs[0]
+                    outs = outs[1:]
+                for i, e in enumerate(outs):
+                    add(i, c, e)
+        g = g_next
+    return [parts[0] if whole else torch.cat(parts, 0) for parts in total]
+
+
+def _kept_vjp(kept_stage, x, g, wrt_x: bool):
+    """``(dE/dx or None, direct dE/dfeats)`` of a kept stage, on its live graph (create_graph)."""
+    y, aliases = kept_stage
+    wrt = ([x] if wrt_x else []) + aliases
+    outs = _zeros_for_none(torch.autograd.grad(y, wrt, g, create_graph=True, allow_unused=True), wrt)
+    return (outs[0], outs[1:]) if wrt_x else (None, outs)
+
+
+def _recomputed_vjp(chain: _Chain, s, c, x, g, rng, wrt_x: bool):
+    """``(dE/dx (if wrt_x), *direct dE/dfeats)`` of chunk ``c`` of stage ``s`` at cotangent ``g``:
+    a :class:`_RecomputedVJP` in training (differentiable, recomputed in ``loss.backward()``),
+    a plain detached VJP at evaluation."""
+    n0, n1, _, _ = chain.chunks[c]
+    vjp = _BlockVJP(chain.stage_fn(s, c), chain.names, chain.params, wrt_x=wrt_x)
+    g_c = g if chain.whole else g[n0:n1]
+    feats = chain.chunk_feats[c]
+    if chain.training:
+        return _RecomputedVJP.apply(vjp, rng, chain.device, 2 + len(chain.feats),
+                                    x if wrt_x else x.detach(), g_c, *feats, *chain.params)
+    with _rng_restored(rng, chain.device):
+        x_leaf = x.detach().requires_grad_(wrt_x)
+        outs = vjp(False, x_leaf, g_c.detach(), *[f.detach().requires_grad_(True) for f in feats])
+    return [o.detach() for o in outs]
+
+
 def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunks=None, keep: int = 0):
     """Steps 2-5 of the force-aware strategy over a chain of stages: ``(energy, dE/dpos)``.
 
@@ -282,110 +379,27 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
     that graph, which stays alive for ``loss.backward()`` as in the plain path. Each kept stage
     costs the memory of one stage's forward + VJP graph and saves its three recomputations.
 
+    Three parts: :func:`_forward_pass` (step 2), the energy head (step 3), :func:`_backward_sweep`
+    (steps 4-5 up to the edge features), then one VJP of the edge features to pos.
+
     Shared by :func:`blockwise_forces` and the graph-partitioned model
     (``parallel/partitioned.py``, whose stages run a halo exchange: collectives). Every branch
     here depends on structure only (stage count, chunk count, which features require grad),
     never on data, so every rank of a partition group runs the same collectives in the same
     order: in the forward, in the backward sweep and inside ``loss.backward()``.
     """
-    device = pos.device
-    names = _grad_fields(edges)
-    feats = [getattr(edges, n) for n in names]
-    params = [p for p in model.parameters() if p.requires_grad] if training else []
-    rngs_on = model.training  # dropout / drop-path: the same masks in every recomputation
-    num_stages = 1 + len(model.blocks)
-    if chunks is None:
-        chunks = [(0, x0.shape[0], 0, edges.index.shape[1])]
-    whole = len(chunks) == 1
-    # per chunk: its edges (index only; features come in as arguments) and its features
-    chunk_edges = [edges if whole else edges._replace(index=edges.index[:, e0:e1]) for _, _, e0, e1 in chunks]
-    chunk_feats = [feats if whole else [f[e0:e1] for f in feats] for _, _, e0, e1 in chunks]
+    chain = _Chain(model, stage, edges, x0, training, chunks, pos.device)
+    # dropout / drop-path: the same masks in every recomputation
+    x, xs, rngs, kept = _forward_pass(chain, x0, keep, rngs_on=model.training)
 
-    def stage_fn(s, c):
-        """``(x, feats of chunk c) -> rows of chunk c`` of stage ``s``."""
-        n0, n1, _, _ = chunks[c]
-        sub = chunk_edges[c]
-
-        def fn(x, fs):
-            y = stage(s, x, _with_fields(sub, names, fs))
-            return y if whole else y[n0:n1]
-
-        return fn
-
-    def run_stage(s, x, rng):
-        """Forward of one stage over all chunks; keeps only the stage input (training)."""
-        outs = []
-        for c in range(len(chunks)):
-            fn = stage_fn(s, c)
-            ctx = contextlib.nullcontext() if c == 0 else _rng_restored(rng, device)
-            with ctx:
-                if training:
-                    outs.append(checkpointed_call(lambda x_, *fs, fn=fn: fn(x_, list(fs)), x, *chunk_feats[c]))
-                else:
-                    with torch.no_grad():
-                        outs.append(fn(x, chunk_feats[c]))
-        return outs[0] if whole else torch.cat(outs, 0)
-
-    # forward: keep each stage's input node features only (kept stages: their whole graph)
-    first_kept = num_stages - (max(0, min(int(keep), num_stages)) if training else 0)
-    kept = {}  # stage -> (output, the aliases of the edge features it saw)
-    xs, rngs, x = [], [], x0
-    for s in range(num_stages):
-        rngs.append(_rng_capture(device) if rngs_on else None)
-        xs.append(x)
-        if s >= first_kept:
-            aliases = [f.view_as(f) for f in feats]  # fresh: this stage's direct share only
-            x = stage(s, x, _with_fields(edges, names, aliases))
-            kept[s] = (x, aliases)
-        else:
-            x = run_stage(s, x, rngs[-1])
-
-    # energy and dE/dx_L through the per-atom head
+    # energy and g = dE/dx_L through the per-atom head
     x_last = x if training else x.detach().requires_grad_(True)
     energy = readout(x_last)
     (g,) = torch.autograd.grad(energy.sum(), x_last, create_graph=training)
 
-    # backward, stage by stage and chunk by chunk: g_s = sum_c VJP_c, e = cat_c e_c
-    total = [[None] * len(chunks) for _ in feats]  # [feature][chunk]
-
-    def add(i, c, e):
-        total[i][c] = e if total[i][c] is None else total[i][c] + e
-
-    for s in range(num_stages - 1, -1, -1):
-        wrt_x = s > 0
-        g_next = None
-        if s in kept:  # its graph is alive: the VJP with create_graph, no recomputation
-            y, aliases = kept.pop(s)
-            wrt = ([xs[s]] if wrt_x else []) + aliases
-            outs = _zeros_for_none(torch.autograd.grad(y, wrt, g, create_graph=True, allow_unused=True), wrt)
-            if wrt_x:
-                g_next, outs = outs[0], outs[1:]
-            for i, e in enumerate(outs):
-                for c, (_, _, e0, e1) in enumerate(chunks):
-                    add(i, c, e if whole else e[e0:e1])
-            g = g_next
-            continue
-        for c, (n0, n1, _, _) in enumerate(chunks):
-            vjp = _BlockVJP(stage_fn(s, c), names, params, wrt_x=wrt_x)
-            g_c = g if whole else g[n0:n1]
-            if training:
-                outs = _RecomputedVJP.apply(vjp, rngs[s], device, 2 + len(feats),
-                                            xs[s] if wrt_x else xs[s].detach(), g_c, *chunk_feats[c], *params)
-            else:
-                with _rng_restored(rngs[s], device):
-                    x_leaf = xs[s].detach().requires_grad_(wrt_x)
-                    outs = vjp(False, x_leaf, g_c.detach(), *[f.detach().requires_grad_(True) for f in chunk_feats[c]])
-                outs = [o.detach() for o in outs]
-            if wrt_x:
-                g_next = outs[0] if g_next is None else g_next + outs[0]
-                outs = outs[1:]
-            for i, e in enumerate(outs):
-                add(i, c, e)
-        g = g_next
-    total = [parts[0] if whole else torch.cat(parts, 0) for parts in total]
-
+    total = _backward_sweep(chain, g, xs, rngs, kept)
     # dE/dpos through the edge features
-    (grad,) = torch.autograd.grad(feats, pos, total, create_graph=training)
+    (grad,) = torch.autograd.grad(chain.feats, pos, total, create_graph=training)
     return energy, grad
 
 
@@ -421,5 +435,5 @@ def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> di
     return {"energy": energy, "forces": forces}
 
 
-__all__ = ["STRATEGY_OF_CHECKPOINTING", "configure_model", "edge_chunks", "checkpointed_blocks", "blockwise_forces",
+__all__ = ["edge_chunks", "checkpointed_call", "blockwise_forces",
            "blockwise_sweep", "node_attr_once"]

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from .force_checkpoint import blockwise_forces, checkpointed_call
+
 
 def prepare_inputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(pos in the model dtype, z long, batch vector, num_graphs) from a torch-geometric Batch."""
@@ -45,7 +47,12 @@ def _autograd(model, pos, z, batch_vec, num_graphs, training: bool, run_block=No
     return {"energy": energy, "forces": forces}
 
 
-_STRATEGIES: dict[str, Callable] = {"autograd": _autograd}
+def _checkpointed_blocks(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
+    """The plain path with each block in a non-reentrant checkpoint."""
+    return _autograd(model, pos, z, batch_vec, num_graphs, training, run_block=checkpointed_call)
+
+
+_STRATEGIES: dict[str, Callable] = {"autograd": _autograd, "blocks": _checkpointed_blocks, "forces": blockwise_forces}
 
 
 def energy_and_forces(model, batch, training: bool, compute_forces: bool = True, strategy: str | None = None) -> dict[str, torch.Tensor]:
@@ -57,8 +64,3 @@ def energy_and_forces(model, batch, training: bool, compute_forces: bool = True,
         raise ValueError(f"unknown force strategy {name!r}; known: {sorted(_STRATEGIES)}")
     return _STRATEGIES[name](model, pos, z, batch_vec, num_graphs, training)
 
-
-# Memory levers (memory.checkpointing = blocks | forces): same signature and result as _autograd.
-from .force_checkpoint import blockwise_forces, checkpointed_blocks  # noqa: E402
-
-_STRATEGIES.update({"blocks": checkpointed_blocks, "forces": blockwise_forces})

@@ -7,7 +7,7 @@ and the optimizer state stay fp32, so the saving is in activations only. Some pa
 energy head; the energy sum is float64 (``Equiformer.readout``), and the force accumulation is
 fp32 because autograd sums the edge-vector gradients into the fp32 positions. With ``fp16`` the
 radial MLPs are fp32 islands too (their layer norm's double backward overflows fp16's range:
-every gradient came out NaN), and the loss is scaled (:func:`loss_scaler`) so that small
+every gradient came out NaN), and the loss is scaled (``training.steps.loss_scaler``) so that small
 gradients do not flush to zero. bf16 has fp32's range; putting its radial MLPs in fp32 made the
 gradients worse (fp32 weights meeting bf16 tensor products), so bf16 keeps them in bf16.
 
@@ -83,11 +83,4 @@ def fp32_island(fn=None, *, only=None):
     return wrapper
 
 
-def loss_scaler(precision: str, device):
-    """A ``torch.amp.GradScaler`` for fp16, None otherwise."""
-    if precision != "fp16":
-        return None
-    return torch.amp.GradScaler(torch.device(device).type)
-
-
-__all__ = ["PRECISIONS", "low_dtype", "autocast", "fp32_island", "loss_scaler"]
+__all__ = ["PRECISIONS", "low_dtype", "autocast", "fp32_island"]

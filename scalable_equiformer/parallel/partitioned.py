@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
 import warnings
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..config import check_memory_levers
 from ..nn.force_checkpoint import blockwise_sweep, checkpointed_call, edge_chunks, node_attr_once
+from ..nn.forces import prepare_inputs
 from .halo import halo_exchange, sum_replicated
 from .partition import GraphPartition, LocalPart, partition_graph
 
@@ -96,7 +98,7 @@ class PartitionedModel(torch.nn.Module):
     (:func:`~scalable_equiformer.nn.force_checkpoint.blockwise_sweep`) over the partitioned
     stages ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``; each stage's checkpoint and
     recomputed VJP repeat its halo exchange (forward and backward), on every rank alike.
-    ``memory.edge_chunk_size`` is not partitioned: with P > 1 it is a :class:`ConfigError` (at
+    ``memory.edge_chunk_size`` is not partitioned: with P > 1 it is a ``ConfigError`` (at
     construction, and at the call if it was set later); with P = 1 it chunks as in one process.
     Passing ``checkpoint_blocks`` (True / False) overrides the model's strategy: plain autograd
     with or without per-block checkpointing.
@@ -153,14 +155,13 @@ class PartitionedModel(torch.nn.Module):
         return model.readout(x[:n_own], z_l[:n_own], b_l[:n_own], num_graphs)
 
     def _edge_chunk_size(self, num_parts: int):
-        """``model.edge_chunk_size``; a :class:`ConfigError` with P > 1 (each rank would cut its
-        own number of chunks, and the halo exchanges in them would no longer pair up)."""
+        """``model.edge_chunk_size``, refused with P > 1 (each rank would cut its own number of
+        chunks, and the halo exchanges in them would no longer pair up) by the config's own rule
+        (:func:`~scalable_equiformer.config.check_memory_levers`): it is checked here again because
+        the group size is known only now, and a model's levers can be set without a config."""
         chunk = getattr(self.model, "edge_chunk_size", None)
-        if chunk is not None and num_parts > 1:
-            raise ConfigError(
-                f"memory.edge_chunk_size ({chunk}) is not supported with graph partitions "
-                f"(parallel.graph_partitions={num_parts}): unset it; the partitions divide the edges"
-            )
+        levers = types.SimpleNamespace(checkpointing="forces", edge_chunk_size=chunk, keep_blocks=0)
+        check_memory_levers(levers, graph_partitions=num_parts, where=lambda key: "PartitionedModel")
         return chunk
 
     def _local_inputs(self, pos, z, batch_vec, part: LocalPart):
@@ -200,8 +201,6 @@ class PartitionedModel(torch.nn.Module):
         return block(x, node_attr, edges, b_l)
 
     def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
-        from ..nn.forces import prepare_inputs  # noqa: PLC0415
-
         model, group = self.model, self.group
         training = model.training
         self._check_dropout(training)

@@ -1,76 +1,42 @@
-"""Checkpoints: plain ``torch.save`` dicts of tensors, numbers, strings, lists and dicts only.
+"""Checkpoints of a training run: written here (:func:`save_checkpoint`, atomically, with CRC-32s),
+resumed and used to start a run (:func:`read_init_checkpoint`).
 
-They load with ``torch.load(path, weights_only=True)``; a file that holds anything else (pickled
-classes, functions) is refused, not executed. Written atomically: a temporary file in the same
-folder, flushed and fsynced, then ``os.replace`` — a crash or a full disk never leaves half a
-``last.pt`` (the previous file stays as it was, and the error says so).
-
-Integrity: ``torch.save`` writes a zip archive whose members carry CRC-32 checksums (computed on
-save: :func:`save_checkpoint` turns torch's ``compute_crc32`` on). ``torch.load`` does not check
-them, so :func:`load_checkpoint` does, on every load: a file with flipped bytes is refused with one
-line naming it and saying whether the other checkpoint of the run folder (``last.pt`` /
-``best.pt``) is intact.
-
-Layout (``FORMAT`` = 1; keys of the top-level dict)::
-
-    format        1
-    kind          "scalable_equiformer"
-    config        Config.to_dict() of the run (a nested dict of plain values)
-    stats         DatasetStatistics.to_dict(): energy_per_atom_mean (eV/atom), force_rms (eV/Å),
-                  avg_num_neighbors, avg_num_atoms — of the training split
-    elements      sorted list of the atomic numbers (ints) in the training split: the elements the
-                  model and ``stats`` have seen. Optional: checkpoints written before it existed
-                  load with ``elements = None`` (unknown: no element check)
-    model         state dict of the weights evaluated (EMA when train.ema_decay is set, else live);
-                  consolidated: full tensors even under ZeRO-3
-    epoch, step   epochs and optimizer steps completed when it was written
-    metrics       that epoch's validation metrics (dict; empty without validation)
-    units         a sentence naming the units
-  last.pt only (to resume):
-    live_model    live weights when an EMA is kept (else None)
-    ema           EMA state (or None)
-    engine        optimizer and engine state (plain torch engine; DeepSpeed: in deepspeed/<tag>)
-    deepspeed_tag str or None
-    trainer       epoch, step, best (best validation force MAE, meV/Å), best_epoch, elapsed,
-                  steps_per_epoch, world_size, engine, zero_stage
-    rng           random generator states (tensors)
-
-The trainer writes ``last.pt`` first and then, when the epoch is the best so far, ``best.pt`` with
-the same ``model`` weights. A run killed between the two is repaired on ``--resume``: ``best.pt``
-is re-derived from ``last.pt`` when ``trainer.best_epoch`` says this epoch was the best.
+The file format, reading (CRC check, ``weights_only``), the atomic writes and the weight loading
+live in :mod:`scalable_equiformer.checkpoint_io` (below ``training/``, so that inference reads
+checkpoints without the trainer); loading a trained model for inference is
+:func:`scalable_equiformer.inference.load_model`. The names of ``checkpoint_io`` that the trainer
+uses are imported here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import re
 import subprocess
-import tempfile
-import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 
-from ..errors import CheckpointError, UserError
+from ..checkpoint_io import (  # noqa: F401  (the trainer reaches them as checkpoint.<name>)
+    FORMAT,
+    KIND,
+    WriteError,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_atomic_numbers,
+    clean_state,
+    element_label,
+    element_list,
+    load_checkpoint,
+    load_model_state,
+    normalise_elements,
+    resolve_model_checkpoint,
+    write_json,
+    zip_problem,
+)
+from ..errors import CheckpointError
 
-FORMAT = 1
-KIND = "scalable_equiformer"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: the two checkpoints of a run folder: each names the other when it is corrupt
-SIBLING = {"last.pt": "best.pt", "best.pt": "last.pt"}
-
-
-class WriteError(UserError):
-    """A file could not be written (disk full, permissions, ...). ``path`` the file, ``reason``
-    the system's words, ``intact``: an earlier version of the file exists and was not touched."""
-
-    def __init__(self, path: Path, reason: str, intact: bool):
-        self.path, self.reason, self.intact = Path(path), reason, intact
-        state = f"the previous {self.path.name} is intact" if intact else f"no earlier {self.path.name} exists"
-        super().__init__(f"{self.path}: cannot write ({reason}); {state}")
 
 
 class CheckpointWriteError(CheckpointError):
@@ -83,67 +49,6 @@ class CheckpointWriteError(CheckpointError):
         CheckpointError.__init__(self, f"{self.path}: cannot write the checkpoint ({self.reason}); {state}")
 
 
-class _RecordingWriter:
-    """A file object that remembers the OSError of a failed write: ``torch.save`` turns it into
-    a RuntimeError without the errno, which would hide a full disk."""
-
-    def __init__(self, fh):
-        self.fh, self.error = fh, None
-
-    def write(self, data) -> int:
-        try:
-            return self.fh.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        try:
-            self.fh.flush()
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def fileno(self) -> int:
-        return self.fh.fileno()
-
-
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it over ``path``.
-
-    A failing write (a full disk, no permission) removes the temp file and raises
-    :class:`WriteError`; ``path`` is then as it was before."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WriteError(path, _os_reason(exc), path.is_file()) from None
-    rec = None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            rec = _RecordingWriter(fh)
-            write(rec)
-            rec.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        os_error = exc if isinstance(exc, OSError) else (rec.error if rec is not None else None)
-        if os_error is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise WriteError(path, _os_reason(os_error), path.is_file()) from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
-
-
 def _save_crc32_on():
     """torch's switch for CRC-32s in saved archives (on by default; forced on while we save)."""
     try:
@@ -151,21 +56,6 @@ def _save_crc32_on():
     except ImportError:  # older torch: always computes them
         return None
     return config.save
-
-
-def normalise_elements(elements: Optional[Iterable]) -> Optional[list[int]]:
-    """Sorted unique atomic numbers as plain ints (None stays None)."""
-    if elements is None:
-        return None
-    if torch.is_tensor(elements):
-        elements = elements.reshape(-1).tolist()
-    try:
-        out = sorted({int(z) for z in elements})
-    except (TypeError, ValueError):
-        raise CheckpointError(f"checkpoint elements must be atomic numbers, got {elements!r}") from None
-    if any(z < 1 for z in out):
-        raise CheckpointError(f"checkpoint elements must be atomic numbers >= 1, got {out}")
-    return out
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -191,142 +81,6 @@ def save_checkpoint(path: Path, payload: dict) -> None:
             switch.compute_crc32 = before
 
 
-def zip_problem(path: Path) -> Optional[str]:
-    """None when ``path`` is a zip archive whose members all match their CRC-32; else what is wrong."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except zipfile.BadZipFile as exc:
-        return f"not a zip archive as torch.save writes ({exc})"
-    except Exception as exc:  # noqa: BLE001 - damaged headers raise all sorts (struct.error, OverflowError, ...)
-        return f"damaged zip archive ({type(exc).__name__}: {exc})"
-    if bad is not None:
-        return f"CRC-32 mismatch in {bad}: bytes changed after it was written"
-    return None
-
-
-def _read(path: Path, map_location) -> dict:
-    """``torch.load(weights_only=True)`` of a file whose CRCs were checked; CheckpointError otherwise."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Unsupported global" in text or "GLOBAL" in text:  # a class or function pickled into it
-            m = re.search(r"GLOBAL ([\w.]+)", text)
-            first = f"first: {m.group(1)}; " if m else ""
-            raise CheckpointError(f"{path}: holds objects other than tensors: refused ({first}checkpoints load with "
-                                  "torch.load(weights_only=True), which runs no code from the file)") from None
-        msg = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {msg[:160]}") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, OSError, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {msg[:160]}") from None
-
-
-def _sibling_note(path: Path) -> str:
-    """Whether the run folder's other checkpoint is intact, for the error about ``path``."""
-    other_name = SIBLING.get(path.name)
-    if other_name is None:
-        return ""
-    other = path.with_name(other_name)
-    if not other.is_file():
-        return f"; there is no {other_name} next to it"
-    if zip_problem(other) is not None:
-        return f"; {other_name} next to it is damaged too"
-    try:
-        ck = _read(other, "cpu")
-    except CheckpointError:
-        return f"; {other_name} next to it does not load either"
-    if not isinstance(ck, dict) or ck.get("kind") != KIND:
-        return f"; {other_name} next to it is not a scalable_equiformer checkpoint"
-    return f"; {other_name} next to it is intact (epoch {ck.get('epoch')})"
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`; CheckpointError (one line) otherwise.
-
-    The zip CRCs are checked first (``torch.load`` does not): a damaged file is refused, naming
-    it and the state of the other checkpoint of its run folder. ``elements`` is None for
-    checkpoints written before it was recorded."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    problem = zip_problem(path)
-    if problem is not None:
-        if problem.startswith("CRC"):
-            raise CheckpointError(f"{path}: corrupt checkpoint ({problem}){_sibling_note(path)}")
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {problem[:160]}"
-                              f"{_sibling_note(path)}")
-    ckpt = _read(path, map_location)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path}: not a scalable_equiformer checkpoint")
-    if ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format')} is not {FORMAT}")
-    ckpt["elements"] = normalise_elements(ckpt.get("elements"))
-    return ckpt
-
-
-def element_label(z: int) -> str:
-    """``"N (Z=7)"``."""
-    from ase.data import chemical_symbols
-
-    z = int(z)
-    sym = chemical_symbols[z] if 0 < z < len(chemical_symbols) else "?"
-    return f"{sym} (Z={z})"
-
-
-def element_list(zs: Iterable[int]) -> str:
-    """``"H, C, O"``."""
-    from ase.data import chemical_symbols
-
-    return ", ".join(chemical_symbols[int(z)] if 0 < int(z) < len(chemical_symbols) else f"Z={int(z)}" for z in zs)
-
-
-def check_atomic_numbers(z, *, max_atomic_number: Optional[int], elements: Optional[Iterable[int]], where: str,
-                         strict: bool = True, hint: str = "", warned: Optional[set] = None) -> list[int]:
-    """Check the atomic numbers ``z`` of some input against a trained model.
-
-    * ``z`` >= ``max_atomic_number`` (or < 1): the model cannot embed it; always a UserError.
-    * an element outside ``elements`` (the training split's, from the checkpoint): the model never
-      saw it and would return finite, meaningless numbers. ``strict``: UserError naming the
-      element(s); else one ``UserWarning`` per element (remembered in ``warned``, so a calculator
-      warns once). ``elements=None`` (unknown, an older checkpoint): no such check.
-
-    Returns the unseen atomic numbers (sorted)."""
-    import warnings
-
-    zs = sorted({int(x) for x in (z.reshape(-1).tolist() if torch.is_tensor(z) else list(z))})
-    if zs and zs[0] < 1:
-        raise UserError(f"{where}: atomic number {zs[0]} is not an element (atomic numbers start at 1)")
-    if max_atomic_number is not None and zs and zs[-1] >= int(max_atomic_number):
-        raise UserError(f"{where}: atomic number {zs[-1]} ({element_label(zs[-1]).split(' ')[0]}) is not below the "
-                        f"model's max_atomic_number ({int(max_atomic_number)}); this model cannot take it")
-    if elements is None:
-        return []
-    known = set(int(x) for x in elements)
-    unseen = [x for x in zs if x not in known]
-    if not unseen:
-        return []
-    what = ", ".join(element_label(x) for x in unseen)
-    noun = "element" if len(unseen) == 1 else "elements"
-    trained = element_list(sorted(known))
-    if strict:
-        raise UserError(f"{where}: {noun} {what} never seen in training (the model was trained on {trained}); "
-                        f"refused{'; ' + hint if hint else ''}")
-    new = [x for x in unseen if warned is None or x not in warned]
-    if new:
-        warnings.warn(f"{where}: {noun} {', '.join(element_label(x) for x in new)} never seen in training "
-                      f"(the model was trained on {trained}): its energies and forces are extrapolations",
-                      UserWarning, stacklevel=3)
-        if warned is not None:
-            warned.update(new)
-    return unseen
-
-
 def check_same_model(saved: dict, current: dict, path) -> None:
     """CheckpointError naming the first model keys that differ between two config dicts."""
     a, b = saved.get("model", {}), current.get("model", {})
@@ -335,37 +89,6 @@ def check_same_model(saved: dict, current: dict, path) -> None:
         shown = ", ".join(f"model.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}" for k in diff[:3])
         raise CheckpointError(f"{path}: checkpoint from a different model config ({shown}"
                               + (f", and {len(diff) - 3} more" if len(diff) > 3 else "") + ")")
-
-
-def _derived(key: str) -> bool:
-    """State-dict entries that are derived constants, not weights (e3nn's compiled tensor-product
-    code registers its constants lazily, after the first forward)."""
-    return "_compiled_main" in key or "._tensor_constant" in key
-
-
-def clean_state(state: dict) -> dict:
-    """A model state dict without derived constants, detached copies."""
-    return {k: v.detach().clone() for k, v in state.items() if not _derived(k)}
-
-
-def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
-    """``load_state_dict`` with a one-line CheckpointError on missing/unexpected/mis-shaped keys."""
-    state = {k: v for k, v in state.items() if not _derived(k)}
-    own = {k: v for k, v in model.state_dict().items() if not _derived(k)}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"shape of {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise CheckpointError(f"{path}: weights do not fit this model ({'; '.join(parts)})")
-    model.load_state_dict(state, strict=False)
 
 
 def read_init_checkpoint(cfg) -> dict:
@@ -382,85 +105,6 @@ def read_init_checkpoint(cfg) -> dict:
     if ckpt.get("stats") is None and cfg.train.init_statistics == "checkpoint":
         raise CheckpointError(f"{path}: holds no statistics; use train.init_statistics=training_split")
     return ckpt
-
-
-def resolve_model_checkpoint(path) -> Path:
-    """The checkpoint file a user means: the file itself, or a run folder's ``best.pt``."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise CheckpointError(f"{path / 'best.pt'}: checkpoint not found (a run folder's best.pt; "
-                                  "pass last.pt explicitly for the latest weights)")
-        path = path / "best.pt"
-    return path
-
-
-def load_model(path, device=None, dtype=None, ema: bool = True, configure: bool = True):
-    """The trained model of a checkpoint, ready for inference: ``(model, config, info)``.
-
-    The one loader behind ``tools/evaluate.py`` and the ASE calculator.
-
-    Args:
-        path: a checkpoint file (``best.pt`` / ``last.pt``) or a run folder (its ``best.pt``).
-            Read with ``torch.load(weights_only=True)``; a missing, corrupt, truncated or foreign
-            file raises a one-line :class:`CheckpointError` naming the file.
-        device: where the model goes (``'cpu'``, ``'cuda:0'``, a ``torch.device``; None = CPU).
-        dtype: None = the precision it was trained in (``model.dtype``); ``'float64'`` /
-            ``torch.float64`` (or float32) casts it.
-        ema: the weights the run evaluated: the EMA weights when training kept an EMA
-            (``train.ema_decay``; the trainer stores them as ``model`` in both ``best.pt`` and
-            ``last.pt``), else the live weights. ``ema=False`` asks for the live weights: those of
-            ``last.pt`` (``live_model``); ``best.pt`` of an EMA run holds only the EMA weights
-            (CheckpointError).
-        configure: apply the model-side ``memory.*`` levers of the stored config (force
-            strategy; same numbers either way).
-
-    Returns:
-        model (eval mode, on ``device``), the run's :class:`~scalable_equiformer.config.Config`,
-        and ``info``: ``{"path": the file read, "stats": DatasetStatistics or None, "epoch",
-        "step", "metrics", "weights": "ema" | "live", "elements": the training split's atomic
-        numbers (sorted list), or None for a checkpoint that predates them}``.
-    """
-    from .. import runtime
-    from ..config import config_from_dict
-    from ..data.statistics import DatasetStatistics
-    from ..errors import UserError
-    from ..model import build_model
-
-    path = resolve_model_checkpoint(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    try:
-        config = config_from_dict(ckpt["config"], origin=f"{path} (stored config)")
-        stats = DatasetStatistics.from_dict(ckpt["stats"]) if ckpt.get("stats") is not None else None
-    except UserError as exc:
-        raise CheckpointError(f"{path}: stored config or statistics unusable: {exc}") from None
-    has_ema = config.train.ema_decay is not None
-    if ema or not has_ema:
-        state, weights = ckpt["model"], ("ema" if has_ema else "live")
-    elif ckpt.get("live_model") is not None:
-        state, weights = ckpt["live_model"], "live"
-    else:
-        raise CheckpointError(f"{path}: holds only the EMA weights (train.ema_decay={config.train.ema_decay}); "
-                              "the live weights are in the run's last.pt")
-    try:
-        with runtime.default_dtype(config.model.dtype):
-            model = build_model(config, stats)
-    except UserError as exc:
-        raise CheckpointError(f"{path}: stored model config does not build: {exc}") from None
-    if configure:
-        from .steps import configure_model
-
-        configure_model(model, config)
-    load_model_state(model, state, path)
-    if dtype is not None:
-        want = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-        if want not in (torch.float32, torch.float64):
-            raise UserError(f"dtype must be float32 or float64, not {dtype}")
-        model = model.to(want)
-    model = model.to(torch.device(device) if device is not None else "cpu").eval()
-    info = {"path": path, "stats": stats, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
-            "metrics": ckpt.get("metrics"), "weights": weights, "elements": ckpt.get("elements")}
-    return model, config, info
 
 
 def rng_state() -> dict:
@@ -508,13 +152,9 @@ def versions() -> dict[str, Any]:
     return out
 
 
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
 __all__ = [
     "FORMAT", "WriteError", "CheckpointWriteError", "zip_problem", "normalise_elements", "check_atomic_numbers",
-    "element_label", "element_list", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "load_checkpoint", "load_model",
+    "element_label", "element_list", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "load_checkpoint",
     "resolve_model_checkpoint", "read_init_checkpoint",
     "check_same_model", "load_model_state", "clean_state", "rng_state", "set_rng_state", "versions", "git_hash", "write_json",
 ]

@@ -39,7 +39,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from .batches import BatchPlan
 from .checkpoint import clean_state
-from .steps import base_model, model_call
+from .steps import base_model, loss_scaler, model_call
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,6 @@ class PlainEngine:
     kind = "torch"
 
     def __init__(self, model, cfg, plan: BatchPlan, group=None, world: int = 1):
-        from ..nn.precision import loss_scaler
-
         self.module = model
         self.base = base_model(model)
         self.cfg = cfg

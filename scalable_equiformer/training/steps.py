@@ -23,6 +23,7 @@ import torch
 
 from .. import runtime
 from ..errors import TrainingError
+from ..model import configure_model as _configure
 from .loss import LossTerms, loss_terms
 
 
@@ -38,10 +39,16 @@ def base_model(model):
 
 
 def configure_model(model, cfg) -> None:
-    """Apply ``cfg.memory`` levers that live on the model (the force strategy)."""
-    from ..nn.force_checkpoint import configure_model as _configure
+    """Apply ``cfg.memory`` levers that live on the model (:func:`..model.configure_model`) to the
+    Equiformer inside ``model`` (a DeepSpeed engine or partitioned wrapper, or the model itself)."""
+    _configure(base_model(model), cfg)
 
-    _configure(base_model(model), cfg.memory)
+
+def loss_scaler(precision: str, device):
+    """A ``torch.amp.GradScaler`` for ``memory.precision=fp16`` (see ``nn/precision.py``), None otherwise."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def model_call(model, batch, cfg) -> dict:
@@ -110,5 +117,5 @@ def optimizer_step(engine, micro_batches: Sequence, cfg, lr: float, *, n_molecul
     return float(t[0]) / (partitions if partitions > 1 else 1)
 
 
-__all__ = ["NonFiniteLoss", "base_model", "configure_model", "model_call", "compute_loss", "loss_parts",
+__all__ = ["NonFiniteLoss", "base_model", "configure_model", "loss_scaler", "model_call", "compute_loss", "loss_parts",
            "optimizer_step"]
