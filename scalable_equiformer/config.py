@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .config_text import coerce, field_comments
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -260,7 +260,7 @@ class Config:
         for section in self.SECTIONS:
             lines.append(f"{section}:")
             obj = getattr(self, section)
-            comments = _field_comments(type(obj))
+            comments = field_comments(type(obj))
             for f in dataclasses.fields(obj):
                 value = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True).strip()
                 if value.endswith("\n...") or value.endswith("..."):
@@ -341,88 +341,6 @@ def check_memory_levers(memory, num_blocks: Optional[int] = None, graph_partitio
                               "it (the partitions divide the edges)")
 
 
-def _field_comments(cls) -> dict:
-    """Trailing ``# comment`` of each field in the dataclass source (units, choices)."""
-    import inspect
-
-    out = {}
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return out
-    for line in src.splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", "def", '"')):
-            name = line.split(":", 1)[0].strip()
-            if name.isidentifier():
-                out[name] = line.split("#", 1)[1].strip()
-    return out
-
-
-_MISSING = object()
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> Any:
-    """Check ``value`` against the annotation ``tp``; strings from ``--set`` are parsed first."""
-    if from_string and isinstance(value, str):
-        try:
-            value = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            pass
-    origin_tp = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin_tp in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, origin, from_string)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if errors else ConfigError(f"{origin}: {key}: bad value {value!r}")
-    if origin_tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{origin}: {key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]", origin, from_string) for i, v in enumerate(value)] if args else list(value)
-    if tp is dict or origin_tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{origin}: {key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{origin}: {key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{origin}: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    return float(value)  # YAML 1.1 reads "5e-4" as a string
-                except ValueError:
-                    pass
-            raise ConfigError(f"{origin}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool) and key.endswith("enabled"):
-            return str(value).lower()
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{origin}: {key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
 # One home per setting: mixed precision is a memory lever (it applies with or without DeepSpeed),
 # so the name users know from DeepSpeed configs is an alias of memory.precision.
 ALIASES = {("deepspeed", "precision"): ("memory", "precision")}
@@ -470,7 +388,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str, from_st
     if key not in hints:
         hint = difflib.get_close_matches(key, list(hints), n=1)
         raise ConfigError(f"{origin}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)" if hint else ""))
-    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}", origin, from_string))
+    setattr(obj, key, coerce(value, hints[key], f"{section}.{key}", origin, from_string))
     cfg.sources[f"{section}.{key}"] = origin
 
 

@@ -14,7 +14,7 @@ Modes (each: one warm-up, then ``--repeats`` timed runs; the median is reported)
 Peak memory per mode: CUDA ``max_memory_allocated`` on a GPU; on the CPU the process's resident
 high-water mark (VmHWM, reset before each mode through /proc/self/clear_refs where the kernel
 allows, else the lifetime peak), reported as the peak and its growth over the RSS at the start of
-the mode (``profiling.profiler.PeakMemoryMeter``). Times in seconds, memory in bytes (MiB in the table).
+the mode (``profiling.meter.PeakMemoryMeter``). Times in seconds, memory in bytes (MiB in the table).
 
 ``--tp fast|e3nn`` picks the depth-wise tensor product implementation (default: the library's
 default). ``--tp compare`` times both on the same model and batch, alternating them run by run
@@ -49,7 +49,7 @@ from scalable_equiformer.errors import UserError  # noqa: E402
 from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
 from scalable_equiformer.parallel.check import tiny_model_dict  # noqa: E402
-from scalable_equiformer.profiling.profiler import PeakMemoryMeter  # noqa: E402
+from scalable_equiformer.profiling.meter import PeakMemoryMeter  # noqa: E402
 
 DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (made for this project)
 DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]

@@ -52,7 +52,7 @@ from scalable_equiformer.model import STRATEGY_OF_CHECKPOINTING  # noqa: E402
 from scalable_equiformer.parallel import check as C  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
-from scalable_equiformer.profiling.profiler import PeakMemoryMeter  # noqa: E402
+from scalable_equiformer.profiling.meter import PeakMemoryMeter  # noqa: E402
 from scalable_equiformer.parallel.partitioned import PartitionedModel  # noqa: E402
 
 DEFAULT_DATA = ROOT / "scalable_equiformer" / "demo_data" / "AT-AT_xtb_500K_20frames.npz"  # shipped

@@ -1,5 +1,6 @@
 """Memory profiling: measure a training step's peak (``profiler``), estimate it (``estimate``),
-and plan the levers that fit a GPU (``planner``). ``tools/memory_profile.py`` is the command line.
+and plan the levers that fit a GPU (``planner``); the one peak-memory meter (``meter``).
+``tools/memory_profile.py`` is the command line.
 
 The profiler sits above training: it runs the trainer's own step (``measured_step``) on real or
 synthetic molecules (``systems``).

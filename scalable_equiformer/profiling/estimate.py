@@ -227,7 +227,6 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
     """
     import copy
 
-    import numpy as np
     import torch
 
     from ..nn import force_checkpoint as fc
@@ -246,7 +245,6 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
     probes = [(12, cfg.model.cutoff), (24, cfg.model.cutoff), (24, 0.6 * cfg.model.cutoff)]
     full_cutoff = model.cutoff
     results = {"plain": [], "blocks": [], "forces": [], "stage": []}
-    stage_nodes = []
     try:
         for n, cutoff in probes:
             model.cutoff = cutoff

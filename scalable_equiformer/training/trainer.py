@@ -90,10 +90,7 @@ class Trainer(CheckpointSteps, ProgressLog):
         self.partitions = P
         self.dp_group = self.part_group = None
         if P > 1:
-            try:
-                from ..parallel.partitioned import PartitionedModel, make_groups  # noqa: F401
-            except ImportError as exc:
-                raise ConfigError(f"parallel.graph_partitions > 1 needs scalable_equiformer.parallel.partitioned ({exc})") from None
+            from ..parallel.partitioned import make_groups
             if info.world_size % P:
                 raise ConfigError(f"parallel.graph_partitions={P} must divide the number of ranks ({info.world_size})")
             self.dp_group, self.part_group = make_groups(info.world_size, P)
