@@ -30,7 +30,6 @@ JSON records the core count. Memory per rank is the number that carries over to 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -182,8 +181,7 @@ def partition_figures(system, cutoff: float, P: int, node_dim: int, itemsize: in
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, nonnegative_float, output_file, positive_float, positive_int, tile_spec
-    from scalable_equiformer.errors import UserError
+    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, nonnegative_float, output_file, positive_float, positive_int, tile_spec
 
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA),
@@ -201,11 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-infer", action="store_true")
     ap.add_argument("--out", type=output_file, default="bench_partition.json")
     args = ap.parse_args(argv)
-    try:
-        return _main(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_on_user_error(lambda: _main(args))
 
 
 def _main(args) -> int:

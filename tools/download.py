@@ -108,12 +108,17 @@ def download_npz(info: catalog.DatasetInfo, root: Path, url_base: str | None) ->
     url = _url_for(info.file_name, info.url, url_base)
     target = root / info.file_name
     tmp = fetch(url, root, info.file_name)
+    _verify_and_replace(tmp, target, info, f"{info.file_name} from {url}", require_md5=True)
+    return target
+
+
+def _verify_and_replace(tmp: Path, target: Path, info: catalog.DatasetInfo, label: str, require_md5: bool) -> None:
+    """Check a downloaded or extracted file, then move it over ``target``; the temporary file never stays."""
     try:
-        verify(tmp, info, f"{info.file_name} from {url}", require_md5=True)
+        verify(tmp, info, label, require_md5=require_md5)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return target
 
 
 def download_rmd17(infos: list[catalog.DatasetInfo], root: Path, url_base: str | None,
@@ -135,11 +140,7 @@ def download_rmd17(infos: list[catalog.DatasetInfo], root: Path, url_base: str |
                     raise DataError(f"{catalog.RMD17_ARCHIVE_NAME} from {url}: no member {info.archive_member}")
                 target = root / info.archive_member
                 tmp = _extract(tar, m, target.parent)
-                try:
-                    verify(tmp, info, f"{info.archive_member} in {url}", require_md5=False)
-                    os.replace(tmp, target)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                _verify_and_replace(tmp, target, info, f"{info.archive_member} in {url}", require_md5=False)
                 done.append(target)
             for name, m in members.items():
                 if name.startswith(catalog.RMD17_SPLIT_DIR + "/") and name.endswith(".csv"):

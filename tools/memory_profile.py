@@ -181,7 +181,7 @@ def fmt_gib(b):
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import (ArgumentParser, int_range, memory_size, nonnegative_int, output_file,
+    from scalable_equiformer.cli import (ArgumentParser, exit_on_user_error, int_range, memory_size, nonnegative_int, output_file,
                                          positive_float, positive_int, positive_int_list)
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -218,11 +218,7 @@ def main(argv=None) -> int:
                    help="measurements stop this many seconds after the tool started: those not done by then are "
                         "recorded as not measured (the JSON is still written)")
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_on_user_error(lambda: run(args))
 
 
 def run(args) -> int:
