@@ -22,6 +22,10 @@ Launch modes handled by :func:`init_distributed`:
 * ``torchrun --nproc_per_node N train.py ...`` and ``deepspeed [--num_gpus N] train.py ...`` —
   the launcher sets those variables (the DeepSpeed launcher also passes ``--local_rank``, which
   ``train.py`` accepts).
+* several nodes (``torchrun --nnodes N --node_rank i ...``, ``deepspeed --hostfile ...``): the same;
+  ``RANK`` is global (rank 0 writes the run folder), ``LOCAL_RANK`` picks the GPU, and
+  ``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE`` (ranks per node) the partition layout
+  (:func:`scalable_equiformer.parallel.partitioned.check_layout`).
 
 Backend: nccl on CUDA, gloo on CPU. On CPU DeepSpeed would compile its shared-memory
 communication op (``deepspeed_shm_comm``, 1-2 min) on first use; :func:`patch_deepspeed_cpu`
@@ -112,13 +116,22 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: ranks on this node (``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE`` from DeepSpeed; the
+    #: whole world when neither is set)
+    local_world_size: int = 1
     backend: Optional[str] = None
     launcher: str = "none"  # none | torchrun | deepspeed
     initialized: bool = False
 
     @property
     def is_main(self) -> bool:
+        """Global rank 0: the one process that writes the run folder and logs below WARNING."""
         return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        """Local rank 0: the process of each node that does node-local work."""
+        return self.local_rank == 0
 
 
 def launch_env() -> DistInfo:
@@ -127,13 +140,21 @@ def launch_env() -> DistInfo:
     world = int(env.get("WORLD_SIZE", "1") or 1)
     rank = int(env.get("RANK", "0") or 0)
     local = int(env.get("LOCAL_RANK", "0") or 0)
+    local_world = _local_world_size(world)
     if "CROSS_RANK" in env or "CROSS_SIZE" in env or env.get("SE_DEEPSPEED_LAUNCHER") == "1":
         launcher = "deepspeed"
     elif "TORCHELASTIC_RUN_ID" in env or "GROUP_RANK" in env:
         launcher = "torchrun"
     else:
         launcher = "none" if world == 1 else "env"
-    return DistInfo(rank=rank, world_size=world, local_rank=local, launcher=launcher)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world, launcher=launcher)
+
+
+def _local_world_size(world: int) -> int:
+    """Ranks on this node as the launcher says (torchrun ``LOCAL_WORLD_SIZE``, DeepSpeed
+    ``LOCAL_SIZE``); ``world`` (one node) when it says nothing."""
+    env = os.environ
+    return int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
 
 
 def free_port() -> int:
@@ -218,6 +239,7 @@ def init_distributed(use_deepspeed: bool, device_name: str = "auto", timeout_s: 
     configure_threads(info, device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         info.rank, info.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        info.local_world_size = _local_world_size(info.world_size)
         info.initialized = True
         return info, device
     if info.world_size == 1 and not use_deepspeed:
@@ -241,6 +263,7 @@ def init_distributed(use_deepspeed: bool, device_name: str = "auto", timeout_s: 
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         torch.distributed.init_process_group(backend=info.backend, timeout=timeout, **kwargs)
     info.rank, info.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info.local_world_size = _local_world_size(info.world_size)
     info.initialized = True
     return info, device
 
@@ -264,7 +287,8 @@ def current_dist_info() -> DistInfo:
     For code that runs inside a group someone else made (the memory profiler's ranks)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return DistInfo()
-    return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+    world = torch.distributed.get_world_size()
+    return DistInfo(rank=torch.distributed.get_rank(), world_size=world, local_world_size=_local_world_size(world),
                     backend=torch.distributed.get_backend(), initialized=True)
 
 

@@ -149,6 +149,37 @@ def test_make_groups_rejects_indivisible_world():
         make_groups(4, 3)
 
 
+def test_partition_layout_keeps_a_molecule_on_one_node(monkeypatch):
+    """check_layout: P must divide the world and, on more than one node, the ranks per node; the
+    groups of make_groups (ranks d*P .. d*P+P-1) then never straddle two nodes of consecutive ranks."""
+    from scalable_equiformer.errors import ConfigError
+    from scalable_equiformer.parallel.partitioned import check_layout
+    from scalable_equiformer.runtime import launch_env
+
+    for world, P, local in ((4, 2, 2), (8, 4, 4), (8, 2, 4), (4, 2, 4), (6, 3, 6), (8, 8, 8)):
+        check_layout(world, P, local)
+        for d in range(world // P):  # node of a rank = rank // local under torchrun / DeepSpeed
+            assert len({r // local for r in range(d * P, d * P + P)}) == 1, (world, P, local, d)
+    check_layout(4, 4, None)  # no ranks-per-node figure: one node
+    check_layout(6, 3, 6)  # one node: any divisor of the world
+    with pytest.raises(ConfigError, match=r"graph_partitions=4 must divide the ranks per node \(2, LOCAL_WORLD_SIZE\)"):
+        check_layout(4, 4, 2)  # 2 nodes x 2 ranks: a molecule's 4 partitions would span both nodes
+    with pytest.raises(ConfigError, match=r"graph_partitions=4 must divide the ranks per node \(6"):
+        check_layout(12, 4, 6)
+    with pytest.raises(ConfigError, match="must divide the number of ranks"):
+        check_layout(4, 3, 2)
+    # the ranks per node as the launchers tell them
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun
+    assert launch_env().local_world_size == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # DeepSpeed's launcher
+    assert launch_env().local_world_size == 2
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert launch_env().local_world_size == 4  # neither: one node
+
+
 def test_one_part_without_distributed_is_the_model(atat):
     """P = 1 (no process group at all): PartitionedModel is the plain model, train and eval."""
     from scalable_equiformer.parallel import PartitionedModel

@@ -19,6 +19,7 @@ from .partition import GraphPartition, LocalPart, partition_graph
 __all__ = [
     "PartitionedModel",
     "make_groups",
+    "check_layout",
     "allreduce_gradients",
     "gradient_scale",
     "group_rank",
@@ -34,10 +35,26 @@ def group_rank(group=None) -> int:
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
+def check_layout(world_size: int, partitions: int, local_world_size: int | None = None) -> None:
+    """ConfigError unless ``partitions`` (P) divides the world and, on more than one node, the
+    ranks per node (``local_world_size``). torchrun and DeepSpeed give node ``i`` the consecutive
+    global ranks ``i*L .. i*L + L - 1``, so with P dividing L every partition group of
+    :func:`make_groups` (P consecutive ranks) sits on one node and halo traffic stays on it."""
+    from ..errors import ConfigError
+
+    if partitions < 1 or world_size % partitions:
+        raise ConfigError(f"parallel.graph_partitions={partitions} must divide the number of ranks ({world_size})")
+    local = world_size if local_world_size is None else local_world_size
+    if local < world_size and local % partitions:
+        raise ConfigError(f"parallel.graph_partitions={partitions} must divide the ranks per node ({local}, "
+                          f"LOCAL_WORLD_SIZE) on a multi-node run, so that a molecule's partitions sit on one node")
+
+
 def make_groups(world_size: int, partitions: int):
     """``(data_parallel_group, partition_group)`` of this rank for a world of D x P ranks.
 
-    Ranks ``d*P .. d*P + P - 1`` share one molecule (partition group ``d``); ranks
+    Ranks ``d*P .. d*P + P - 1`` share one molecule (partition group ``d``: on one node when P
+    divides the ranks per node, :func:`check_layout`); ranks
     ``p, p + P, p + 2P, ...`` form data-parallel group ``p``. Every rank must call this (it
     creates all groups, in the same order everywhere). The data-parallel rank that picks this
     rank's batch is ``rank // P``: all ranks of a partition group must be fed the same batch.

@@ -90,9 +90,8 @@ class Trainer(CheckpointSteps, ProgressLog):
         self.partitions = P
         self.dp_group = self.part_group = None
         if P > 1:
-            from ..parallel.partitioned import make_groups
-            if info.world_size % P:
-                raise ConfigError(f"parallel.graph_partitions={P} must divide the number of ranks ({info.world_size})")
+            from ..parallel.partitioned import check_layout, make_groups
+            check_layout(info.world_size, P, info.local_world_size)
             self.dp_group, self.part_group = make_groups(info.world_size, P)
         self.dp_world = info.world_size // P
         self.dp_rank = info.rank // P
