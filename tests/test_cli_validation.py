@@ -183,3 +183,16 @@ def test_binary_file_as_config(tmp_path, capsys):
     npz = DEMO_DATA  # a data file passed as the config by mistake
     rc, _, err = _main("train", ["--config", str(npz)], capsys)
     assert rc == 2 and "not a text file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_memory_profile_plan_across_nodes(capsys):
+    """--gpus 8 --gpus-per-node 4: graph partitions within a node (no P=8) and the multi-node launch lines."""
+    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", "--gpu-memory", "40GB",
+                                            "--gpus", "8", "--gpus-per-node", "4"], capsys)
+    assert rc in (0, None), err
+    assert "plan for 8 GPU(s) on 2 nodes of 4" in out and "P=8" not in out
+    assert "launch: torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 4 --rdzv_backend c10d" in out
+    assert "launch: deepspeed --hostfile hostfile" in out and "launch: deepspeed --no_ssh --node_rank $NODE_RANK" in out
+    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", "--gpu-memory", "40GB",
+                                            "--gpus", "8", "--gpus-per-node", "3"], capsys)
+    assert rc == 2 and err.strip().splitlines() == ["error: --gpus-per-node 3 must divide --gpus 8"], err

@@ -414,3 +414,29 @@ def test_memory_tables_report_says_what_fits():
     assert "| none | 150.00 (107 %) | no |" in fit and "| ckpt=forces | 62.50 (45 %) | yes |" in fit
     assert "| ckpt=blocks+micro=2 | out of memory | no |" in fit
     assert "| checkpoint.forces | 1.600 |" in text
+
+
+def test_plan_across_nodes_keeps_partitions_within_a_node():
+    """--gpus N --gpus-per-node G: graph partitions P divide G (a molecule on one node); the launch
+    lines are the README's multi-node forms."""
+    from scalable_equiformer.errors import UserError
+
+    assert planner.node_partitions(8, 8) == [1, 2, 4, 8]  # one node: every divisor
+    assert planner.node_partitions(8, 8, 4) == [1, 2, 4]  # 2 nodes of 4: P = 8 would span both
+    assert planner.node_partitions(8, 8, 8) == [1, 2, 4, 8]
+    assert planner.node_partitions(12, 6, 6) == [2, 6]  # also: 12 / P data-parallel groups divide the batch (not P = 1, 3)
+    with pytest.raises(UserError, match="--gpus-per-node 3 must divide --gpus 8"):
+        planner.node_partitions(8, 8, 3)
+    assert planner.launch_lines(4, None, "--config c --set x=1") == ["deepspeed --num_gpus 4 train.py --config c --set x=1"]
+    lines = planner.launch_lines(8, 4, "--config c")
+    assert lines[0] == ("torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 4 --rdzv_backend c10d "
+                        "--rdzv_endpoint NODE0:29500 train.py --config c")
+    assert lines[1].startswith("deepspeed --hostfile hostfile --master_addr NODE0 --master_port 29500 train.py --config c")
+    assert "2 lines 'HOST slots=4'" in lines[1]
+    assert lines[2] == ("deepspeed --no_ssh --node_rank $NODE_RANK --master_addr NODE0 --master_port 29500 "
+                        "--hostfile hostfile train.py --config c")
+    # the planner only picks among the partitions it is given
+    gib = 2**30
+    pl = planner.plan(lambda lv, per_group: gib // lv.graph_partitions, 3.5 * gib, batch=8, edges=3000, device="cuda",
+                      reserve=0, headroom=0.0, gpus=8, partitions=planner.node_partitions(8, 8, 4))
+    assert {c.levers.graph_partitions for c in pl.candidates} == {1, 2, 4}

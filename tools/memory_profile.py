@@ -19,8 +19,9 @@ config, or comma-separated lever names
 graph_partitions = parallel.graph_partitions), each optionally =value; it can be repeated to
 compare lever sets. With graph_partitions=P the measurement runs P ranks (gloo on the CPU) on
 one molecule and reports the largest rank's peak and time: what each GPU must hold. --plan
---gpus N also considers graph partitions P dividing N; with several molecules (--sweep) it plans for
-the largest. Sizes are in GiB (2**30 bytes).
+--gpus N also considers graph partitions P dividing N (with --gpus-per-node G, only P dividing G:
+a molecule's partitions on one node; the launch lines are then multi-node); with several molecules
+(--sweep) it plans for the largest. Sizes are in GiB (2**30 bytes).
 
 --one-process runs all measurements in one subprocess (on a GPU: seconds per measurement instead of
 a process start each; the CUDA peak is reset per measurement), --time-budget S records what is not
@@ -210,6 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--zero-stage", type=int_range(0, 3), help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
     p.add_argument("--ranks", type=positive_int, default=1, help="data-parallel ranks for the ZeRO breakdown")
     p.add_argument("--gpus", type=positive_int, help="GPUs for --plan (default --ranks): data parallel x graph partitions")
+    p.add_argument("--gpus-per-node", type=positive_int,
+                   help="GPUs per node for --plan (default all of --gpus: one node): graph partitions stay within a "
+                        "node, and the launch lines are multi-node")
     p.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per measurement")
     p.add_argument("--one-process", action="store_true",
                    help="all measurements in one subprocess (libraries and CUDA started once; exact on CUDA, where "
@@ -370,10 +374,13 @@ def run(args) -> int:
                                 num_params=num_params, zero_stage=zero_stage, ranks=gpus,
                                 part=part_stats(lv.graph_partitions)).peak_bytes
 
-        fractions = {p: part_stats(p).edge_fraction for p in range(2, gpus + 1) if gpus % p == 0}
+        partitions = planner.node_partitions(gpus, batch, args.gpus_per_node)
+        fractions = {p: part_stats(p).edge_fraction for p in partitions if p > 1}
         pl = planner.plan(estimator, budget, batch=batch, edges=edges_max, device="cuda", precisions=precisions,
-                          gpus=gpus, edge_fractions=fractions, num_blocks=cfg.model.num_blocks)
-        print(f"\nplan for {gpus} GPU(s) of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
+                          gpus=gpus, partitions=partitions, edge_fractions=fractions, num_blocks=cfg.model.num_blocks)
+        nodes = gpus // (args.gpus_per_node or gpus)
+        where = f" on {nodes} nodes of {args.gpus_per_node}" if nodes > 1 else ""
+        print(f"\nplan for {gpus} GPU(s){where} of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
               f"each), {n_atoms} atoms, {edges_max} edges per molecule, batch {batch}, ZeRO stage {zero_stage}:")
         print(f"time factors: {pl.factors.source}")
         for c in pl.candidates[:6]:
@@ -386,9 +393,11 @@ def run(args) -> int:
             print("use: " + " ".join(f"--set {o}" for o in pl.overrides()))
             if gpus > 1:
                 cfg_arg = f"--config {args.config} " if args.config else ""
-                print(f"launch: deepspeed --num_gpus {gpus} train.py {cfg_arg}"
-                      + " ".join(f"--set {o}" for o in pl.overrides()))
+                for line in planner.launch_lines(gpus, args.gpus_per_node,
+                                                 cfg_arg + " ".join(f"--set {o}" for o in pl.overrides())):
+                    print(f"launch: {line}")
         plan_out = {"budget_bytes": budget, "usable_bytes": pl.usable_bytes, "gpus": gpus,
+                    "gpus_per_node": args.gpus_per_node or gpus, "partitions_tried": partitions,
                     "best": pl.best.as_dict() if pl.best else None, "overrides": pl.overrides(),
                     "atoms": n_atoms, "edges_per_molecule": edges_max, "batch": batch,
                     "time_factors": pl.factors.as_dict(),

@@ -249,6 +249,36 @@ class Plan:
         return self.best.levers.overrides() if self.best is not None else []
 
 
+def node_partitions(gpus: int, batch: int, gpus_per_node: Optional[int] = None) -> list[int]:
+    """The graph partition counts P worth trying on ``gpus`` GPUs, ``gpus_per_node`` to a node:
+    P divides ``gpus``, the data-parallel factor ``gpus / P`` divides ``batch``, and on more than
+    one node P divides ``gpus_per_node`` (a molecule's partitions on one node: halo traffic stays
+    on its links; the trainer refuses other P). UserError when ``gpus_per_node`` does not divide
+    ``gpus``."""
+    G = gpus if gpus_per_node is None else gpus_per_node
+    if G < 1 or gpus % G:
+        raise UserError(f"--gpus-per-node {G} must divide --gpus {gpus}")
+    return [p for p in range(1, gpus + 1) if gpus % p == 0 and batch % (gpus // p) == 0 and (G == gpus or G % p == 0)]
+
+
+def launch_lines(gpus: int, gpus_per_node: Optional[int], args: str) -> list[str]:
+    """How to start ``train.py args`` on ``gpus`` GPUs: one deepspeed line on one node; on N > 1
+    nodes of G GPUs each, the torchrun line each node runs and the DeepSpeed hostfile and no-ssh
+    forms (README, "Multi-node")."""
+    G = gpus if gpus_per_node is None else gpus_per_node
+    nodes = gpus // G
+    if nodes == 1:
+        return [f"deepspeed --num_gpus {gpus} train.py {args}".rstrip()]
+    return [
+        f"torchrun --nnodes {nodes} --node_rank $NODE_RANK --nproc_per_node {G} --rdzv_backend c10d "
+        f"--rdzv_endpoint NODE0:29500 train.py {args}".rstrip(),
+        f"deepspeed --hostfile hostfile --master_addr NODE0 --master_port 29500 train.py {args}".rstrip()
+        + f"   # hostfile: {nodes} lines 'HOST slots={G}'",
+        f"deepspeed --no_ssh --node_rank $NODE_RANK --master_addr NODE0 --master_port 29500 --hostfile hostfile "
+        f"train.py {args}".rstrip(),
+    ]
+
+
 def candidate_levers(batch: int, edges: int, precisions: Iterable[str] = ("fp32",),
                      chunk_sizes: Optional[Iterable[int]] = None, gpus: int = 1,
                      partitions: Optional[Iterable[int]] = None, num_blocks: int = 0) -> list[Levers]:
