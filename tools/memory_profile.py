@@ -207,6 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("--estimate-only", action="store_true", help="no measurement, estimates only")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=positive_int, default=1, help="CPU threads per measurement (default 1)")
+    p.add_argument("--meter", default="rss", choices=["rss", "alloc"],
+                   help="CPU peak: rss = the process's resident-set peak (VmHWM; default), alloc = peak of live "
+                        "tensor bytes from the profiler's allocation events (deterministic, like CUDA's "
+                        "max_memory_allocated; the step runs under the profiler, timing steps do not)")
     p.add_argument("--timing-steps", type=nonnegative_int, default=2, help="timed steps after the measured one")
     p.add_argument("--zero-stage", type=int_range(0, 3), help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
     p.add_argument("--ranks", type=positive_int, default=1, help="data-parallel ranks for the ZeRO breakdown")
@@ -308,7 +312,7 @@ def run(args) -> int:
             if not args.estimate_only:
                 req = Request(config=cfg.to_dict(), config_name=config_name, data=data_i, atoms=atoms_i, batch=batch,
                               levers={k: lv[k] for k in MEMORY_KEYS}, partitions=lev_obj.graph_partitions,
-                              device=device, threads=args.threads, timing_steps=args.timing_steps)
+                              device=device, threads=args.threads, timing_steps=args.timing_steps, meter=args.meter)
             runs.append(record)
             jobs.append((record, req, lev_obj, e))
     base_times = {}  # (data, atoms) -> levers-off step time, measured before the other sets (sorted first)

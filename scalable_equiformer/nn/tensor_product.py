@@ -71,7 +71,10 @@ class EquivariantLinear(torch.nn.Module):
                 out = x.new_zeros(n, mul_out * d)
             else:
                 w = self.weight.narrow(0, offset, fan_in * mul_out).view(fan_in, mul_out)
-                xi = chunks[inputs[0]] if len(inputs) == 1 else torch.cat([chunks[i] for i in inputs], dim=1)
+                # a copy of the one input block, not a view: the matmul saves its input for the weight
+                # gradient, and a saved view would keep all of x (a whole tensor-product output per
+                # edge) alive until the loss's backward; the d > 1 branch copies anyway (issue 15)
+                xi = chunks[inputs[0]].contiguous() if len(inputs) == 1 else torch.cat([chunks[i] for i in inputs], dim=1)
                 if d == 1:
                     out = xi @ w  # [N, mul_out]
                 else:

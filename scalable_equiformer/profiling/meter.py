@@ -4,6 +4,11 @@ On CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; o
 process's peak resident set (``VmHWM`` of ``/proc/self/status``), reset through
 ``/proc/self/clear_refs`` where allowed. The profiler (``profiler.py``), ``tools/bench_model.py``
 and ``tools/bench_partition.py`` measure with it.
+
+:class:`AllocationMeter` (``memory_profile.py --meter alloc``) counts tensor allocations instead:
+the peak of live tensor bytes from the PyTorch profiler's memory events, the CPU analogue of
+``max_memory_allocated``. It does not depend on malloc's fragmentation or on the machine, so two
+implementations (this one and the original Equiformer, ``benchmarks/original/``) compare exactly.
 """
 
 from __future__ import annotations
@@ -89,6 +94,54 @@ class PeakMemoryMeter:
         return max(self.peak - self.base, 0)
 
 
+class AllocationMeter:
+    """Peak of live tensor bytes over a region, counted from the allocation and free events that
+    ``torch.profiler`` records with ``profile_memory=True`` (the CPU's ``max_memory_allocated``).
+
+    Deterministic: the same code on the same inputs gives the same figure on any machine and in
+    any run, where the resident-set peak also holds what malloc keeps after a free. Slower (the
+    profiler records every op), so time the step separately. The interface of
+    :class:`PeakMemoryMeter`: :meth:`stop` returns the peak's growth over the live bytes at
+    :meth:`start`.
+
+    >>> import torch
+    >>> m = AllocationMeter("cpu"); m.start()
+    >>> a = torch.ones(1000, 250); b = a * 2; del a, b
+    >>> m.stop() // 1000  # two 1 MB tensors alive at once (and a few bytes of the profiler's)
+    2000
+    """
+
+    method = "cpu_alloc_events"
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.base = 0
+        self.peak = 0
+        self._prof = None
+
+    def start(self) -> None:
+        gc.collect()
+        prof = self.torch.profiler
+        self._prof = prof.profile(activities=[prof.ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+
+    def stop(self) -> int:
+        self._prof.__exit__(None, None, None)
+        cpu = self.torch.autograd.DeviceType.CPU
+        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
+        events.sort(key=lambda e: e.start_ns())
+        live = peak = 0
+        for e in events:
+            live += e.nbytes()
+            peak = max(peak, live)
+        self._prof = None
+        self.peak = int(peak)
+        return self.peak
+
+
 def _tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -102,4 +155,4 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
-__all__ = ["PeakMemoryMeter", "ProfileError", "read_proc_status", "reset_peak_rss"]
+__all__ = ["AllocationMeter", "PeakMemoryMeter", "ProfileError", "read_proc_status", "reset_peak_rss"]

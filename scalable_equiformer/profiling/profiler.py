@@ -15,6 +15,11 @@ optimizer step (with micro-batching, checkpointing and precision as the levers s
   memory follows the live tensors, as the CUDA allocator's count does. The reported
   ``peak_bytes`` adds the resident parameters and optimizer state, so both devices report the same
   quantity.
+* **CPU, ``meter="alloc"``** (``memory_profile.py --meter alloc``): the peak of live tensor bytes
+  over the step, counted from the profiler's allocation events (:class:`.meter.AllocationMeter`),
+  the CPU analogue of CUDA's count: deterministic, machine-independent, free of malloc's
+  fragmentation. The measured step runs under the profiler (``first_step_seconds`` includes its
+  overhead); the timing steps do not.
 
 ``activation_bytes`` is the peak minus parameters, gradients and optimizer state.
 ``step_seconds`` is the median of ``timing_steps`` steps after the measured one.
@@ -52,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .meter import PeakMemoryMeter, ProfileError, _tensor_bytes
+from .meter import AllocationMeter, PeakMemoryMeter, ProfileError, _tensor_bytes
 
 RESULT_TAG = "MEMORY_PROFILE_RESULT "
 MMAP_THRESHOLD = 1 << 17  # bytes; fixed, which also turns off glibc's dynamic threshold
@@ -73,6 +78,7 @@ class Request:
     timing_steps: int = 2
     seed: int = 0
     partitions: int = 1  # parallel.graph_partitions: ranks sharing each molecule
+    meter: str = "rss"  # CPU: rss (resident-set peak) | alloc (live tensor bytes, meter.AllocationMeter)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -187,7 +193,7 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     opt_bytes = _tensor_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
     del warm
 
-    meter = PeakMemoryMeter(device)
+    meter = AllocationMeter(device) if req.meter == "alloc" and device.type == "cpu" else PeakMemoryMeter(device)
     meter.start()
     t0, c0 = time.perf_counter(), time.process_time()
     info = step(batch)
