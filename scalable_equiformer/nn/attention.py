@@ -30,6 +30,7 @@ from e3nn import o3
 
 from .drop import EquivariantDropout
 from .gate import NormalizedActivation
+from .scatter import gather, scatter_sum
 from .tensor_product import EquivariantLinear, SeparableFCTP, sort_irreps_even_first
 
 ATTENTION_TYPES = ("mlp", "dot")
@@ -49,9 +50,9 @@ def scatter_softmax(logits: torch.Tensor, index: torch.Tensor, num_nodes: int, w
     ex = torch.exp(logits - amax.index_select(0, index))
     if weight is not None:
         ex = ex * weight.unsqueeze(-1)
-    denom = logits.new_zeros(num_nodes, h).index_add(0, index, ex)
+    denom = scatter_sum(ex, index, num_nodes)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return ex / denom.index_select(0, index)
+    return ex / gather(denom, index)
 
 
 class Vec2Heads(torch.nn.Module):
@@ -172,7 +173,7 @@ class GraphAttention(torch.nn.Module):
         # x: [N, irreps_in.dim]; returns [N, irreps_out.dim]
         src, dst = edges.index[0], edges.index[1]
         num_nodes = x.shape[0]
-        message = self.merge_src(x).index_select(0, src) + self.merge_dst(x).index_select(0, dst)  # [E, pre_attn]
+        message = gather(self.merge_src(x), src) + gather(self.merge_dst(x), dst)  # [E, pre_attn]
 
         if self.attention == "mlp":
             if self.message == "nonlinear":
@@ -195,7 +196,7 @@ class GraphAttention(torch.nn.Module):
             kv = self.vec2heads_kv(kv)  # [E, 2H, head]
             k = kv.narrow(1, 0, self.num_heads)
             value = kv.narrow(1, self.num_heads, self.num_heads)
-            logits = (q.index_select(0, dst) * k).sum(-1)  # [E, H]
+            logits = (gather(q, dst) * k).sum(-1)  # [E, H]
 
         env = edges.envelope if self.smooth else None
         alpha = scatter_softmax(logits, dst, num_nodes, weight=env)  # [E, H]
@@ -204,7 +205,7 @@ class GraphAttention(torch.nn.Module):
         if env is not None:
             alpha = alpha * env.unsqueeze(-1)
         attn = value * alpha.unsqueeze(-1)  # [E, H, head]
-        out = attn.new_zeros(num_nodes, attn.shape[1], attn.shape[2]).index_add(0, dst, attn)
+        out = scatter_sum(attn, dst, num_nodes)  # [N, H, head]
         out = self.proj(self.heads2vec(out))
         if self.proj_drop is not None:
             out = self.proj_drop(out)

@@ -36,6 +36,7 @@ from .gate import ScalarActivation
 from .norm import EquivariantLayerNorm
 from .precision import fp32_island
 from .radial import RadialEmbedding, RadialProfile
+from .scatter import scatter_sum
 from .tensor_product import DepthwiseTensorProduct, EquivariantLinear
 
 _STAT_BUFFERS = ("energy_shift", "energy_scale", "avg_num_neighbors", "avg_num_atoms")
@@ -91,7 +92,7 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         out = self.proj(self.dw(feat, edges.sh, self.rad(edges.radial)))
         if self.smooth:
             out = out * edges.envelope.unsqueeze(-1)
-        agg = out.new_zeros(num_nodes, out.shape[1]).index_add(0, edges.index[1], out)
+        agg = scatter_sum(out, edges.index[1], num_nodes)
         return agg / avg_num_neighbors.to(out.dtype).sqrt()
 
 
