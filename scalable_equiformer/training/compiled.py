@@ -30,13 +30,15 @@ e3nn's ``Irrep.__len__``, the data-dependent checks of the radius graph). So, th
    ``loss.backward()`` fills ``param.grad`` as the eager path does.
 
 Recompilation: the traced graph is symbolic in the number of atoms, edges and molecules (duck
-sizing off, so an atom count equal to some parameter dimension does not merge with it), and it is
-compiled with ``dynamic=True``: a new molecule size reuses the compiled code. Sizes 0 and 1 are
-specialised by torch (a batch of one molecule compiles once more); the number of compiled variants
-per model is capped by Dynamo's ``cache_size_limit`` (``RECOMPILE_LIMIT`` here); beyond it Dynamo
-falls back to running the traced graph eagerly (still correct). The trace is remade when the
-model's training mode, dtype, device or parameter set changes (:func:`compiled_energy_and_forces`
-keeps one per model).
+sizing off, so an atom count equal to some parameter dimension does not merge with it), and the
+compiled function marks those sizes dynamic from its first compilation (parameters stay static).
+Torch still splits the sizes into classes, each compiled once: a batch of one molecule (a size of
+1 is specialised) and, on the CPU, inductor's small-matmul decomposition guards on at most 16 atoms
+(measured on the tiny model, sizes 16, 19, 12 (one molecule), 14 and 12 atoms: 3 compilations, the
+last two reused earlier ones). So at most :data:`RECOMPILE_BOUND` compilations per model in
+practice; Dynamo's ``recompile_limit`` (:data:`RECOMPILE_LIMIT`) caps them in any case, beyond it
+the traced graph runs uncompiled (still correct, slower). The trace is remade (and compiled
+again) only when the model's training mode, dtype, device or parameter set changes.
 
 Not supported (refused at config load, ``config.TrainConfig`` / ``Config.validate``): force-aware or
 per-block checkpointing (their custom recomputation is exactly what the traced graph replaces),
@@ -57,7 +59,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 log = logging.getLogger(__name__)
 
-#: compiled variants per traced graph before Dynamo falls back to running it uncompiled
+#: compilations expected per model: {one molecule, several} x {<= 16 atoms, more} (module docstring)
+RECOMPILE_BOUND = 4
+#: Dynamo's recompile_limit set here: compiled variants per traced graph before Dynamo runs it uncompiled
 RECOMPILE_LIMIT = 8
 
 _MARK = "scalable_equiformer_compiled_grad_start"
@@ -165,13 +169,16 @@ def compile_count() -> int:
 class CompiledEnergyForces:
     """One model's traced-and-compiled energy-and-forces function (see the module docstring).
 
-    ``compile=False`` runs the traced graph uncompiled (the same graph, for tests);
+    ``compile=False`` runs the traced graph uncompiled (the same graph, for tests); ``backend``:
+    torch.compile's (``"aot_eager"``: AOTAutograd without code generation, for quick checks);
     ``keep_saved_detaches=True`` skips :func:`strip_saved_detaches` (wrong gradients: the trap).
     ``traces``, ``trace_seconds``, ``detaches_removed``: what tracing did so far.
     """
 
-    def __init__(self, model, keep_saved_detaches: bool = False, compile: bool = True, dynamic: bool = True) -> None:
+    def __init__(self, model, keep_saved_detaches: bool = False, compile: bool = True, dynamic: bool = True,
+                 backend: str = "inductor") -> None:
         self.model_ref = weakref.ref(model)
+        self.backend = backend
         self.keep_saved_detaches = keep_saved_detaches
         self.compile = compile
         self.dynamic = dynamic
@@ -198,8 +205,8 @@ class CompiledEnergyForces:
             self.trace_seconds = time.perf_counter() - t0
             self.traces += 1
             if self.compile:
-                torch._dynamo.config.cache_size_limit = RECOMPILE_LIMIT
-                self.fn = torch.compile(self.gm, dynamic=None if self.dynamic else False)
+                torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+                self.fn = torch.compile(self.gm, backend=self.backend, dynamic=None if self.dynamic else False)
             else:
                 self.fn = self.gm
             self.key = key
