@@ -105,7 +105,7 @@ class _CatBlocks(torch.autograd.Function):
         # torch.cat (it promotes mixed dtypes) rather than copy_ into split views of one buffer:
         # the same values, and a traced graph of it (training/compiled.py) can run without
         # in-place writes into multi-output views
-        return torch.cat([b.reshape(n, -1) for b in blocks], dim=1)
+        return torch.cat([b.reshape(n, size) for b, size in zip(blocks, ctx.sizes)], dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
