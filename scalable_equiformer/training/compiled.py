@@ -198,7 +198,10 @@ class CompiledEnergyForces:
         model = self.model_ref()
         graph_ids = torch.empty(num_graphs, device=pos.device)  # carries num_graphs as a (symbolic) size
         key = self._key(model, pos)
-        if self.fn is None or key != self.key:
+        fresh = self.fn is None or key != self.key
+        if fresh:
+            log.info("train.compile: tracing energy and forces (%d atoms, %d molecules); the first compiled step "
+                     "also compiles (minutes on a CPU)", pos.shape[0], num_graphs)
             t0 = time.perf_counter()
             self.gm, self.detaches_removed = trace_energy_and_forces(model, pos, z, batch_vec, edge_index, graph_ids,
                                                                      self.keep_saved_detaches)
@@ -219,8 +222,13 @@ class CompiledEnergyForces:
                 torch._dynamo.maybe_mark_dynamic(t, dim)
         # duck sizing off for Dynamo's shape environment too (an atom count equal to the edge count
         # or to a parameter dimension must not become a guard that the next batch fails)
+        t0 = time.perf_counter()
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             energy, forces = self.fn(params, buffers, pos, z, batch_vec, edge_index, graph_ids)
+        if fresh:
+            log.info("train.compile: traced in %.1f s (%d nodes, %d saved-tensor detaches removed); forward compiled "
+                     "in %.1f s (the backward compiles in the first loss.backward())", self.trace_seconds,
+                     len(self.gm.graph.nodes), self.detaches_removed, time.perf_counter() - t0)
         return {"energy": energy, "forces": forces}
 
 
