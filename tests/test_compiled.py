@@ -99,8 +99,8 @@ def test_removal_keeps_the_models_own_detach():
 @pytest.mark.slow
 def test_compiled_equals_eager_fp32_and_other_sizes_do_not_recompile():
     """Inductor-compiled: fp32 round-off against eager for three batch sizes of one size class
-    (> 16 atoms, > 1 molecule: 18, 23 and 23 atoms), one compilation for all three (the classes:
-    compiled.RECOMPILE_BOUND)."""
+    (> 16 atoms, > 1 molecule: 18, 23 and 23 atoms), one compilation for all three (the size
+    classes: training/compiled.py's docstring)."""
     torch._dynamo.reset()
     model = _model("float32")
     fn = compiled.CompiledEnergyForces(model)

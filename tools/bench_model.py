@@ -203,6 +203,7 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
     res["ratio_compiled_over_eager"] = res["compiled"]["median_s"] / res["eager"]["median_s"]
     res["cpu_ratio_compiled_over_eager"] = res["compiled"]["median_cpu_s"] / res["eager"]["median_cpu_s"]
     res["round_ratios_compiled_over_eager"] = [c / e for e, c in zip(res["eager"]["times_s"], res["compiled"]["times_s"])]
+    print(f"    eager {res['eager']['times_s']} s, compiled {res['compiled']['times_s']} s", flush=True)  # before the probe
     probe = []
     for other in size_batches:  # other sizes: does the compiled step recompile?
         step = make_step(model, other, "train_step", optimizer, compiled=fn)

@@ -32,13 +32,15 @@ e3nn's ``Irrep.__len__``, the data-dependent checks of the radius graph). So, th
 Recompilation: the traced graph is symbolic in the number of atoms, edges and molecules (duck
 sizing off, so an atom count equal to some parameter dimension does not merge with it), and the
 compiled function marks those sizes dynamic from its first compilation (parameters stay static).
-Torch still splits the sizes into classes, each compiled once: a batch of one molecule (a size of
-1 is specialised) and, on the CPU, inductor's small-matmul decomposition guards on at most 16 atoms
-(measured on the tiny model, sizes 16, 19, 12 (one molecule), 14 and 12 atoms: 3 compilations, the
-last two reused earlier ones). So at most :data:`RECOMPILE_BOUND` compilations per model in
-practice; Dynamo's ``recompile_limit`` (:data:`RECOMPILE_LIMIT`) caps them in any case, beyond it
-the traced graph runs uncompiled (still correct, slower). The trace is remade (and compiled
-again) only when the model's training mode, dtype, device or parameter set changes.
+Torch still compiles a few size classes separately: a batch of one molecule (a size of 1 is
+specialised), at most 16 atoms on the CPU (inductor's small-matmul decomposition guards on it), and
+guards of inductor's code generation that were not identified. Measured: the test model (one
+block), batches of 16, 19, 12 (one molecule), 14 and 12 atoms: 3 compilations; the tiny model of
+``tools/bench_model.py --tiny``, batches of 168, 84 and 21 (one molecule) atoms: 3 compilations;
+sizes within one class reuse the compiled code (``tests/test_compiled.py``). Dynamo's
+``recompile_limit`` (:data:`RECOMPILE_LIMIT`) caps the compilations per model; beyond it the
+traced graph runs uncompiled (still correct, slower). The trace is remade (and compiled again)
+only when the model's training mode, dtype, device or parameter set changes.
 
 Not supported (refused at config load, ``config.TrainConfig`` / ``Config.validate``): force-aware or
 per-block checkpointing (their custom recomputation is exactly what the traced graph replaces),
@@ -59,8 +61,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 log = logging.getLogger(__name__)
 
-#: compilations expected per model: {one molecule, several} x {<= 16 atoms, more} (module docstring)
-RECOMPILE_BOUND = 4
 #: Dynamo's recompile_limit set here: compiled variants per traced graph before Dynamo runs it uncompiled
 RECOMPILE_LIMIT = 8
 
