@@ -64,9 +64,6 @@ log = logging.getLogger(__name__)
 #: Dynamo's recompile_limit set here: compiled variants per traced graph before Dynamo runs it uncompiled
 RECOMPILE_LIMIT = 8
 
-_MARK = "scalable_equiformer_compiled_grad_start"
-
-
 class _EnergyForces(torch.nn.Module):
     """``(pos, z, batch_vec, edge_index, graph_ids) -> (energy [B] float64, forces [N, 3])`` of
     ``model``, with the graph of the forces kept (``create_graph``); traced, never run eagerly."""
@@ -122,12 +119,12 @@ def strip_saved_detaches(gm: torch.fx.GraphModule, grad_start: str) -> int:
     if grad_start not in names:
         raise RuntimeError("traced energy-and-forces graph: where autograd.grad starts is unknown")
     cut = names.index(grad_start)
-    doomed = [n for n in nodes[cut + 1:] if n.op == "call_function" and n.target is detach]
-    doomed += [n for n in nodes[:cut] if n.op == "call_function" and n.target is detach
-               and all(u.op == "call_function" and u.target is detach for u in n.users)]
-    for node in doomed:  # order does not matter: each is replaced by its input
+    doomed = [n for n in nodes[:cut] if n.op == "call_function" and n.target is detach
+              and all(u.op == "call_function" and u.target is detach for u in n.users)]
+    doomed += [n for n in nodes[cut + 1:] if n.op == "call_function" and n.target is detach]
+    for node in doomed:  # each is replaced by its input (a chain of detaches collapses to its source)
         node.replace_all_uses_with(node.args[0])
-    for node in doomed:
+    for node in reversed(doomed):  # graph order reversed: a detach of a detach goes before its input
         graph.erase_node(node)
     graph.lint()
     gm.recompile()
