@@ -148,6 +148,7 @@ class TrainConfig:
     seed: int = 0  # model init and shuffling
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True  # progress bar (rank 0 only)
+    compile: bool = False  # true: energies, forces and force-loss gradients of the training step by torch.compile'd code (training/compiled.py); plain path only
 
     def validate(self, check):
         check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
@@ -287,6 +288,7 @@ class Config:
                               "model.dtype=float32, or zero_stage 1-2 for a float64 model")
         check_memory_levers(self.memory, self.model.num_blocks, self.parallel.graph_partitions,
                             where=lambda key: self.sources.get(key, origin))
+        check_compile(self, where=lambda key: self.sources.get(key, origin))
 
 
 def _section_check(section: str, where):
@@ -339,6 +341,35 @@ def check_memory_levers(memory, num_blocks: Optional[int] = None, graph_partitio
             raise ConfigError(f"{where('memory.edge_chunk_size')}: memory.edge_chunk_size ({chunk}) is "
                               f"single-process only, not with parallel.graph_partitions={graph_partitions}: unset "
                               "it (the partitions divide the edges)")
+
+
+#: ``train.compile: true`` refuses these (key, what it needs, why): the compiled step traces the plain
+#: autograd path of one process in fp32/fp64 without random masks (``training/compiled.py``)
+_COMPILE_NEEDS = (
+    ("memory.checkpointing", lambda c: c.memory.checkpointing == "none", "none",
+     "the compiled step traces the plain autograd path; checkpointing recomputes blocks outside it"),
+    ("memory.precision", lambda c: c.memory.precision == "fp32", "fp32", "mixed precision is not traced"),
+    ("parallel.graph_partitions", lambda c: c.parallel.graph_partitions == 1, "1",
+     "the halo exchange between blocks is not traced"),
+    ("deepspeed.zero_stage", lambda c: c.deepspeed.zero_stage == 0, "0", "DeepSpeed engines are not supported"),
+    ("deepspeed.enabled", lambda c: str(c.deepspeed.enabled).lower() != "true", "auto or false",
+     "DeepSpeed engines are not supported (plain torch data parallel is)"),
+    ("model.alpha_drop", lambda c: c.model.alpha_drop == 0, "0", "random masks are not traced"),
+    ("model.proj_drop", lambda c: c.model.proj_drop == 0, "0", "random masks are not traced"),
+    ("model.drop_path", lambda c: c.model.drop_path == 0, "0", "random masks are not traced"),
+)
+
+
+def check_compile(cfg, where=lambda key: "config") -> None:
+    """The rules of ``train.compile``, the one copy: with it on, each key of :data:`_COMPILE_NEEDS`
+    must have the value it needs (a :class:`ConfigError` naming the key, one line)."""
+    if not getattr(cfg.train, "compile", False):
+        return
+    for key, ok, need, why in _COMPILE_NEEDS:
+        if not ok(cfg):
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise ConfigError(f"{where(key)}: train.compile=true needs {key}={need}, not {value!r} ({why})")
 
 
 # One home per setting: mixed precision is a memory lever (it applies with or without DeepSpeed),

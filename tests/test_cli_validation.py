@@ -107,6 +107,7 @@ BAD = [
     ("bench_model", ["--repeats", "0"], "--repeats"),
     ("bench_model", ["--batch-size", "0"], "--batch-size"),
     ("bench_model", ["--threads", "-1"], "--threads"),
+    ("bench_model", ["--compile", "compare", "--size-probe", "0"], "--size-probe"),
     ("bench_partition", ["--partitions", "2", "0"], "--partitions"),
     ("bench_partition", ["--repeats", "0"], "--repeats"),
     ("bench_partition", ["--cutoff", "0"], "--cutoff"),

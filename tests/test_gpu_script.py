@@ -52,7 +52,7 @@ def test_runs_every_phase_within_its_budget(cpu_run):
     proc, out, site, s = cpu_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert s is not None
-    assert list(s["phases"]) == ["env", "tests", "memory", "train", "report"]
+    assert list(s["phases"]) == ["env", "tests", "memory", "train", "compile", "report"]
     for name, p in s["phases"].items():
         assert p["status"] == "ok", (name, p.get("error"))
         assert 0 < p["seconds"] <= p["budget_s"] + 5, (name, p)
@@ -112,6 +112,17 @@ def test_training_throughput_engines_and_estimates(cpu_run):
         assert r["engine"] == ("DeepSpeed ZeRO stage 2" if "zero2" in name else "plain torch"), r
         assert r["backend"] == "gloo"
     assert runs["md22_atat_zero2_fp32"]["atoms"] == 60 and runs["md17_aspirin_fp32"]["atoms"] == 21
+
+
+def test_compiled_vs_eager_step(cpu_run):
+    """The compile phase (train.compile vs eager): on the CPU the tiny model, Dynamo only (backend eager)."""
+    _, out, _, s = cpu_run
+    comp = s["phases"]["compile"]
+    (run,) = comp["runs"]
+    assert run["name"] == "tiny_b2_dynamo_only" and run["status"] == "ok" and run["backend"] == "eager"
+    assert run["eager_s"] > 0 and run["compiled_s"] > 0 and run["compiled_over_eager"] > 0 and run["cold_compile_s"] > 0
+    assert run["size_probe"] == [] and run["atoms"] == 42
+    assert "## train.compile: compiled vs eager training step" in (out / "summary.md").read_text()
 
 
 def test_markdown_pages(cpu_run):

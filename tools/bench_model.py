@@ -5,6 +5,7 @@
     python tools/bench_model.py --tiny --repeats 3    # a tiny model (smoke test)
     python tools/bench_model.py --data a.npz --batch-size 8 --json out.json
     python tools/bench_model.py --tp compare          # hand-written vs e3nn depth-wise TP, alternated
+    python tools/bench_model.py --compile compare --modes train_step --batch-size 8   # train.compile vs eager
 
 Modes (each: one warm-up, then ``--repeats`` timed runs; the median is reported):
   forward        eval, energy only, under no_grad
@@ -22,6 +23,13 @@ default). ``--tp compare`` times both on the same model and batch, alternating t
 ratio fast/e3nn of the medians. Its memory figures come from one run of each implementation after
 both warm-ups, so freed-but-kept allocator memory blurs them on the CPU: compare peaks with two
 separate processes (``--tp fast`` and ``--tp e3nn``).
+
+``--compile compare`` (train_step only): the training step of ``train.compile: true``
+(``training/compiled.py``: energies, forces and force-loss gradients by traced + inductor-compiled
+code) against the eager step, alternated as ``--tp compare`` does; reported: the cold compile
+(trace seconds, and the first compiled step's seconds, which include tracing and compiling), the
+medians, the ratio compiled/eager, and a size probe: the first compiled step on batches of other
+sizes (fewer frames) and how many graphs Dynamo compiled for each.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
 from scalable_equiformer.parallel.check import tiny_model_dict  # noqa: E402
 from scalable_equiformer.profiling.meter import PeakMemoryMeter  # noqa: E402
+from scalable_equiformer.training.compiled import (  # noqa: E402
+    CompiledEnergyForces, compile_count, compiled_energy_and_forces)
 
 DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (made for this project)
 DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]
@@ -86,7 +96,9 @@ def set_tp_implementation(model, implementation: str) -> None:
             m.implementation = implementation
 
 
-def make_step(model, batch, mode: str, optimizer):
+def make_step(model, batch, mode: str, optimizer, compiled=None):
+    """``compiled``: a ``training.compiled.CompiledEnergyForces`` for the train_step (else eager)."""
+
     def step():
         if mode == "forward":
             model.eval()
@@ -97,7 +109,7 @@ def make_step(model, batch, mode: str, optimizer):
             model(batch)
         else:
             model.train()
-            out = model(batch)
+            out = model(batch) if compiled is None else compiled_energy_and_forces(model, batch, fn=compiled)
             loss = (out["energy"] - batch.energy.reshape(-1).to(out["energy"].dtype)).abs().mean() + (
                 out["forces"] - batch.forces.to(out["forces"].dtype)
             ).abs().mean()
@@ -161,6 +173,56 @@ def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device
     return res
 
 
+def run_compile_compare(model, batch, repeats: int, device: torch.device, optimizer, size_batches=(),
+                        backend: str = "inductor") -> dict:
+    """train_step compiled (``train.compile``) vs eager, alternated (see the module docstring)."""
+    fn = CompiledEnergyForces(model, backend=backend)
+    steps = {"eager": make_step(model, batch, "train_step", optimizer),
+             "compiled": make_step(model, batch, "train_step", optimizer, compiled=fn)}
+    res: dict = {"eager": {"times_s": [], "cpu_times_s": []}, "compiled": {"times_s": [], "cpu_times_s": []}}
+    graphs0 = compile_count()
+    t0 = time.perf_counter()
+    steps["compiled"]()  # cold: trace + compile + run
+    _sync(device)
+    res["compile"] = {"first_step_s": time.perf_counter() - t0, "trace_s": fn.trace_seconds,
+                      "graphs_compiled": compile_count() - graphs0, "detaches_removed": fn.detaches_removed}
+    print(f"    cold compiled step {res['compile']['first_step_s']:.1f} s (trace {fn.trace_seconds:.1f} s, "
+          f"{res['compile']['graphs_compiled']} graph(s))", flush=True)
+    steps["eager"]()
+    _sync(device)
+    for r in range(repeats):
+        for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[name]()
+            _sync(device)
+            res[name]["times_s"].append(time.perf_counter() - t0)
+            res[name]["cpu_times_s"].append(time.process_time() - c0)
+    for name in ("eager", "compiled"):
+        res[name]["median_s"] = statistics.median(res[name]["times_s"])
+        res[name]["median_cpu_s"] = statistics.median(res[name]["cpu_times_s"])
+    res["ratio_compiled_over_eager"] = res["compiled"]["median_s"] / res["eager"]["median_s"]
+    res["cpu_ratio_compiled_over_eager"] = res["compiled"]["median_cpu_s"] / res["eager"]["median_cpu_s"]
+    res["round_ratios_compiled_over_eager"] = [c / e for e, c in zip(res["eager"]["times_s"], res["compiled"]["times_s"])]
+    print(f"    eager {res['eager']['times_s']} s, compiled {res['compiled']['times_s']} s", flush=True)  # before the probe
+    probe = []
+    for other in size_batches:  # other sizes: does the compiled step recompile?
+        step = make_step(model, other, "train_step", optimizer, compiled=fn)
+        g0, t0 = compile_count(), time.perf_counter()
+        step()
+        _sync(device)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        probe.append({"atoms": int(other.num_nodes), "molecules": int(other.num_graphs), "first_step_s": first,
+                      "second_step_s": time.perf_counter() - t0, "graphs_compiled": compile_count() - g0})
+        print(f"    size probe: {probe[-1]}", flush=True)
+    res["size_probe"] = probe
+    res["traces"] = fn.traces
+    optimizer.zero_grad(set_to_none=True)
+    return res
+
+
 def main(argv=None) -> int:
     from scalable_equiformer.cli import ArgumentParser, output_file, positive_int
 
@@ -181,7 +243,19 @@ def main(argv=None) -> int:
         "--tp", choices=("default", "fast", "e3nn", "compare"), default="default",
         help="depth-wise tensor product: the library default, hand-written, e3nn's, or both alternated (default: default)",
     )
+    p.add_argument(
+        "--compile", choices=("off", "compare"), default="off",
+        help="compare: the train_step of train.compile=true against the eager one, alternated (default off)",
+    )
+    p.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"), default="inductor",
+                   help="torch.compile backend of --compile compare (train.compile uses inductor; aot_eager: no code "
+                        "generation; eager: Dynamo only, the traced graph run as it is: quick checks of the tracing)")
+    p.add_argument("--size-probe", type=positive_int, nargs="*", default=None,
+                   help="with --compile compare: frame counts of further batches run once compiled (default: half the "
+                        "batch, rounded up, and 1)")
     args = p.parse_args(argv)
+    if args.compile == "compare" and args.tp == "compare":
+        p.error("--compile compare and --tp compare: one comparison at a time")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -197,6 +271,8 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "tp": args.tp,
         "tp_default": tensor_product.DEPTHWISE_TP_IMPLEMENTATION,
+        "compile": args.compile,
+        "compile_backend": args.compile_backend if args.compile == "compare" else None,
         "units": {"time": "s", "memory": "bytes"},
         "datasets": [],
     }
@@ -227,6 +303,23 @@ def main(argv=None) -> int:
                 "modes": {},
             }
             for mode in args.modes:
+                if args.compile == "compare":
+                    if mode != "train_step":
+                        continue
+                    probe_sizes = args.size_probe if args.size_probe is not None else sorted(
+                        {(args.batch_size + 1) // 2, 1} - {args.batch_size}, reverse=True)
+                    others = [_make_batch(ds, n, device) for n in probe_sizes]
+                    entry["modes"][mode] = r = run_compile_compare(model, batch, args.repeats, device, optimizer, others,
+                                                                      args.compile_backend)
+                    rr = r["round_ratios_compiled_over_eager"]
+                    print(
+                        f"{path.name:28s} {mode:11s} atoms {entry['atoms']:5d} edges {edges:6d}  eager "
+                        f"{r['eager']['median_s'] * 1e3:9.1f} ms  compiled {r['compiled']['median_s'] * 1e3:9.1f} ms  "
+                        f"compiled/eager {r['ratio_compiled_over_eager']:.3f} (CPU time {r['cpu_ratio_compiled_over_eager']:.3f}; "
+                        f"round ratios {min(rr):.3f}-{max(rr):.3f})  cold compile {r['compile']['first_step_s']:.1f} s",
+                        flush=True,
+                    )
+                    continue
                 if args.tp == "compare":
                     entry["modes"][mode] = r = run_mode_compare(model, batch, mode, args.repeats, device, optimizer)
                     for impl in ("e3nn", "fast"):

@@ -22,6 +22,14 @@ happens to the others:
             frames (shipped frame 0 + random displacements, harmonic energies and forces), fp32
             and bf16, and with plain torch (ZeRO off) for comparison; molecules/s over the steps
             after the first few, the run's CUDA peak (results.json) against the planner's estimate
+``compile`` ``tools/bench_model.py --compile compare``: the training step of ``train.compile: true``
+            (traced energy-and-forces, torch.compile'd) against the eager step, alternated, batch 8
+            of the shipped aspirin frames: the tiny model, then the paper's model with what time is
+            left (its cold compile may not fit: then that run is recorded as a timeout, the phase
+            stays ok); cold compile seconds, medians, compiled/eager, and whether other batch sizes
+            recompile. ``--device cpu``: the tiny model only, batch 2, with torch.compile's
+            ``eager`` backend (Dynamo only, the traced graph run as it is: inductor's cold compile
+            takes minutes on two cores), so CI checks the phase and the tracing, not the speed
 ``report``  ``tools/memory_tables.py``: OUT/memory_cuda.md (the page for benchmarks/memory_cuda.md)
             and, on CUDA, OUT/time_factors_cuda.json (the planner's CUDA time factors)
 
@@ -58,8 +66,8 @@ MD22_SIZES = [370, 42, 56, 60, 87, 118, 148]
 LEVER_SETS = ["none", "checkpointing=forces", "checkpointing=forces,edge_chunk_size=auto", "precision=bf16",
               "checkpointing=forces,precision=bf16", "keep_blocks=3"]
 #: shares of the time budget (what a phase does not use goes to the later ones)
-SHARES = {"tests": 70, "memory": 190, "train": 170}
-PHASES = ["env", "tests", "memory", "train", "report"]
+SHARES = {"tests": 70, "memory": 190, "train": 170, "compile": 110}
+PHASES = ["env", "tests", "memory", "train", "compile", "report"]
 
 #: the tiny model of --device cpu (parallel/check.py's TINY_MODEL)
 TINY = {"irreps_node": "8x0e+4x1e+2x2e", "num_blocks": 2, "num_heads": 2, "irreps_head": "4x0e+2x1e+1x2e",
@@ -527,6 +535,56 @@ def _profile_from_dict(d: dict):
     return ActivationProfile(**{k: (Linear(**v) if isinstance(v, dict) else v) for k, v in d.items()})
 
 
+def _compile_runs(r: Runner) -> list:
+    """(name, bench_model arguments, minimum seconds worth starting it with)."""
+    aspirin = str(ROOT / "scalable_equiformer" / "demo_data" / "aspirin_xtb_500K.npz")
+    common = ["tools/bench_model.py", "--data", aspirin, "--modes", "train_step", "--compile", "compare",
+              "--device", r.args.device]
+    if r.cuda:
+        return [("tiny_b8", common + ["--tiny", "--batch-size", "8", "--repeats", "5"], 20.0),
+                ("paper_b8", common + ["--batch-size", "8", "--repeats", "3"], 60.0)]
+    return [("tiny_b2_dynamo_only", common + ["--tiny", "--batch-size", "2", "--repeats", "1", "--size-probe",
+                                              "--compile-backend", "eager"], 5.0)]
+
+
+def phase_compile(r: Runner, timeout: float) -> dict:
+    t_end = time.monotonic() + timeout
+    out = {"data_note": "train_step of tools/bench_model.py on the shipped GFN2-xTB aspirin frames (21 atoms); "
+                        "compiled = train.compile=true (training/compiled.py), eager = the plain autograd path",
+           "runs": []}
+    runs = _compile_runs(r)
+    for i, (name, args, least) in enumerate(runs):
+        left = t_end - time.monotonic()
+        limit = left / 2 if (i == 0 and len(runs) > 1) else left
+        rec = {"name": name}
+        out["runs"].append(rec)
+        if limit < least:
+            rec.update(status="skipped", error=f"no time left ({left:.0f} s)")
+            continue
+        doc = r.work / f"compile_{name}.json"
+        res = r.call([r.python] + args + ["--json", doc], limit)
+        rec["seconds"] = res["seconds"]
+        if doc.is_file():
+            d = json.loads(doc.read_text())
+            entry = d["datasets"][0]
+            m = entry["modes"]["train_step"]
+            rec.update(model=entry["model"], atoms=entry["atoms"], batch=d["batch_size"], backend=d.get("compile_backend"),
+                       eager_s=m["eager"]["median_s"], compiled_s=m["compiled"]["median_s"],
+                       compiled_over_eager=m["ratio_compiled_over_eager"],
+                       cold_compile_s=m["compile"]["first_step_s"], trace_s=m["compile"]["trace_s"],
+                       size_probe=[{k: p[k] for k in ("atoms", "molecules", "graphs_compiled", "first_step_s")}
+                                   for p in m.get("size_probe", [])])
+        rec.update(_status(res, ok=doc.is_file()))
+        r.say(f"  {name}: {rec['status']}" + (f", compiled/eager {rec['compiled_over_eager']:.3f}, cold compile "
+                                              f"{rec['cold_compile_s']:.0f} s" if rec.get("compiled_over_eager") else ""))
+    first = out["runs"][0] if out["runs"] else {}
+    if first.get("status") != "ok":
+        out.update(status="failed", error=f"{first.get('name', 'no run')}: {first.get('error', 'not run')}")
+    elif any(x.get("status") != "ok" for x in out["runs"]):
+        out["note"] = "; ".join(f"{x['name']}: {x['status']}" for x in out["runs"] if x.get("status") != "ok")
+    return out
+
+
 def phase_report(r: Runner, timeout: float) -> dict:
     out = {}
     prof = r.out / "memory_profile.json"
@@ -580,6 +638,17 @@ def write_markdown(r: Runner) -> None:
     if mem.get("plan"):
         lines += ["", f"Plan for {mem['plan']['budget_gib']} GiB: `{' '.join('--set ' + o for o in mem['plan']['overrides'])}` "
                       f"(time factors: {mem['plan']['time_factors']})."]
+    comp = s["phases"].get("compile", {})
+    if comp.get("runs"):
+        lines += ["", "## train.compile: compiled vs eager training step", "", comp.get("data_note", ""), "",
+                  "| run | model | backend | atoms | eager s | compiled s | compiled/eager | cold compile s | "
+                  "other sizes: graphs compiled | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for x in comp["runs"]:
+            f = (lambda k, fmt: fmt.format(x[k]) if x.get(k) is not None else "-")
+            probe = ", ".join(f"{p['atoms']} atoms: {p['graphs_compiled']}" for p in x.get("size_probe", [])) or "-"
+            lines.append(f"| {x['name']} | {x.get('model', '-')} | {x.get('backend', '-')} | {x.get('atoms', '-')} | "
+                         f"{f('eager_s', '{:.4f}')} | {f('compiled_s', '{:.4f}')} | {f('compiled_over_eager', '{:.3f}')} | "
+                         f"{f('cold_compile_s', '{:.1f}')} | {probe} | {x.get('status')} |")
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from memory_tables import summary_sections
@@ -595,7 +664,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--budget", type=float, help="seconds for all phases (default: 440 cuda, 400 cpu)")
+    p.add_argument("--budget", type=float, help="seconds for all phases (default: 540 cuda, 460 cpu)")
     p.add_argument("--out", help="output folder (default $OUT)")
     p.add_argument("--work", help="folder for run folders and data (default: a temporary folder, removed at the end)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder")
@@ -608,7 +677,7 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("give --out DIR (or set OUT)")
     if args.budget is None:
-        args.budget = 440.0 if args.device == "cuda" else 400.0
+        args.budget = 540.0 if args.device == "cuda" else 460.0
     r = Runner(args)
     r.say(f"run.py --device {args.device}: budget {args.budget:.0f} s, output {r.out}, work {r.work}")
     try:
@@ -616,6 +685,7 @@ def main(argv=None) -> int:
         r.phase("tests", lambda t: phase_tests(r, t))
         r.phase("memory", lambda t: phase_memory(r, t))
         r.phase("train", lambda t: phase_train(r, t))
+        r.phase("compile", lambda t: phase_compile(r, t))
         r.phase("report", lambda t: phase_report(r, t))
     finally:
         r.write_summary()

@@ -105,13 +105,10 @@ class _CatBlocks(torch.autograd.Function):
         n = blocks[0].shape[0]
         ctx.shapes = [b.shape for b in blocks]
         ctx.sizes = [math.prod(b.shape[1:]) for b in blocks]
-        dtype = blocks[0].dtype
-        for b in blocks[1:]:
-            dtype = torch.promote_types(dtype, b.dtype)
-        out = blocks[0].new_empty(n, sum(ctx.sizes), dtype=dtype)
-        for b, part in zip(blocks, out.split(ctx.sizes, dim=1)):
-            part.view(b.shape).copy_(b)
-        return out
+        # torch.cat (it promotes mixed dtypes) rather than copy_ into split views of one buffer:
+        # the same values, and a traced graph of it (training/compiled.py) can run without
+        # in-place writes into multi-output views
+        return torch.cat([b.reshape(n, size) for b, size in zip(blocks, ctx.sizes)], dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

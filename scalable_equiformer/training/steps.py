@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import runtime
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from ..model import configure_model as _configure
 from .loss import LossTerms, loss_terms
 
@@ -52,8 +52,19 @@ def loss_scaler(precision: str, device):
 
 
 def model_call(model, batch, cfg) -> dict:
-    """``{"energy": [B] eV, "forces": [N, 3] eV/Å}``; the graph is kept when ``model.training``."""
+    """``{"energy": [B] eV, "forces": [N, 3] eV/Å}``; the graph is kept when ``model.training``.
+
+    With ``train.compile: true`` a training call (``model.training``) runs the compiled
+    energy-and-forces function of :mod:`.compiled` instead of the eager model; evaluation stays eager.
+    """
     precision = getattr(cfg.memory, "precision", "fp32")
+    if getattr(cfg.train, "compile", False) and model.training:
+        if base_model(model) is not model:
+            raise ConfigError(f"train.compile=true runs on the plain model only, not inside {type(model).__name__} "
+                              "(DeepSpeed or graph partitions): set train.compile=false")
+        from .compiled import compiled_energy_and_forces
+
+        return compiled_energy_and_forces(model, batch)
     if precision == "fp32":
         return model(batch, compute_forces=True)
     from ..nn.precision import autocast

@@ -78,6 +78,10 @@ class Trainer(CheckpointSteps, ProgressLog):
         cfg = self.cfg
         info0 = runtime.launch_env()
         self.use_ds = use_deepspeed(cfg, info0.launcher, info0.world_size)
+        if self.use_ds and cfg.train.compile:  # deepspeed.enabled=auto chose DeepSpeed for this launch
+            raise ConfigError("train.compile=true is not supported under DeepSpeed (chosen by deepspeed.enabled=auto "
+                              f"for {info0.world_size} ranks, launcher {info0.launcher}): set deepspeed.enabled=false "
+                              "(plain torch data parallel) or train.compile=false")
         self.info, self.device = runtime.init_distributed(self.use_ds, cfg.train.device)
         self.handlers = runtime.setup_logging(self.info.is_main, cfg.logging.level, None)
         runtime.configure_tf32(False)
