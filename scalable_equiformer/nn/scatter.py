@@ -57,5 +57,8 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Sum rows of ``src`` [E, ...] into ``num_rows`` rows by ``index`` [E] -> [num_rows, ...]."""
-    return _ScatterSum.apply(src, index, int(num_rows))
+    """Sum rows of ``src`` [E, ...] into ``num_rows`` rows by ``index`` [E] -> [num_rows, ...].
+
+    ``num_rows`` is used as given (no ``int()``): under a symbolic trace (``train.compile``) it is
+    a symbolic size, and ``int()`` would fix the traced graph to the first molecule's atom count."""
+    return _ScatterSum.apply(src, index, num_rows)
