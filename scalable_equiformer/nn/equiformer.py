@@ -69,7 +69,10 @@ class NodeEmbedding(torch.nn.Module):
             self.lin.weight.mul_(max_atomic_number**0.5)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        onehot = torch.nn.functional.one_hot(z, self.max_atomic_number).to(self.lin.weight.dtype)
+        # one-hot as a comparison: reads no values, so a traced graph (train.compile) stays free of
+        # data-dependent checks; the range of z is checked by Equiformer.check_atomic_numbers
+        elements = torch.arange(self.max_atomic_number, device=z.device)
+        onehot = (z.unsqueeze(-1) == elements).to(self.lin.weight.dtype)
         return self.lin(onehot)
 
 
@@ -234,11 +237,17 @@ class Equiformer(torch.nn.Module):
         """The original's node attribute: a constant ``1x0e`` per atom, [N, 1]."""
         return x.new_ones(x.shape[0], 1)
 
-    def embed(self, z: torch.Tensor, edges: EdgeFeatures, num_nodes: int) -> torch.Tensor:
-        """Atom embedding + edge-degree embedding, [num_nodes, irreps_node.dim]. Exact for every
-        node whose incoming edges are all in ``edges``."""
+    def check_atomic_numbers(self, z: torch.Tensor) -> None:
+        """ValueError unless every atomic number lies in [0, max_atomic_number) (reads values)."""
         if z.numel() and (int(z.min()) < 0 or int(z.max()) >= self.max_atomic_number):
             raise ValueError(f"atomic numbers must lie in [0, {self.max_atomic_number}) (model.max_atomic_number); got {int(z.min())}..{int(z.max())}")
+
+    def embed(self, z: torch.Tensor, edges: EdgeFeatures, num_nodes: int, check: bool = True) -> torch.Tensor:
+        """Atom embedding + edge-degree embedding, [num_nodes, irreps_node.dim]. Exact for every
+        node whose incoming edges are all in ``edges``. ``check=False`` skips
+        :meth:`check_atomic_numbers` (a caller that checked already, or a trace that must not read values)."""
+        if check:
+            self.check_atomic_numbers(z)
         return self.atom_embed(z) + self.edge_deg_embed(edges, num_nodes, self.avg_num_neighbors)
 
     def readout(self, x: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
@@ -247,16 +256,17 @@ class Equiformer(torch.nn.Module):
         e_atom = h * (self.energy_scale / self.avg_num_atoms.sqrt()) + self.energy_shift
         return torch.zeros(num_graphs, dtype=torch.float64, device=x.device).index_add(0, batch, e_atom)
 
-    def energy(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, num_graphs: int, edge_index: torch.Tensor | None = None, run_block=None) -> torch.Tensor:
+    def energy(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, num_graphs: int, edge_index: torch.Tensor | None = None, run_block=None,
+               check: bool = True) -> torch.Tensor:
         """All stages composed: energy per graph [num_graphs] eV (float64).
 
         ``run_block(block, x, node_attr, edges, batch)`` runs each block (default: a plain call);
-        the per-block checkpointing lever passes a checkpointing runner here.
+        the per-block checkpointing lever passes a checkpointing runner here. ``check``: see :meth:`embed`.
         """
         if edge_index is None:
             edge_index = self.build_graph(pos, batch)
         edges = self.edge_features(pos, edge_index)
-        x = self.embed(z, edges, pos.shape[0])
+        x = self.embed(z, edges, pos.shape[0], check=check)
         node_attr = self.node_attr(x)
         for block in self.blocks:
             x = block(x, node_attr, edges, batch) if run_block is None else run_block(block, x, node_attr, edges, batch)

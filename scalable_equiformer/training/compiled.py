@@ -11,8 +11,9 @@ e3nn's ``Irrep.__len__``, the data-dependent checks of the radius graph). So, th
    create_graph=True)``. The traced graph holds the forward *and* the first backward as plain
    aten ops. What reads tensor values stays outside the traced region: the radius graph
    (``edge_index`` is an input), the number of molecules (carried as the size of ``graph_ids``,
-   an empty ``[num_graphs]`` tensor) and the atomic-number range check; the one-hot embedding is
-   traced as a comparison with ``arange`` (``one_hot`` reads values to check them).
+   an empty ``[num_graphs]`` tensor) and the atomic-number range check
+   (``model.check_atomic_numbers``; the trace calls ``model.energy(..., check=False)``, whose
+   one-hot embedding is a comparison with ``arange`` and reads no values).
 2. **Remove the detach nodes that autograd's saved tensors introduced** (:func:`strip_saved_detaches`).
    ``make_fx`` records the ``aten.detach`` that autograd applies to a tensor it saves for the
    backward (when saving an op's output) and again when the backward unpacks it. In eager mode
@@ -76,15 +77,8 @@ class _EnergyForces(torch.nn.Module):
         m = self.model
         pos = pos.requires_grad_(True) if not pos.requires_grad else pos
         with torch.enable_grad():
-            edges = m.edge_features(pos, edge_index)
-            n = pos.shape[0]
-            elements = torch.arange(m.max_atomic_number, device=z.device)
-            onehot = (z.unsqueeze(-1) == elements).to(m.atom_embed.lin.weight.dtype)  # one_hot without its value check
-            x = m.atom_embed.lin(onehot) + m.edge_deg_embed(edges, n, m.avg_num_neighbors)
-            node_attr = m.node_attr(x)
-            for block in m.blocks:
-                x = block(x, node_attr, edges, batch_vec)
-            energy = m.readout(x, z, batch_vec, graph_ids.shape[0])
+            # the range of z is checked before the trace (compiled_energy_and_forces): no value reads here
+            energy = m.energy(pos, z, batch_vec, graph_ids.shape[0], edge_index=edge_index, check=False)
             _mark_grad_start(self)
             (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=True)
         return energy, -grad
@@ -248,8 +242,6 @@ def compiled_energy_and_forces(model, batch, fn: CompiledEnergyForces | None = N
     from ..nn.forces import prepare_inputs
 
     pos, z, batch_vec, num_graphs = prepare_inputs(model, batch)
-    if z.numel() and (int(z.min()) < 0 or int(z.max()) >= model.max_atomic_number):
-        raise ValueError(f"atomic numbers must lie in [0, {model.max_atomic_number}) (model.max_atomic_number); "
-                         f"got {int(z.min())}..{int(z.max())}")
+    model.check_atomic_numbers(z)
     edge_index = model.build_graph(pos, batch_vec)
     return (fn or compiled_for(model))(pos, z, batch_vec, edge_index, num_graphs)
