@@ -153,24 +153,39 @@ def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device
         step()
         _sync(device)
         res[impl].update(_peak(meter))
-    for r in range(repeats):
-        for impl in impls if r % 2 == 0 else impls[::-1]:
+
+    def with_impl(impl):
+        def run():
             set_tp_implementation(model, impl)
-            t0, c0 = time.perf_counter(), time.process_time()
             step()
-            _sync(device)
-            res[impl]["times_s"].append(time.perf_counter() - t0)
-            res[impl]["cpu_times_s"].append(time.process_time() - c0)  # CPU time: less hit by other processes
+        return run
+
+    _alternate({impl: with_impl(impl) for impl in impls}, repeats, device, res)
     optimizer.zero_grad(set_to_none=True)
-    for impl in impls:
-        res[impl]["median_s"] = statistics.median(res[impl]["times_s"])
-        res[impl]["median_cpu_s"] = statistics.median(res[impl]["cpu_times_s"])
-    a, b = impls
+    return res
+
+
+def _alternate(steps: dict, repeats: int, device: torch.device, res: dict) -> None:
+    """Time the two callables of ``steps`` ({a: run_a, b: run_b}) ``repeats`` rounds, one run of
+    each per round with the order flipped every round, into ``res[name]["times_s"]`` /
+    ``["cpu_times_s"]``; then their medians and ``ratio_b_over_a``, ``cpu_ratio_b_over_a`` and the
+    per-round ratios ``round_ratios_b_over_a``."""
+    names = list(steps)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[name]()
+            _sync(device)
+            res[name]["times_s"].append(time.perf_counter() - t0)
+            res[name]["cpu_times_s"].append(time.process_time() - c0)  # CPU time: less hit by other processes
+    for name in names:
+        res[name]["median_s"] = statistics.median(res[name]["times_s"])
+        res[name]["median_cpu_s"] = statistics.median(res[name]["cpu_times_s"])
+    a, b = names
     res[f"ratio_{b}_over_{a}"] = res[b]["median_s"] / res[a]["median_s"]
     res[f"cpu_ratio_{b}_over_{a}"] = res[b]["median_cpu_s"] / res[a]["median_cpu_s"]
     # per-round ratios (each from two adjacent runs): less sensitive to slow drifts than the medians
     res[f"round_ratios_{b}_over_{a}"] = [tb / ta for ta, tb in zip(res[a]["times_s"], res[b]["times_s"])]
-    return res
 
 
 def run_compile_compare(model, batch, repeats: int, device: torch.device, optimizer, size_batches=(),
@@ -190,19 +205,7 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
           f"{res['compile']['graphs_compiled']} graph(s))", flush=True)
     steps["eager"]()
     _sync(device)
-    for r in range(repeats):
-        for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
-            t0, c0 = time.perf_counter(), time.process_time()
-            steps[name]()
-            _sync(device)
-            res[name]["times_s"].append(time.perf_counter() - t0)
-            res[name]["cpu_times_s"].append(time.process_time() - c0)
-    for name in ("eager", "compiled"):
-        res[name]["median_s"] = statistics.median(res[name]["times_s"])
-        res[name]["median_cpu_s"] = statistics.median(res[name]["cpu_times_s"])
-    res["ratio_compiled_over_eager"] = res["compiled"]["median_s"] / res["eager"]["median_s"]
-    res["cpu_ratio_compiled_over_eager"] = res["compiled"]["median_cpu_s"] / res["eager"]["median_cpu_s"]
-    res["round_ratios_compiled_over_eager"] = [c / e for e, c in zip(res["eager"]["times_s"], res["compiled"]["times_s"])]
+    _alternate(steps, repeats, device, res)
     print(f"    eager {res['eager']['times_s']} s, compiled {res['compiled']['times_s']} s", flush=True)  # before the probe
     probe = []
     for other in size_batches:  # other sizes: does the compiled step recompile?
