@@ -72,6 +72,18 @@ def _merge(base: dict, extra: dict) -> dict:
 
 #: DeepSpeed's default gradient bucket (elements)
 DS_BUCKET_DEFAULT = 500_000_000
+#: ZeRO-1/2 assert ``allgather_bucket_size % nccl_start_alignment_factor == 0`` with the factor a constant 2
+#: (``deepspeed/runtime/zero/stage_1_and_2.py``: "4-byte alignment/sizeof(fp16) = 2", whatever the world
+#: size or dtype); ZeRO-3 and the reduce bucket ask for nothing but > 0. Buckets are rounded up to it.
+DS_BUCKET_ALIGNMENT = 2
+
+
+def zero_bucket_size(num_params: int) -> int:
+    """ZeRO bucket (elements) that holds every gradient of a ``num_params`` model at once: at least 2**20,
+    at most DeepSpeed's default, a multiple of :data:`DS_BUCKET_ALIGNMENT` (an odd parameter count, such as
+    the paper model's 3,496,001, is rounded up)."""
+    bucket = min(DS_BUCKET_DEFAULT, max(int(num_params), 1 << 20))
+    return -(-bucket // DS_BUCKET_ALIGNMENT) * DS_BUCKET_ALIGNMENT
 
 
 def deepspeed_config(cfg, plan: BatchPlan, world_size: int, num_params: Optional[int] = None) -> dict:
@@ -79,7 +91,7 @@ def deepspeed_config(cfg, plan: BatchPlan, world_size: int, num_params: Optional
     so ``train_batch_size`` = micro x accumulation x world size.
 
     ``num_params``: the model's parameter count; ZeRO's gradient buckets are then sized to hold
-    every gradient at once (at least 2**20 elements). DeepSpeed's default bucket of 5e8 elements is
+    every gradient at once (:func:`zero_bucket_size`). DeepSpeed's default bucket of 5e8 elements is
     allocated whatever the model's size (ZeRO-1/2 with contiguous gradients: in every backward;
     ZeRO-3: at start), 1.9 GiB in fp32: for the 3.5 M parameters of the paper's model that is
     1.9 GiB of a GPU next to 56 MB of model states, and a peak the planner's estimate does not know."""
@@ -88,7 +100,7 @@ def deepspeed_config(cfg, plan: BatchPlan, world_size: int, num_params: Optional
     if stage == 3:
         zero["memory_efficient_linear"] = False  # its backward is not twice differentiable (forces)
     if num_params and stage > 0:
-        bucket = int(min(DS_BUCKET_DEFAULT, max(int(num_params), 1 << 20)))
+        bucket = zero_bucket_size(num_params)
         zero["reduce_bucket_size"] = bucket
         zero["allgather_bucket_size"] = bucket
     ds = {
