@@ -194,7 +194,7 @@ class MemoryConfig:
     """One key per memory lever; `tools/memory_profile.py --levers` uses these names."""
 
     checkpointing: str = "none"  # none | blocks (per-block activation checkpointing) | forces (block-wise force recomputation)
-    micro_batch_size: Optional[int] = None  # molecules per forward; gradients accumulate to train.batch_size; None = whole batch
+    micro_batch_size: Optional[int] = None  # at most this many molecules per forward on a rank (fewer when a rank has fewer); gradients accumulate to train.batch_size; None = whole batch
     edge_chunk_size: Optional[int] = None  # with checkpointing=forces: receiving atoms in chunks of at most this many incoming edges; None = all at once
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with loss scaling); norms, energy sums and forces stay fp32
     keep_blocks: int = 0  # with checkpointing=forces: the last N blocks keep their graphs (not recomputed): faster, more memory
