@@ -21,8 +21,12 @@ Layout (``FORMAT`` = 1; keys of the top-level dict)::
     elements      sorted list of the atomic numbers (ints) in the training split: the elements the
                   model and ``stats`` have seen. Optional: checkpoints written before it existed
                   load with ``elements = None`` (unknown: no element check)
+    data          the fingerprint of the data the run trains on: path, frames, atoms, sha256 over
+                  z, positions, energies, forces as read (``--resume`` on other data is refused).
+                  Optional: older checkpoints have none (not checked)
     model         state dict of the weights evaluated (EMA when train.ema_decay is set, else live);
-                  consolidated: full tensors even under ZeRO-3
+                  consolidated: full tensors even under ZeRO-3; all finite (a checkpoint whose
+                  weights hold NaN or infinite values is refused on load, and never written)
     epoch, step   epochs and optimizer steps completed when it was written
     metrics       that epoch's validation metrics (dict; empty without validation)
     units         a sentence naming the units
@@ -46,10 +50,11 @@ This module is below ``training/``: inference (``inference.load_model``: the cal
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
@@ -99,21 +104,36 @@ class _RecordingWriter:
         return self.fh.fileno()
 
 
-def _os_reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def _open_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file ``.<name>.<8 random>.tmp`` next to ``path``, created with mode 0666 less
+    the umask (as ``open(path, "w")`` would; ``mkstemp`` makes 0600: a group-shared run folder
+    could not read its checkpoints)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it over ``path``.
+    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it over ``path``
+    (a symbolic link at ``path`` is replaced, never written through). The file gets the mode that
+    the umask gives new files.
 
     A failing write (a full disk, no permission) removes the temp file and raises
     :class:`WriteError`; ``path`` is then as it was before."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _open_temp(path)
     except OSError as exc:
-        raise WriteError(path, _os_reason(exc), path.is_file()) from None
+        raise WriteError(path, os_reason(exc), path.is_file()) from None
     rec = None
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -127,7 +147,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.unlink(tmp)
         os_error = exc if isinstance(exc, OSError) else (rec.error if rec is not None else None)
         if os_error is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise WriteError(path, _os_reason(os_error), path.is_file()) from None
+            raise WriteError(path, os_reason(os_error), path.is_file()) from None
         raise
 
 
@@ -188,6 +208,26 @@ def _read(path: Path, map_location) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): {msg[:160]}") from None
 
 
+def non_finite_tensor(state) -> Optional[str]:
+    """The name of the first floating-point tensor of ``state`` (a dict of tensors; other values are
+    skipped) that holds NaN or infinite values; None when all are finite."""
+    if not isinstance(state, dict):
+        return None
+    for k, v in state.items():
+        if torch.is_tensor(v) and (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            return str(k)
+    return None
+
+
+def _non_finite_weights(ckpt: dict) -> Optional[str]:
+    """``"model tensor <name>"`` (or ``live_model``) when a checkpoint's weights are not all finite."""
+    for key in ("model", "live_model"):
+        bad = non_finite_tensor(ckpt.get(key))
+        if bad is not None:
+            return f"{key} tensor {bad}"
+    return None
+
+
 def _sibling_note(path: Path) -> str:
     """Whether the run folder's other checkpoint is intact, for the error about ``path``."""
     other_name = SIBLING.get(path.name)
@@ -204,6 +244,8 @@ def _sibling_note(path: Path) -> str:
         return f"; {other_name} next to it does not load either"
     if not isinstance(ck, dict) or ck.get("kind") != KIND:
         return f"; {other_name} next to it is not a scalable_equiformer checkpoint"
+    if _non_finite_weights(ck) is not None:
+        return f"; {other_name} next to it holds NaN or infinite weights too"
     return f"; {other_name} next to it is intact (epoch {ck.get('epoch')})"
 
 
@@ -211,7 +253,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`; CheckpointError (one line) otherwise.
 
     The zip CRCs are checked first (``torch.load`` does not): a damaged file is refused, naming
-    it and the state of the other checkpoint of its run folder. ``elements`` is None for
+    it and the state of the other checkpoint of its run folder. Weights (``model``, ``live_model``)
+    that hold NaN or infinite values are refused the same way. ``elements`` is None for
     checkpoints written before it was recorded."""
     path = Path(path)
     if path.is_dir():
@@ -229,6 +272,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a scalable_equiformer checkpoint")
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {ckpt.get('format')} is not {FORMAT}")
+    bad = _non_finite_weights(ckpt)
+    if bad is not None:
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values ({bad}): refused (a run that "
+                              f"diverged?){_sibling_note(path)}")
     ckpt["elements"] = normalise_elements(ckpt.get("elements"))
     return ckpt
 
@@ -333,7 +380,7 @@ def resolve_model_checkpoint(path) -> Path:
 
 
 __all__ = [
-    "FORMAT", "KIND", "WriteError", "atomic_write_bytes", "atomic_write_text", "write_json", "zip_problem",
-    "normalise_elements", "load_checkpoint", "element_label", "element_list", "check_atomic_numbers",
+    "FORMAT", "KIND", "WriteError", "os_reason", "atomic_write_bytes", "atomic_write_text", "write_json", "zip_problem",
+    "normalise_elements", "non_finite_tensor", "load_checkpoint", "element_label", "element_list", "check_atomic_numbers",
     "clean_state", "load_model_state", "resolve_model_checkpoint",
 ]

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from e3nn import o3
 
+from .checkpoint_io import non_finite_tensor
 from .data.statistics import DatasetStatistics
 from .errors import CheckpointError
 from .nn.tensor_product import DepthwiseTensorProduct
@@ -80,9 +81,9 @@ def read_original_checkpoint(path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not an original Equiformer checkpoint (expected a dict with a 'state_dict' of tensors)")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path}: tensor {bad[0]} holds NaN or infinite values")
+    bad = non_finite_tensor(state)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or infinite values")
     return {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in state.items()}
 
 

@@ -7,13 +7,13 @@ indices into the file (0-based), each sorted ascending, pairwise disjoint.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint_io import atomic_write_bytes
 from ..errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -100,7 +100,7 @@ def check_splits(splits, n_frames: int | None = None, source=None) -> dict[str, 
 def save_splits(splits, folder, *, n_frames: int | None = None, source=None) -> Path:
     """Write ``<folder>/splits.npz`` (train, val, test int64 arrays; optional n_frames and source).
 
-    The write is atomic (temporary file, then ``os.replace``). Returns the file path.
+    The write is atomic (:func:`~scalable_equiformer.checkpoint_io.atomic_write_bytes`). Returns the file path.
     """
     splits = check_splits(splits, n_frames)
     folder = Path(folder)
@@ -111,15 +111,9 @@ def save_splits(splits, folder, *, n_frames: int | None = None, source=None) -> 
         payload["n_frames"] = np.int64(n_frames)
     if source is not None:
         payload["source"] = np.str_(str(source))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".splits.", suffix=".npz.part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **payload)
+    atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
     return path
 
 
