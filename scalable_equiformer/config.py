@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,11 @@ class TrainConfig:
         check(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, not {self.device!r}")
         check(self.init_statistics in ("training_split", "checkpoint"), "init_statistics",
               f"must be training_split or checkpoint, not {self.init_statistics!r}")
+        name = self.run_name
+        check(name is None or (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+                               and (os.altsep is None or os.altsep not in name) and "\0" not in name),
+              "run_name", f"must be a folder name (the run folder is train.out_dir/train.run_name: no path "
+              f"separators, not '.' or '..'), not {name!r}")
 
 
 @dataclass

@@ -12,6 +12,16 @@ holds::
     last.pt, best.pt  checkpoints (best by validation force MAE), written atomically (run_state.py)
     deepspeed/<tag>/  DeepSpeed's sharded optimizer state (DeepSpeed runs only)
     learning_curve.png, results.json  (test metrics of best.pt)            plot_learning_curve
+    .lock             flock of the process that writes the folder (rank 0), "pid ... host ... since ..."
+
+One process and one run per folder: rank 0 holds an exclusive ``flock`` on ``.lock`` for the whole
+run (:func:`lock_run_folder`; the kernel drops it when the process dies, kill -9 too, so nothing is
+left stale). A second start into the folder, or ``--resume`` of a run that is still training,
+refuses in one line naming the holder. A new run makes its folder itself and refuses one that
+exists; files are not written through a symbolic link planted in the folder (refused on start,
+``metrics.csv`` appended without following links; the other files are replaced atomically).
+Temporary files of atomic writes left by a kill (``.<name>.<random>.tmp``) are removed once the
+lock is held.
 
 ``metrics.csv`` has the columns :data:`CSV_COLUMNS`: one row per logged interval and per epoch,
 appended by :class:`RunFolder`, rewritten atomically when a resumed run drops later rows.
@@ -20,12 +30,21 @@ appended by :class:`RunFolder`, rewritten atomically when a resumed run drops la
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
+import re
+import socket
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 from ..errors import ConfigError
 from . import checkpoint as ckpt_io
+
+LOCK_FILE = ".lock"
+#: the temporary files of :func:`scalable_equiformer.checkpoint_io.atomic_write_bytes`
+TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 CSV_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time"]
 
@@ -62,7 +81,7 @@ class RunFolder:
     def append_metrics(self, row: dict) -> None:
         p = self.path / "metrics.csv"
         new = not p.is_file()
-        with p.open("a", newline="") as fh:
+        with open_no_follow(p) as fh:
             w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             if new:
                 w.writeheader()
@@ -73,6 +92,109 @@ class RunFolder:
         rows = [r for r in self.read_metrics() if r.get("step") not in (None, "") and int(r["step"]) <= step
                 and int(r["epoch"]) <= epoch]
         self.write_metrics(rows)
+
+
+def open_no_follow(path: Path):
+    """``open(path, "a")`` (text) that refuses a symbolic link at ``path`` (ConfigError) instead of
+    writing through it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path}: is a symbolic link (to {os.readlink(path)}); refused: the run folder's "
+                              "files are written in place, not through links") from None
+        raise
+    return os.fdopen(fd, "a", newline="", encoding="utf-8")
+
+
+def _holder(lock: Path) -> str:
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as fh:
+            text = fh.read(200).strip()
+    except OSError:
+        text = ""
+    return text or "a process that has not written its pid yet"
+
+
+def _in_use(path: Path, resume: bool) -> ConfigError:
+    how = "wait until it has stopped, then --resume it" if resume else "wait until it has stopped, or choose another train.run_name"
+    return ConfigError(f"{path}: the run folder is in use by a running training process "
+                       f"({_holder(path / LOCK_FILE)}); {how}")
+
+
+def check_not_locked(path: Path, resume: bool) -> None:
+    """ConfigError naming the holder when a live process holds ``path``'s lock (nothing written)."""
+    import fcntl
+
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise _in_use(path, resume) from None
+    finally:
+        os.close(fd)
+
+
+def lock_run_folder(path: Path, resume: bool) -> int:
+    """Take the exclusive lock of run folder ``path`` (rank 0, for the whole run): ``flock`` on
+    ``<path>/.lock``, which then names this process. Returns the descriptor to keep open (closing it,
+    or the process ending, releases the lock). ConfigError (one line) when another process holds it,
+    when the folder cannot be written, or when it holds a symbolic link; then the stale temporary
+    files of atomic writes are removed."""
+    import fcntl
+
+    lock = path / LOCK_FILE
+    not_writable = ("--resume writes last.pt, metrics.csv and train.log into it" if resume
+                    else "a new run writes into it")
+    if resume:
+        check_not_locked(path, resume)  # a live run is named even when this process could not write
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{lock}: is a symbolic link; refused (the run folder's lock is a plain file)") from None
+        raise ConfigError(f"{path}: the run folder is not writable ({ckpt_io.os_reason(exc)}); {not_writable}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _in_use(path, resume) from None
+            raise ConfigError(f"{lock}: cannot lock the run folder ({ckpt_io.os_reason(exc)})") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n"
+                     .encode())
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+            _refuse_links(path)
+            for entry in os.scandir(path):
+                if TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)  # left by a process killed while writing (we hold the lock)
+        except OSError as exc:
+            raise ConfigError(f"{path}: the run folder is not writable ({ckpt_io.os_reason(exc)}); {not_writable}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refuse_links(path: Path) -> None:
+    """ConfigError naming the first symbolic link among the run folder's entries."""
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_symlink():
+            raise ConfigError(f"{entry.path}: is a symbolic link (to {os.readlink(entry.path)}); refused: the run "
+                              "folder's files are written in place, not through links")
+
+
+def unlock_run_folder(fd: Optional[int]) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def dataset_label(cfg) -> str:
@@ -87,24 +209,45 @@ def new_run_path(cfg) -> Path:
     return Path(cfg.train.out_dir) / name
 
 
-def create_run_folder(path: Path, cfg, splits: dict, dataset) -> Path:
-    """Make the new run folder ``path`` (rank 0) and write ``config.yaml``, ``versions.json`` and
-    ``splits.npz``. A folder that already holds a run is refused (ConfigError naming ``--resume``
-    or why not)."""
+def create_run_folder(path: Path, cfg, splits: dict, dataset) -> int:
+    """Make the new run folder ``path`` (rank 0), lock it (:func:`lock_run_folder`) and write
+    ``config.yaml``, ``versions.json`` and ``splits.npz``; returns the lock's descriptor. A folder
+    that exists is not this run's: refused (ConfigError naming the process that holds it, or
+    ``--resume``, or why not)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        _refuse_existing(path)
+    fd = lock_run_folder(path, resume=False)
+    try:
+        ckpt_io.atomic_write_text(path / "config.yaml", cfg.dump())
+        ckpt_io.write_json(path / "versions.json", ckpt_io.versions())
+        from ..data import save_splits
+
+        save_splits(splits, path, n_frames=len(dataset), source=dataset.path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refuse_existing(path: Path) -> None:
+    """The ConfigError for a new run whose folder exists already."""
+    if path.is_symlink() or not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a run folder; choose another train.run_name")
+    check_not_locked(path, resume=False)  # a live run: named, and never 'delete it'
     if RunFolder(path).holds_run():
         if not (path / "last.pt").exists():
+            # not locked: no live process writes it
             raise ConfigError(f"{path}: the run folder holds a run that stopped before its first "
                               f"checkpoint (no last.pt), which cannot be resumed; delete {path}, or "
                               "choose another train.run_name")
         raise ConfigError(f"{path}: the run folder already holds a run; resume it with "
                           f"--resume {path}, or choose another train.run_name")
-    path.mkdir(parents=True, exist_ok=True)
-    cfg.dump(path / "config.yaml")
-    ckpt_io.write_json(path / "versions.json", ckpt_io.versions())
-    from ..data import save_splits
-
-    save_splits(splits, path, n_frames=len(dataset), source=dataset.path)
-    return path
+    raise ConfigError(f"{path}: the folder exists and is not this run's (a new run makes its own folder); "
+                      "choose another train.run_name")
 
 
 def plot_learning_curve(rows: list[dict], path: Path) -> None:
@@ -137,4 +280,5 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     ckpt_io.atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
 
 
-__all__ = ["CSV_COLUMNS", "RunFolder", "create_run_folder", "dataset_label", "new_run_path", "plot_learning_curve"]
+__all__ = ["CSV_COLUMNS", "LOCK_FILE", "RunFolder", "create_run_folder", "check_not_locked", "dataset_label", "lock_run_folder",
+           "new_run_path", "open_no_follow", "plot_learning_curve", "unlock_run_folder"]

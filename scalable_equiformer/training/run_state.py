@@ -15,8 +15,9 @@ import math
 from pathlib import Path
 
 from .. import runtime
-from ..errors import CheckpointError, TrainingError
+from ..errors import CheckpointError, DataError, TrainingError
 from . import checkpoint as ckpt_io
+from .run_folder import check_not_locked
 
 log = logging.getLogger("scalable_equiformer.training")
 
@@ -24,8 +25,47 @@ log = logging.getLogger("scalable_equiformer.training")
 RESUME_DATA_KEYS = ("name", "path", "train_size", "val_size", "test_size", "seed", "split_index")
 
 
+def data_fingerprint(dataset) -> dict:
+    """What identifies the data a run trains on, recorded in every checkpoint (``data``): the file,
+    frames, atoms and a sha256 over the arrays read (z, positions, energies, forces in package
+    units, with their dtypes and shapes)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for t in (dataset.z, dataset.positions, dataset.energies, dataset.forces):
+        a = np.ascontiguousarray(t.detach().cpu().numpy())
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return {"path": str(dataset.path), "frames": len(dataset), "atoms": dataset.num_atoms, "sha256": h.hexdigest()}
+
+
+def check_same_data(ck: dict, now: dict, path: Path) -> None:
+    """DataError naming what differs when the data of a resumed run are not those it trained on
+    (checkpoints written before the fingerprint existed are not checked)."""
+    was = ck.get("data")
+    if not isinstance(was, dict) or "sha256" not in was:
+        log.warning("%s: records no fingerprint of its data (written by an older version): not checked", path)
+        return
+    if was.get("sha256") == now["sha256"] and was.get("frames") == now["frames"]:
+        return
+    diff = []
+    if was.get("path") != now["path"]:
+        diff.append(f"file {was.get('path')} then, {now['path']} now")
+    if was.get("frames") != now["frames"]:
+        diff.append(f"{was.get('frames')} frames then, {now['frames']} now")
+    if was.get("atoms") != now["atoms"]:
+        diff.append(f"{was.get('atoms')} atoms then, {now['atoms']} now")
+    diff.append(f"sha256 {str(was.get('sha256'))[:16]}... then, {now['sha256'][:16]}... now")
+    raise DataError(f"{now['path']}: not the data the run in {path.parent} trained on ({'; '.join(diff)}); "
+                    "--resume only on the same data (or start a new run)")
+
+
 def read_resume_checkpoint(resume: Path, cfg) -> dict:
-    """``<resume>/last.pt``, checked: it exists, and it was written for the same model and data."""
+    """``<resume>/last.pt``, checked: no live process trains in ``resume``, the checkpoint exists,
+    and it was written for the same model and data."""
+    check_not_locked(resume, resume=True)
     if not (resume / "last.pt").exists() and (resume / "config.yaml").is_file():
         raise CheckpointError(
             f"{resume}: the run stopped before its first checkpoint (no last.pt), so there is nothing to "
@@ -54,6 +94,7 @@ class CheckpointSteps:
             "metrics": metrics,
             "units": "energy eV, forces eV/Å; metrics meV and meV/Å per component",
             "elements": self.elements,
+            "data": self.data_fingerprint,
         }
 
     def _save(self, metrics: dict, is_best: bool) -> None:
@@ -84,6 +125,7 @@ class CheckpointSteps:
             except ckpt_io.CheckpointWriteError as e:
                 exc = self._save_failed(e)
         runtime.error_everywhere(exc, self.info, self.device)  # also the barrier after the writes
+        self.saved_epoch = self.epoch
         if self.info.is_main and ds_tag is not None:
             self.engine.remove_sharded(self.run.path, keep=ds_tag)
 
@@ -124,6 +166,7 @@ class CheckpointSteps:
             payload["elements"] = ck.get("elements")
             if payload["elements"] is None:
                 payload["elements"] = self.elements
+            payload["data"] = ck.get("data", self.data_fingerprint)
             ckpt_io.save_checkpoint(path, payload)
             was = "was damaged" if damage is not None else ("was missing" if held is None else f"held epoch {held}")
             log.warning("best.pt %s, but last.pt records epoch %s as the best (the run stopped between writing the "
@@ -161,10 +204,11 @@ class CheckpointSteps:
                 raise CheckpointError(f"{path}: no EMA state in it, but train.ema_decay is set")
             self.ema.load_state_dict(ck["ema"])
         self.epoch, self.step = int(t["epoch"]), int(t["step"])
+        self.saved_epoch = self.epoch
         self.best = float(t["best"])
         self.best_epoch = t.get("best_epoch")
         self.elapsed_before = float(t.get("elapsed", 0.0))
         ckpt_io.set_rng_state(ck.get("rng"))
 
 
-__all__ = ["CheckpointSteps", "RESUME_DATA_KEYS", "read_resume_checkpoint"]
+__all__ = ["CheckpointSteps", "RESUME_DATA_KEYS", "check_same_data", "data_fingerprint", "read_resume_checkpoint"]

@@ -33,8 +33,8 @@ from .ema import EMA
 from .engine import DeepSpeedEngine, PlainEngine, use_deepspeed
 from .metrics import evaluate
 from .progress import ProgressLog
-from .run_folder import RunFolder, create_run_folder, new_run_path, plot_learning_curve
-from .run_state import CheckpointSteps, read_resume_checkpoint
+from .run_folder import RunFolder, create_run_folder, lock_run_folder, new_run_path, plot_learning_curve, unlock_run_folder
+from .run_state import CheckpointSteps, check_same_data, data_fingerprint, read_resume_checkpoint
 from .schedule import LRSchedule
 
 log = logging.getLogger("scalable_equiformer.training")
@@ -50,6 +50,8 @@ class Trainer(CheckpointSteps, ProgressLog):
         self.stop_after_epochs = stop_after_epochs
         self.handlers: list[logging.Handler] = []
         self.writer = None
+        self.lock_fd = None  # rank 0: the run folder's lock, held until close()
+        self.saved_epoch = None  # the epoch of the last.pt this run wrote or resumed from
 
     # -- set-up --
     def setup(self) -> None:
@@ -193,7 +195,9 @@ class Trainer(CheckpointSteps, ProgressLog):
         self.dataset = load_dataset(resolve_data_path(cfg.data.path, cfg.data.root) if cfg.data.path else cfg.data.name,
                                     root=cfg.data.root)
         n = len(self.dataset)
+        self.data_fingerprint = data_fingerprint(self.dataset)  # recorded in every checkpoint
         if self.resume is not None:
+            check_same_data(self.resume_ckpt, self.data_fingerprint, self.resume / "last.pt")
             self.splits = load_splits(self.resume, n_frames=n)
         elif cfg.data.split_index is not None:
             self.splits = load_index_split(cfg.data.root, cfg.data.split_index + 1, val_size=cfg.data.val_size,
@@ -227,18 +231,25 @@ class Trainer(CheckpointSteps, ProgressLog):
             try:
                 if self.resume is not None:
                     path = self.resume
+                    self.lock_fd = lock_run_folder(path, resume=True)
                 else:
                     path = new_run_path(cfg)
-                    create_run_folder(path, cfg, self.splits, self.dataset)
+                    self.lock_fd = create_run_folder(path, cfg, self.splits, self.dataset)
             except (ConfigError, OSError) as e:
                 exc = e if isinstance(e, ConfigError) else ConfigError(f"{path}: cannot write the run folder ({e})")
         runtime.error_everywhere(exc, info, self.device)
         self.run = RunFolder(Path(runtime.broadcast_object(str(path), info)))
 
     def _file_log(self) -> list[logging.Handler]:
-        if not self.info.is_main:
-            return []
-        return [runtime.add_log_file(self.run / "train.log")]
+        """``train.log`` (rank 0); a log file that cannot be opened stops every rank in one line."""
+        handlers, exc = [], None
+        if self.info.is_main:
+            try:
+                handlers = [runtime.add_log_file(self.run / "train.log")]
+            except OSError as e:
+                exc = ConfigError(f"{self.run / 'train.log'}: cannot write ({ckpt_io.os_reason(e)})")
+        runtime.error_everywhere(exc, self.info, self.device)
+        return handlers
 
     # -- the weights evaluated --
     def _eval_state(self) -> dict:
@@ -311,14 +322,40 @@ class Trainer(CheckpointSteps, ProgressLog):
                 loss_scale=self.loss_scale, load=lambda idx: collate(self.train_ds, idx, self.device),
                 info=self.info, device=self.device)
         except steps.NonFiniteLoss:
-            last = self.run / "last.pt"
             raise TrainingError(
                 f"non-finite training loss at epoch {epoch}, batch {s + 1} of {self.steps_per_epoch} (step {self.step + 1}); "
-                f"stopped; the last good checkpoint is kept: {last if last.exists() else 'none yet'}"
+                f"stopped; the last good checkpoint is kept: {self._last_good()}"
                 " (lower optim.lr, or set train.grad_clip)") from None
         if self.ema is not None:
             self.ema.update(dict(self.engine.named_full_parameters()))
         return loss
+
+    def _last_good(self) -> str:
+        """The last.pt this run wrote or resumed from (finite weights, finite validation), with its epoch."""
+        if self.saved_epoch is None:
+            return "none yet"
+        return f"{self.run / 'last.pt'} (epoch {self.saved_epoch})"
+
+    def _check_finite_weights(self) -> None:
+        """Stop (every rank) before last.pt / best.pt are replaced when the weights, live or EMA,
+        hold NaN or infinite values."""
+        bad = ckpt_io.non_finite_tensor(self.engine.full_state_dict())  # every rank (ZeRO-3: gathered)
+        if bad is None and self.ema is not None:
+            bad = ckpt_io.non_finite_tensor(self.ema.shadow)
+            bad = None if bad is None else f"EMA {bad}"
+        exc = None if bad is None else TrainingError(
+            f"non-finite weights ({bad}) after epoch {self.epoch} (step {self.step}); stopped before last.pt and "
+            f"best.pt are replaced; the last good checkpoint is kept: {self._last_good()} (lower optim.lr, or set "
+            "train.grad_clip)")
+        runtime.error_everywhere(exc, self.info, self.device)
+
+    def _check_finite_metrics(self, metrics: dict) -> None:
+        bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+        exc = None if not bad else TrainingError(
+            f"non-finite validation metrics after epoch {self.epoch} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())) + "); stopped before last.pt and best.pt are "
+            f"replaced; the last good checkpoint is kept: {self._last_good()} (lower optim.lr, or set train.grad_clip)")
+        runtime.error_everywhere(exc, self.info, self.device)
 
     def _evaluate(self, indices, label: str) -> dict:
         module = self._eval_module()
@@ -329,9 +366,11 @@ class Trainer(CheckpointSteps, ProgressLog):
         cfg, info = self.cfg, self.info
         metrics = {}
         is_best = False
+        self._check_finite_weights()
         if self.epoch % cfg.train.eval_every == 0 or final:
             if len(self.val_idx):
                 metrics = self._evaluate(self.val_idx, "val")
+                self._check_finite_metrics(metrics)
                 f = metrics["force_mae_meV_per_A"]
                 if f < self.best:
                     self.best, self.best_epoch, is_best = f, self.epoch, True
@@ -401,6 +440,8 @@ class Trainer(CheckpointSteps, ProgressLog):
                 pass
         runtime.teardown_logging(self.handlers)
         self.handlers = []
+        unlock_run_folder(self.lock_fd)
+        self.lock_fd = None
 
 
 def run(config: Config, resume: Optional[str] = None, *, stop_after_epochs: Optional[int] = None) -> Optional[dict]:
