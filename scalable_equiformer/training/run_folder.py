@@ -43,8 +43,9 @@ from ..errors import ConfigError
 from . import checkpoint as ckpt_io
 
 LOCK_FILE = ".lock"
-#: the temporary files of :func:`scalable_equiformer.checkpoint_io.atomic_write_bytes`
-TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+#: the temporary files of :func:`scalable_equiformer.checkpoint_io.atomic_write_bytes` (and of the
+#: splits.npz writes of earlier versions)
+TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(tmp|npz\.part)$")
 
 CSV_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time"]
 
