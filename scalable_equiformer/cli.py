@@ -107,14 +107,15 @@ def tile_spec(text: str) -> str:
 
 
 def memory_size(text: str) -> int:
-    """An argparse type: a memory size such as ``40GB``, ``80GiB``, ``512MB`` -> bytes (GB = GiB)."""
+    """An argparse type: a memory size such as ``40GB``, ``80GiB``, ``512MB`` -> bytes (GB = GiB);
+    unparsable, non-finite, zero or sub-byte sizes are refused (``planner.parse_bytes``'s rules)."""
     from .errors import UserError
     from .profiling.planner import parse_bytes
 
     try:
-        return parse_bytes(text)
-    except UserError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size > 0 such as 40GB or 80GiB") from None
+        return parse_bytes(text, flag="")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def output_file(text: str) -> Path:

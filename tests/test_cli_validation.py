@@ -102,6 +102,11 @@ BAD = [
     ("memory_profile", ["--sweep-atoms", "30,0"], "--sweep-atoms"),
     ("memory_profile", ["--gpu-memory", "40XB", "--plan"], "--gpu-memory"),
     ("memory_profile", ["--gpu-memory", "-4GB", "--plan"], "--gpu-memory"),
+    ("memory_profile", ["--gpu-memory=1e400GB", "--plan"], "--gpu-memory"),  # was an OverflowError traceback
+    ("memory_profile", ["--gpu-memory=1e-30GB", "--plan"], "--gpu-memory"),  # was 0 bytes, taken as "not given"
+    ("memory_profile", ["--gpu-memory=1e300GB", "--plan"], "--gpu-memory"),  # finite, but not as a float of bytes
+    ("memory_profile", ["--gpu-memory=1.2.3GB", "--plan"], "--gpu-memory"),  # was a ValueError traceback
+    ("memory_profile", ["--gpu-memory=0GB", "--plan"], "--gpu-memory"),
     ("reproduce", ["md17", "--epochs", "0"], "--epochs"),
     ("reproduce", ["md17", "--nproc", "-1"], "--nproc"),
     ("bench_model", ["--repeats", "0"], "--repeats"),
@@ -167,6 +172,18 @@ def test_memory_profile_gpu_memory_below_the_runtime_reserve(tmp_path, capsys):
     assert out == "" and not (tmp_path / "p.json").exists()  # refused before estimating or measuring
 
 
+@pytest.mark.parametrize("value,problem", [
+    ("1e400GB", "not a finite size; expected one such as 40GB or 80GiB"),
+    ("1e-30GB", "less than one byte; expected a size such as 40GB or 80GiB"),
+    ("1.2.3GB", "expected a size such as 40GB or 80GiB"),
+    ("0GB", "must be > 0"),
+])
+def test_memory_size_says_what_is_wrong(value, problem, capsys):
+    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", f"--gpu-memory={value}"], capsys)
+    assert rc == 2 and out == ""
+    assert err.strip() == f"error: memory_profile.py: argument --gpu-memory: {value!r}: {problem} (see --help)"
+
+
 def test_memory_profile_json_naming_a_folder(tmp_path, capsys):
     rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--json", str(tmp_path)], capsys)
     assert rc == 2 and out == "" and "argument --json" in err and "is a folder" in err
@@ -197,3 +214,17 @@ def test_memory_profile_plan_across_nodes(capsys):
     rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", "--gpu-memory", "40GB",
                                             "--gpus", "8", "--gpus-per-node", "3"], capsys)
     assert rc == 2 and err.strip().splitlines() == ["error: --gpus-per-node 3 must divide --gpus 8"], err
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("data: {path: x.npz}\ntrain: {max_epochs: 1}\ntrain: {max_epochs: 1500}\n",
+     "line 3: key 'train' appears twice (first at line 2); YAML would keep only the last: remove or merge one"),
+    ("data: {path: x.npz, seed: -1}\n", "data.seed: must be an integer from 0 to 2**64-1 (a random-number seed), not -1"),
+])
+def test_train_refuses_duplicate_keys_and_negative_seeds_in_one_line(tmp_path, text, problem, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    rc, out, err = _main("train", ["--config", str(cfg), "--set", f"train.out_dir={tmp_path / 'runs'}"], capsys)
+    assert rc == 2 and out == ""
+    assert err.strip() == f"error: {cfg}: {problem}"
+    assert not (tmp_path / "runs").exists()
