@@ -83,10 +83,16 @@ def main(argv=None) -> int:
         if _report(exc):
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a launcher's Ctrl-C reaches every rank: rank 0 says it
-        if _rank() == 0:
-            print("interrupted; continue with: python train.py --resume <run folder>", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (runtime.Terminated); a launcher's reaches every rank
+        if _rank() == 0 and not getattr(exc, "logged", False):  # the trainer logs where it stopped once it has a run folder
+            name = getattr(exc, "signal_name", "SIGINT (Ctrl-C)")
+            if args.resume is not None:
+                print(f"stopped by {name} during set-up; {args.resume} is as it was: continue with: "
+                      f"python train.py --resume {args.resume}", file=sys.stderr)
+            else:
+                print(f"stopped by {name} before the run folder was made: nothing to resume, start it again",
+                      file=sys.stderr)
+        return 143 if getattr(exc, "signal_name", "") == "SIGTERM" else 130
     return 0
 
 

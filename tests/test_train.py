@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -242,3 +244,66 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, damage):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "last.pt" in lines[0], proc.stderr[-2000:]
+
+
+# ---- SIGTERM (what schedulers send first) -----------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_stops_with_one_line_and_the_run_resumes_exactly(tmp_path):
+    """SIGTERM once ended the run without a word: now one line (stdout and train.log) names the signal,
+    the last checkpoint and the --resume command, exit status 143; the resumed run equals one never stopped."""
+    import signal
+    import subprocess
+    import time
+
+    from test_train_common import empty_config, env
+
+    from scalable_equiformer.training import checkpoint as ckpt_io
+
+    epochs = 6
+    full = tiny_config(tmp_path, epochs=epochs, run_name="full")
+    _run(full)
+    run = tmp_path / "part"
+    cmd = train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(tmp_path, epochs=epochs, run_name="part")))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err
+    ck = ckpt_io.load_checkpoint(run / "last.pt")
+    assert ck["epoch"] < epochs
+    line = re.escape(f"stopped by SIGTERM after step STEP; last checkpoint: {run / 'last.pt'} (epoch {ck['epoch']}, "
+                     f"step {ck['step']}); continue from it with: python train.py --resume {run}")
+    said = [x for x in out.splitlines() if "stopped by SIGTERM" in x]
+    assert len(said) == 1 and re.fullmatch(r"\S+ " + line.replace("STEP", r"\d+"), said[0]), out[-2000:]
+    assert sum("stopped by SIGTERM" in x for x in (run / "train.log").read_text().splitlines()) == 1
+
+    proc = launch(train_cmd("--resume", str(run)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "full"), read_metrics(run)
+    assert [(r["epoch"], r["step"]) for r in a] == [(r["epoch"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A"):
+            assert (ra[k] == "") == (rb[k] == "") and (ra[k] == "" or float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-9)), k
+    assert results(run)["test_force_mae_meV_per_A"] == pytest.approx(results(tmp_path / "full")["test_force_mae_meV_per_A"], rel=1e-9)
+
+
+def test_sigterm_before_the_run_folder_exists_says_so(tmp_path):
+    """Stopped during set-up (here: while reading the data), before there is anything to resume; in a
+    process of its own (SIGTERM's default action would end this one)."""
+    code = ("import os, runpy, signal, sys\n"
+            "from scalable_equiformer.training import trainer\n"
+            "trainer.Trainer._load_data = lambda self: os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"sys.argv = {['train.py', '--config', 'demo', '--set', *tiny_overrides(tmp_path)]!r}\n"
+            f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n")
+    proc = launch([sys.executable, "-c", code], cwd=tmp_path)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "stopped by SIGTERM before the run folder was made: nothing to resume, start it again"
+    assert not (tmp_path / "run").exists()
