@@ -51,7 +51,8 @@ def test_python_launch_writes_the_run_folder(tmp_path):
     for key in ("python", "torch", "e3nn", "deepspeed", "torch_geometric", "git"):
         assert key in versions
     rows = read_metrics(run)
-    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time"]
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time",
+                             "kind"]
     assert [int(r["epoch"]) for r in epoch_rows(run)] == [1, 2]
     # checkpoints hold only plain types and load with weights_only=True
     for name in ("last.pt", "best.pt"):
@@ -90,6 +91,50 @@ def test_resume_continues_the_same_run(tmp_path):
     ra, rb = results(tmp_path / "full"), results(tmp_path / "part")
     assert rb["test_force_mae_meV_per_A"] == pytest.approx(ra["test_force_mae_meV_per_A"], rel=1e-9)
     assert rb["test_energy_mae_meV"] == pytest.approx(ra["test_energy_mae_meV"], rel=1e-9)
+
+
+# ---- metrics.csv -------------------------------------------------------------------------------
+
+def test_metrics_rows_say_their_kind_and_the_curve_has_one_point_per_step(tmp_path):
+    """An epoch's last step was written twice with the same step number (the interval mean and the
+    epoch mean), indistinguishable, and learning_curve.png drew a vertical spike per epoch: rows now
+    carry kind step/epoch, the line is the step rows (one point per step), the epoch means are markers."""
+    from scalable_equiformer.training.run_folder import learning_curve_series
+
+    run = tmp_path / "run"
+    _run(tiny_config(tmp_path, "train.eval_every=2", epochs=3))  # 4 steps per epoch, log_every 2
+    rows = read_metrics(run)
+    assert [(r["kind"], int(r["epoch"]), int(r["step"])) for r in rows] == [
+        ("step", 1, 2), ("step", 1, 4), ("epoch", 1, 4), ("step", 2, 6), ("step", 2, 8), ("epoch", 2, 8),
+        ("step", 3, 10), ("step", 3, 12), ("epoch", 3, 12)]
+    assert [r["val_force_mae_meV_per_A"] != "" for r in rows if r["kind"] == "epoch"] == [False, True, True]  # epoch 1 not evaluated
+    series = learning_curve_series(rows)
+    assert series["steps"][0] == [2, 4, 6, 8, 10, 12]  # strictly increasing: no vertical segment
+    assert series["epoch_loss"][0] == [4, 8, 12] and [int(r["epoch"]) for r in series["epochs"]] == [1, 2, 3]
+    assert (run / "learning_curve.png").is_file()
+    from scalable_equiformer.training.run_folder import CSV_COLUMNS
+
+    readme = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("| `metrics.csv`"))
+    assert all(f"`{c}`" in readme for c in CSV_COLUMNS) and "a `step` row" in readme and "an `epoch` row" in readme
+
+
+def test_metrics_written_before_the_kind_column_resume_and_plot(tmp_path):
+    """A run folder whose metrics.csv has no kind column (written before it existed) resumes: the file
+    is rewritten with the column, the old rows get their kind (each epoch's last row is its epoch row)."""
+    import csv
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tmp_path, epochs=2)
+    assert _run(cfg, stop_after_epochs=1) is None
+    old = [{k: v for k, v in r.items() if k != "kind"} for r in read_metrics(run)]
+    with open(run / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(old[0]))
+        w.writeheader()
+        w.writerows(old)
+    _run(cfg, resume=str(run))
+    rows = read_metrics(run)
+    assert [(r["kind"], int(r["epoch"]), int(r["step"])) for r in rows] == [
+        ("step", 1, 2), ("step", 1, 4), ("epoch", 1, 4), ("step", 2, 6), ("step", 2, 8), ("epoch", 2, 8)]
 
 
 # ---- micro-batching ----------------------------------------------------------------------------

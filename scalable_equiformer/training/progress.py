@@ -13,6 +13,7 @@ import sys
 import torch
 
 from .metrics import UNITS_HEADER
+from .run_folder import EPOCH_ROW, STEP_ROW
 
 log = logging.getLogger("scalable_equiformer.training")
 
@@ -69,7 +70,7 @@ class ProgressLog:
     def _log_interval(self, epoch: int, train_loss: float) -> None:
         """A ``metrics.csv`` row (and TensorBoard scalars) of the mean loss since the last one (rank 0)."""
         row = {"epoch": epoch, "step": self.step, "lr": self.schedule(self.step - 1),
-               "train_loss": train_loss, "time": round(self.elapsed(), 3)}
+               "train_loss": train_loss, "time": round(self.elapsed(), 3), "kind": STEP_ROW}
         self.run.append_metrics(row)
         if self.writer is not None:
             self.writer.add_scalar("train/loss", row["train_loss"], self.step)
@@ -80,7 +81,8 @@ class ProgressLog:
         cfg = self.cfg
         row = {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": train_loss,
                "val_energy_mae_meV": metrics.get("energy_mae_meV"),
-               "val_force_mae_meV_per_A": metrics.get("force_mae_meV_per_A"), "time": round(self.elapsed(), 3)}
+               "val_force_mae_meV_per_A": metrics.get("force_mae_meV_per_A"), "time": round(self.elapsed(), 3),
+               "kind": EPOCH_ROW}
         self.run.append_metrics(row)
         if self.writer is not None and metrics:
             self.writer.add_scalar("val/energy_mae_meV", metrics["energy_mae_meV"], self.step)
