@@ -47,17 +47,16 @@ def _report(exc) -> bool:
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, nonnegative_int
+    from scalable_equiformer.cli import ArgumentParser, add_set_argument, nonnegative_int
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help="config file, or a name in configs/ (e.g. demo, md17_aspirin)")
-    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_epochs=10 (repeatable)")
+    add_set_argument(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--local_rank", "--local-rank", type=nonnegative_int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
-    overrides = [x for group in args.overrides for x in group]
+    overrides = args.overrides
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
         os.environ.setdefault("SE_DEEPSPEED_LAUNCHER", "1")

@@ -5,6 +5,7 @@ no traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import sys
 
@@ -228,3 +229,30 @@ def test_train_refuses_duplicate_keys_and_negative_seeds_in_one_line(tmp_path, t
     assert rc == 2 and out == ""
     assert err.strip() == f"error: {cfg}: {problem}"
     assert not (tmp_path / "runs").exists()
+
+
+#: the arguments each tool with --set requires besides it
+SET_TOOLS = {"train": [], "memory_profile": [], "reproduce": ["md17"], "check_partitions": ["--data", "x.npz", "-P", "2"],
+             "import_original": ["c.pth.tar", "--config", "md17_aspirin", "--out", "m.pt"]}
+
+
+@pytest.mark.parametrize("name", sorted(SET_TOOLS))
+def test_set_takes_several_keys_per_flag_in_every_tool(name, monkeypatch):
+    """``train.py --set a=1 b=2`` took several keys, memory_profile one per flag (the second was an
+    'unrecognized argument'), check_partitions kept only the last --set: one definition now
+    (cli.add_set_argument), every key kept in order."""
+    parsers = [p for p in _parsers(name, monkeypatch) if any("--set" in a.option_strings for a in p._actions)]
+    assert len(parsers) == 1, name
+    (p,) = parsers
+    dest = next(a.dest for a in p._actions if "--set" in a.option_strings)
+    ns = p.parse_args(SET_TOOLS[name] + ["--set", "train.batch_size=2", "model.cutoff=4.0", "--set", "memory.precision=bf16"])
+    assert getattr(ns, dest) == ["train.batch_size=2", "model.cutoff=4.0", "memory.precision=bf16"]
+
+
+def test_memory_profile_applies_every_key_of_one_set(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc, _, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--set", "train.batch_size=2",
+                                          "model.cutoff=4.0", "--set", "memory.precision=bf16", "--json", str(out)], capsys)
+    assert rc in (0, None), err
+    data = json.loads(out.read_text())
+    assert data["batch"] == 2 and data["model"]["cutoff"] == 4.0 and data["runs"][0]["lever_set"] == "bf16"
