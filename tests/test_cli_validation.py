@@ -8,6 +8,7 @@ import argparse
 import json
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +257,37 @@ def test_memory_profile_applies_every_key_of_one_set(tmp_path, capsys):
     assert rc in (0, None), err
     data = json.loads(out.read_text())
     assert data["batch"] == 2 and data["model"]["cutoff"] == 4.0 and data["runs"][0]["lever_set"] == "bf16"
+
+
+@pytest.mark.parametrize("partitions", [["2"], ["1", "2"]])
+def test_bench_partition_prints_no_stray_json_and_writes_under_runs(partitions, tmp_path, monkeypatch, capsys):
+    """``--skip-infer`` without P=1 printed a bare ``{}`` (the empty summary), and the report went to
+    bench_partition.json in the current folder (the repository root, not ignored): now summary lines
+    (or one line saying why there are none) and runs/bench_partition.json by default."""
+    mod = _module("bench_partition")
+
+    def fake_run(model, tasks, warmup, P, repeats, checkpointing="none"):  # the P gloo processes, faked
+        return [{t["name"]: {"seconds": 1.0 / P, "peak_bytes": 1000 // P} for t in tasks} for _ in range(P)]
+
+    monkeypatch.setattr(mod, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    rc = mod.main(["--skip-infer", "--train-tile", "1x1x1", "--partitions", *partitions])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert not any(line.strip() in ("{}", "{", "}") for line in out.splitlines()), out
+    report = json.loads((tmp_path / "runs" / "bench_partition.json").read_text())
+    assert list(report["runs"]) == ["train"] and not (tmp_path / "bench_partition.json").exists()
+    assert out.splitlines()[-1] == f"wrote {Path('runs') / 'bench_partition.json'}"
+    if partitions == ["2"]:
+        assert "no P=1 run: peak memory and speed-up against one process not computed (add 1 to --partitions)" in out
+    else:
+        assert "train P=2: peak/rank 0.500 of P=1 (target 1.25/P = 0.625)" in out and "speed-up 2.00x" in out
+    assert _git_ignores(Path("runs") / "bench_partition.json")
+
+
+def _git_ignores(rel) -> bool:
+    """Whether git ignores ``rel`` in this repository (the default outputs must not show up as new files)."""
+    import subprocess
+
+    return subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=REPO).returncode == 0
