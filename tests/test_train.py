@@ -352,3 +352,18 @@ def test_sigterm_before_the_run_folder_exists_says_so(tmp_path):
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stderr.strip() == "stopped by SIGTERM before the run folder was made: nothing to resume, start it again"
     assert not (tmp_path / "run").exists()
+
+
+def test_the_log_header_says_how_best_is_chosen(tmp_path):
+    """The epoch lines mark *best by validation force MAE; the header now says so (and the README)."""
+    from scalable_equiformer.training.progress import BEST_RULE
+
+    _run(tiny_config(tmp_path, "logging.plot=false", "logging.tensorboard=false", epochs=1))
+    log_lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    header = [x for x in log_lines if "best.pt: " in x]
+    assert len(header) == 1 and header[0].endswith("best.pt: the evaluated epoch with the lowest validation force MAE "
+                                                   "(meV/Å per component), marked *best in the epoch lines")
+    assert header[0].endswith(BEST_RULE)
+    assert log_lines.index(header[0]) < next(i for i, x in enumerate(log_lines) if x.endswith("]") and "*best" in x)
+    readme = (REPO / "README.md").read_text()
+    assert "`best.pt` holds the evaluated epoch with the lowest validation force MAE (meV/Å), the epoch lines marked `*best`" in readme

@@ -17,6 +17,12 @@ from .run_folder import EPOCH_ROW, STEP_ROW
 
 log = logging.getLogger("scalable_equiformer.training")
 
+#: how best.pt is chosen (the trainer's ``_end_of_epoch``), as the log header says it
+BEST_RULE = ("the evaluated epoch with the lowest validation force MAE (meV/Å per component), marked *best "
+             "in the epoch lines")
+BEST_RULE_NO_VAL = ("no validation frames (data.val_size 0), so no *best: the latest weights, written at the first "
+                    "evaluation and at the end")
+
 
 class ProgressLog:
     """The Trainer's reporting methods."""
@@ -57,6 +63,7 @@ class ProgressLog:
                  cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale, cfg.model.energy_normalization, cfg.optim.lr,
                  cfg.optim.warmup_epochs, cfg.optim.warmup_lr, cfg.optim.scheduler, cfg.optim.min_lr,
                  cfg.optim.weight_decay, f", EMA {cfg.train.ema_decay}" if self.ema else "")
+        log.info("best.pt: %s", BEST_RULE if len(self.val_idx) else BEST_RULE_NO_VAL)
 
     def _bar(self, epoch: int):
         if not (self.info.is_main and self.cfg.train.progress):
