@@ -175,3 +175,13 @@ def test_a_seed_out_of_range_is_refused_at_load(tmp_path, text, override, key):
         load_config(p, [override] if override else [])
     assert "\n" not in str(e.value)
     assert load_config(p, [f"{key}=0"]).to_dict()[key.split(".")[0]]["seed"] == 0
+
+
+def test_configs_point_to_readme_sections_that_exist():
+    """The configs pointed to a README section "Deviations from the original" that had been renamed."""
+    import re
+
+    headings = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", (CONFIG_DIR.parent / "README.md").read_text(), re.M)}
+    pointers = [(p.name, m.group(1)) for p in sorted(CONFIG_DIR.glob("*.yaml"))
+                for m in re.finditer(r'README, "([^"]+)"', p.read_text())]
+    assert pointers and all(title in headings for _, title in pointers), [x for x in pointers if x[1] not in headings]
