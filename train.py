@@ -47,17 +47,16 @@ def _report(exc) -> bool:
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, nonnegative_int
+    from scalable_equiformer.cli import ArgumentParser, add_set_argument, nonnegative_int
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help="config file, or a name in configs/ (e.g. demo, md17_aspirin)")
-    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_epochs=10 (repeatable)")
+    add_set_argument(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--local_rank", "--local-rank", type=nonnegative_int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
-    overrides = [x for group in args.overrides for x in group]
+    overrides = args.overrides
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
         os.environ.setdefault("SE_DEEPSPEED_LAUNCHER", "1")
@@ -83,10 +82,16 @@ def main(argv=None) -> int:
         if _report(exc):
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a launcher's Ctrl-C reaches every rank: rank 0 says it
-        if _rank() == 0:
-            print("interrupted; continue with: python train.py --resume <run folder>", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (runtime.Terminated); a launcher's reaches every rank
+        if _rank() == 0 and not getattr(exc, "logged", False):  # the trainer logs where it stopped once it has a run folder
+            name = getattr(exc, "signal_name", "SIGINT (Ctrl-C)")
+            if args.resume is not None:
+                print(f"stopped by {name} during set-up; {args.resume} is as it was: continue with: "
+                      f"python train.py --resume {args.resume}", file=sys.stderr)
+            else:
+                print(f"stopped by {name} before the run folder was made: nothing to resume, start it again",
+                      file=sys.stderr)
+        return 143 if getattr(exc, "signal_name", "") == "SIGTERM" else 130
     return 0
 
 

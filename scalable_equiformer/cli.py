@@ -107,14 +107,22 @@ def tile_spec(text: str) -> str:
 
 
 def memory_size(text: str) -> int:
-    """An argparse type: a memory size such as ``40GB``, ``80GiB``, ``512MB`` -> bytes (GB = GiB)."""
+    """An argparse type: a memory size such as ``40GB``, ``80GiB``, ``512MB`` -> bytes (GB = GiB);
+    unparsable, non-finite, zero or sub-byte sizes are refused (``planner.parse_bytes``'s rules)."""
     from .errors import UserError
     from .profiling.planner import parse_bytes
 
     try:
-        return parse_bytes(text)
-    except UserError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size > 0 such as 40GB or 80GiB") from None
+        return parse_bytes(text, flag="")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_set_argument(parser: argparse.ArgumentParser, dest: str = "overrides",
+                     help: str = "override a config key, e.g. --set train.max_epochs=10 data.root=data (repeatable)"):
+    """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable, into one flat list ``args.<dest>`` (in the
+    order given): the one definition of ``train.py``'s and every tool's ``--set``."""
+    return parser.add_argument("--set", dest=dest, action="extend", nargs="+", default=[], metavar="KEY=VALUE", help=help)
 
 
 def output_file(text: str) -> Path:
@@ -138,4 +146,4 @@ def exit_on_user_error(fn: Callable[[], int]) -> int:
 
 
 __all__ = ["ArgumentParser", "int_range", "positive_int", "nonnegative_int", "positive_float", "finite_float", "nonnegative_float",
-           "positive_int_list", "tile_spec", "memory_size", "output_file", "exit_on_user_error"]
+           "positive_int_list", "tile_spec", "memory_size", "add_set_argument", "output_file", "exit_on_user_error"]

@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .config_text import coerce, field_comments
+from .config_text import coerce, field_comments, load_yaml
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -34,6 +34,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 #: ``model.energy_normalization``: how the model's output is turned into eV (see ``model.py``)
 ENERGY_NORMALIZATIONS = ("total_mean_std", "per_atom_mean_force_rms")
+
+#: every ``*.seed`` key: numpy's generators refuse a negative seed and torch one above 2**64 - 1
+SEED_RANGE = (0, 2**64 - 1)
+
+
+def check_seed(check, key: str, value) -> None:
+    """The rule of every seed key (``data.seed``, ``train.seed``), the one copy."""
+    low, high = SEED_RANGE
+    check(low <= value <= high, key, f"must be an integer from {low} to 2**64-1 (a random-number seed), not {value!r}")
 
 
 @dataclass
@@ -53,6 +62,7 @@ class DataConfig:
         check(self.val_size >= 0, "val_size", "must be >= 0")
         check(self.test_size is None or self.test_size >= 0, "test_size", "must be >= 0 or null")
         check(self.split_index is None or 0 <= self.split_index <= 4, "split_index", "must be 0-4")
+        check_seed(check, "seed", self.seed)
 
 
 @dataclass
@@ -173,6 +183,7 @@ class TrainConfig:
                                and (os.altsep is None or os.altsep not in name) and "\0" not in name),
               "run_name", f"must be a folder name (the run folder is train.out_dir/train.run_name: no path "
               f"separators, not '.' or '..'), not {name!r}")
+        check_seed(check, "seed", self.seed)
 
 
 @dataclass
@@ -452,17 +463,12 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
         origin = str(path)
         try:
             text = path.read_text()
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file (binary data); --config takes a YAML file or a name in "
                               "configs/") from None
-        raw = raw or {}
+        raw = load_yaml(text, str(path)) or {}
         dumped = text.startswith(_DUMP_HEADER)  # a run folder's config.yaml (see REMOVED)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")

@@ -1,4 +1,5 @@
-"""Config text: a YAML or ``--set`` value checked against a config field's annotation
+"""Config text: YAML read strictly (:func:`load_yaml`: a key given twice in one mapping is an
+error, not "the last one wins"), a YAML or ``--set`` value checked against a config field's annotation
 (:func:`coerce`), and the trailing comments of the dataclass fields (:func:`field_comments`, the
 units and choices a run folder's ``config.yaml`` shows). ``config.py`` holds the sections and rules.
 """
@@ -12,6 +13,48 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping of the YAML text names one key twice (plain ``yaml.safe_load`` keeps the last)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, a whole section included
+    (``train:`` twice once turned a 1-epoch file into a 1500-epoch run)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # ``<<: *base`` then a key of base: an override, as YAML means it
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(
+                        None, None, f"key {key!r} appears twice (first at line {first.line + 1}); YAML would "
+                        "keep only the last: remove or merge one", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """Parse YAML ``text`` with :class:`UniqueKeyLoader`; a duplicate key or a syntax error is one
+    :class:`ConfigError` line ``<origin>: line N: <problem>``. Every YAML the package reads (configs,
+    a run folder's ``config.yaml``) goes through here."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc
+        if isinstance(exc, DuplicateKeyError):
+            raise ConfigError(f"{origin}:{where}: {problem}") from None
+        raise ConfigError(f"{origin}:{where} not valid YAML ({problem})") from None
 
 
 def field_comments(cls) -> dict:
@@ -36,7 +79,9 @@ def coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> Any
     """Check ``value`` against the annotation ``tp``; strings from ``--set`` are parsed first."""
     if from_string and isinstance(value, str):
         try:
-            value = yaml.safe_load(value) if value != "" else ""
+            value = yaml.load(value, Loader=UniqueKeyLoader) if value != "" else ""  # noqa: S506
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{origin}: {key}: {exc.problem}") from None
         except yaml.YAMLError:
             pass
     origin_tp = typing.get_origin(tp)
@@ -89,4 +134,4 @@ def coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> Any
     return value
 
 
-__all__ = ["coerce", "field_comments"]
+__all__ = ["UniqueKeyLoader", "coerce", "field_comments", "load_yaml"]

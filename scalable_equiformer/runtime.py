@@ -11,7 +11,9 @@ Nothing here runs at import time; entry points call these functions once, early.
   :func:`sum_over_ranks`, :func:`failed_ranks`, :func:`error_everywhere` (an error on one rank
   stops all ranks, none hangs);
 * logging of the ``scalable_equiformer`` logger: :func:`setup_logging`, :func:`add_log_file`,
-  :func:`teardown_logging`.
+  :func:`teardown_logging`;
+* signals: :func:`sigterm_as_interrupt` (SIGTERM, what schedulers send first, stops a run the way
+  Ctrl-C does: :class:`Terminated`, a ``KeyboardInterrupt``).
 
 Launch modes handled by :func:`init_distributed`:
 
@@ -380,8 +382,42 @@ def teardown_logging(handlers) -> None:
         h.close()
 
 
+# ---- signals --------------------------------------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM under :func:`sigterm_as_interrupt`: a stop like Ctrl-C's
+    (``except KeyboardInterrupt`` catches both; ``signal_name`` tells them apart)."""
+
+    signal_name = "SIGTERM"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` where the main thread is, as SIGINT raises
+    ``KeyboardInterrupt``: ``finally`` blocks run (atomic writes remove their temp file, logs are
+    flushed) and the caller can say where the run stopped. Only where SIGTERM has its default action
+    and this is the main thread; the previous handler comes back on exit."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 __all__ = [
     "DistInfo",
+    "Terminated",
+    "sigterm_as_interrupt",
     "add_log_file",
     "barrier",
     "broadcast_object",

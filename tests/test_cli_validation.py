@@ -5,8 +5,10 @@ no traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +104,11 @@ BAD = [
     ("memory_profile", ["--sweep-atoms", "30,0"], "--sweep-atoms"),
     ("memory_profile", ["--gpu-memory", "40XB", "--plan"], "--gpu-memory"),
     ("memory_profile", ["--gpu-memory", "-4GB", "--plan"], "--gpu-memory"),
+    ("memory_profile", ["--gpu-memory=1e400GB", "--plan"], "--gpu-memory"),  # was an OverflowError traceback
+    ("memory_profile", ["--gpu-memory=1e-30GB", "--plan"], "--gpu-memory"),  # was 0 bytes, taken as "not given"
+    ("memory_profile", ["--gpu-memory=1e300GB", "--plan"], "--gpu-memory"),  # finite, but not as a float of bytes
+    ("memory_profile", ["--gpu-memory=1.2.3GB", "--plan"], "--gpu-memory"),  # was a ValueError traceback
+    ("memory_profile", ["--gpu-memory=0GB", "--plan"], "--gpu-memory"),
     ("reproduce", ["md17", "--epochs", "0"], "--epochs"),
     ("reproduce", ["md17", "--nproc", "-1"], "--nproc"),
     ("bench_model", ["--repeats", "0"], "--repeats"),
@@ -167,6 +174,18 @@ def test_memory_profile_gpu_memory_below_the_runtime_reserve(tmp_path, capsys):
     assert out == "" and not (tmp_path / "p.json").exists()  # refused before estimating or measuring
 
 
+@pytest.mark.parametrize("value,problem", [
+    ("1e400GB", "not a finite size; expected one such as 40GB or 80GiB"),
+    ("1e-30GB", "less than one byte; expected a size such as 40GB or 80GiB"),
+    ("1.2.3GB", "expected a size such as 40GB or 80GiB"),
+    ("0GB", "must be > 0"),
+])
+def test_memory_size_says_what_is_wrong(value, problem, capsys):
+    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", f"--gpu-memory={value}"], capsys)
+    assert rc == 2 and out == ""
+    assert err.strip() == f"error: memory_profile.py: argument --gpu-memory: {value!r}: {problem} (see --help)"
+
+
 def test_memory_profile_json_naming_a_folder(tmp_path, capsys):
     rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--json", str(tmp_path)], capsys)
     assert rc == 2 and out == "" and "argument --json" in err and "is a folder" in err
@@ -197,3 +216,78 @@ def test_memory_profile_plan_across_nodes(capsys):
     rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", "--gpu-memory", "40GB",
                                             "--gpus", "8", "--gpus-per-node", "3"], capsys)
     assert rc == 2 and err.strip().splitlines() == ["error: --gpus-per-node 3 must divide --gpus 8"], err
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("data: {path: x.npz}\ntrain: {max_epochs: 1}\ntrain: {max_epochs: 1500}\n",
+     "line 3: key 'train' appears twice (first at line 2); YAML would keep only the last: remove or merge one"),
+    ("data: {path: x.npz, seed: -1}\n", "data.seed: must be an integer from 0 to 2**64-1 (a random-number seed), not -1"),
+])
+def test_train_refuses_duplicate_keys_and_negative_seeds_in_one_line(tmp_path, text, problem, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    rc, out, err = _main("train", ["--config", str(cfg), "--set", f"train.out_dir={tmp_path / 'runs'}"], capsys)
+    assert rc == 2 and out == ""
+    assert err.strip() == f"error: {cfg}: {problem}"
+    assert not (tmp_path / "runs").exists()
+
+
+#: the arguments each tool with --set requires besides it
+SET_TOOLS = {"train": [], "memory_profile": [], "reproduce": ["md17"], "check_partitions": ["--data", "x.npz", "-P", "2"],
+             "import_original": ["c.pth.tar", "--config", "md17_aspirin", "--out", "m.pt"]}
+
+
+@pytest.mark.parametrize("name", sorted(SET_TOOLS))
+def test_set_takes_several_keys_per_flag_in_every_tool(name, monkeypatch):
+    """``train.py --set a=1 b=2`` took several keys, memory_profile one per flag (the second was an
+    'unrecognized argument'), check_partitions kept only the last --set: one definition now
+    (cli.add_set_argument), every key kept in order."""
+    parsers = [p for p in _parsers(name, monkeypatch) if any("--set" in a.option_strings for a in p._actions)]
+    assert len(parsers) == 1, name
+    (p,) = parsers
+    dest = next(a.dest for a in p._actions if "--set" in a.option_strings)
+    ns = p.parse_args(SET_TOOLS[name] + ["--set", "train.batch_size=2", "model.cutoff=4.0", "--set", "memory.precision=bf16"])
+    assert getattr(ns, dest) == ["train.batch_size=2", "model.cutoff=4.0", "memory.precision=bf16"]
+
+
+def test_memory_profile_applies_every_key_of_one_set(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc, _, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--set", "train.batch_size=2",
+                                          "model.cutoff=4.0", "--set", "memory.precision=bf16", "--json", str(out)], capsys)
+    assert rc in (0, None), err
+    data = json.loads(out.read_text())
+    assert data["batch"] == 2 and data["model"]["cutoff"] == 4.0 and data["runs"][0]["lever_set"] == "bf16"
+
+
+@pytest.mark.parametrize("partitions", [["2"], ["1", "2"]])
+def test_bench_partition_prints_no_stray_json_and_writes_under_runs(partitions, tmp_path, monkeypatch, capsys):
+    """``--skip-infer`` without P=1 printed a bare ``{}`` (the empty summary), and the report went to
+    bench_partition.json in the current folder (the repository root, not ignored): now summary lines
+    (or one line saying why there are none) and runs/bench_partition.json by default."""
+    mod = _module("bench_partition")
+
+    def fake_run(model, tasks, warmup, P, repeats, checkpointing="none"):  # the P gloo processes, faked
+        return [{t["name"]: {"seconds": 1.0 / P, "peak_bytes": 1000 // P} for t in tasks} for _ in range(P)]
+
+    monkeypatch.setattr(mod, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    rc = mod.main(["--skip-infer", "--train-tile", "1x1x1", "--partitions", *partitions])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert not any(line.strip() in ("{}", "{", "}") for line in out.splitlines()), out
+    report = json.loads((tmp_path / "runs" / "bench_partition.json").read_text())
+    assert list(report["runs"]) == ["train"] and not (tmp_path / "bench_partition.json").exists()
+    assert out.splitlines()[-1] == f"wrote {Path('runs') / 'bench_partition.json'}"
+    if partitions == ["2"]:
+        assert "no P=1 run: peak memory and speed-up against one process not computed (add 1 to --partitions)" in out
+    else:
+        assert "train P=2: peak/rank 0.500 of P=1 (target 1.25/P = 0.625)" in out and "speed-up 2.00x" in out
+    assert _git_ignores(Path("runs") / "bench_partition.json")
+
+
+def _git_ignores(rel) -> bool:
+    """Whether git ignores ``rel`` in this repository (the default outputs must not show up as new files)."""
+    import subprocess
+
+    return subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=REPO).returncode == 0

@@ -133,3 +133,55 @@ def test_energy_normalization_is_checked_and_old_configs_keep_theirs():
     stored = load_config(None, ["data.name=md17_aspirin"]).to_dict()
     del stored["model"]["energy_normalization"]  # a checkpoint written before the key existed
     assert config_from_dict(stored).model.energy_normalization == "per_atom_mean_force_rms"
+
+
+@pytest.mark.parametrize("text,line,key", [
+    # a whole section twice: plain yaml.safe_load kept the second (a 1-epoch file ran 1500 epochs)
+    ("train:\n  max_epochs: 1\nmodel:\n  cutoff: 4.0\ntrain:\n  max_epochs: 1500\n", 6, "train"),
+    ("train:\n  max_epochs: 1\n  batch_size: 2\n  max_epochs: 3\n", 5, "max_epochs"),  # a key twice in a section
+    ("deepspeed:\n  extra: {zero_optimization: {stage: 1, stage: 2}}\n", 3, "stage"),  # nested, flow style
+])
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_file_line_and_key(tmp_path, text, line, key):
+    p = _write(tmp_path, "data: {path: x.npz}\n" + text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: line {line}: key {key!r} appears twice") and "\n" not in msg
+
+
+def test_duplicate_keys_are_refused_in_run_folder_configs_and_set_values(tmp_path):
+    """The run folder's config.yaml (what --resume reads) and a --set mapping go through the same loader;
+    a YAML merge key (<<) that a later key overrides is not a duplicate."""
+    p = tmp_path / "config.yaml"
+    text = load_config(None, ["data.path=x.npz"]).dump()
+    p.write_text(text + "train:\n  max_epochs: 9\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml: line \d+: key 'train' appears twice \(first at line \d+\)"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^--set: deepspeed\.extra: key 'a' appears twice"):
+        load_config(None, ["data.path=x.npz", "deepspeed.extra={a: 1, a: 2}"])
+    from scalable_equiformer.config_text import load_yaml
+
+    assert load_yaml("base: &b {x: 1, y: 2}\nuse:\n  <<: *b\n  x: 3\n", "f")["use"] == {"x": 3, "y": 2}
+
+
+@pytest.mark.parametrize("text,override,key", [
+    ("data: {path: x.npz, seed: -1}\n", None, "data.seed"),
+    ("data: {path: x.npz}\n", "train.seed=-5", "train.seed"),
+    ("data: {path: x.npz}\n", "data.seed=18446744073709551616", "data.seed"),  # 2**64: torch.manual_seed refuses it
+])
+def test_a_seed_out_of_range_is_refused_at_load(tmp_path, text, override, key):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"{key}: must be an integer from 0 to 2\*\*64-1") as e:
+        load_config(p, [override] if override else [])
+    assert "\n" not in str(e.value)
+    assert load_config(p, [f"{key}=0"]).to_dict()[key.split(".")[0]]["seed"] == 0
+
+
+def test_configs_point_to_readme_sections_that_exist():
+    """The configs pointed to a README section "Deviations from the original" that had been renamed."""
+    import re
+
+    headings = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", (CONFIG_DIR.parent / "README.md").read_text(), re.M)}
+    pointers = [(p.name, m.group(1)) for p in sorted(CONFIG_DIR.glob("*.yaml"))
+                for m in re.finditer(r'README, "([^"]+)"', p.read_text())]
+    assert pointers and all(title in headings for _, title in pointers), [x for x in pointers if x[1] not in headings]

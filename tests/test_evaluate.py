@@ -148,3 +148,48 @@ def test_load_model_weights_and_errors(trained, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt.pt: not a readable checkpoint") as exc:
         load_model(corrupt)
     assert "\n" not in str(exc.value)
+
+
+def _evaluate_main(argv, capsys):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("evaluate_tool", EVALUATE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capsys.readouterr()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = mod.main(argv)
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_evaluate_names_the_file_it_writes_and_says_when_it_replaces_one(trained, tmp_path, capsys):
+    """It said "kcal/mol twins in results.json" while writing best.<data>.<split>.json, and a second
+    evaluation of the same split replaced the first without a word."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.pt", "splits.npz"):
+        shutil.copy2(trained / name, run / name)
+    dest = run / f"best.{DEMO_DATA.stem}.test.json"
+    argv = [str(run / "best.pt"), "--data", str(DEMO_DATA), "--max-frames", "4"]
+    rc, out, err = _evaluate_main(argv, capsys)
+    assert rc == 0 and err == "", err
+    assert f"kcal/mol twins in {dest}" in out and "results.json" not in out and out.splitlines()[-1] == f"wrote {dest}"
+    first = _json(dest)
+    rc, out, err = _evaluate_main(argv + ["--batch-size", "2"], capsys)
+    assert rc == 0 and out.splitlines()[-1] == f"wrote {dest}"
+    assert err.splitlines() == [f"warning: {dest} held an earlier result ({first['checkpoint']} epoch {first['epoch']}, "
+                                f"test split, force MAE {first['force_mae_meV_per_A']:.4f} meV/Å): replaced by this one"]
+    other = trained / "results.json"  # the run's own results, given as --json by mistake: kept
+    before = other.read_text()
+    rc, out, err = _evaluate_main(argv + ["--json", str(other)], capsys)
+    assert rc == 2 and out == "" and other.read_text() == before
+    assert err.splitlines() == [f"error: {other}: exists and is not an evaluate.py result; give another --json file or "
+                                "move it away"]

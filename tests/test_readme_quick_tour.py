@@ -99,6 +99,11 @@ def test_readme_quick_tour_from_a_copy_without_shared(tmp_path):
     script = clone / "md_quick.py"
     script.write_text(md_script.replace(steps, "dyn.run(10)"))
     out = run([sys.executable, str(script)]).stdout
-    assert "fs  E_tot" in out and (clone / "md.traj").is_file()
+    assert "fs  E_tot" in out and (clone / "runs" / "md.traj").is_file()
 
     run([sys.executable, "tools/bench_model.py", "--tiny", "--repeats", "1", "--modes", "forces"])
+
+    # what the tour writes goes under the git-ignored runs/: md.traj once landed in the root
+    copied = {rel.split("/")[0] for rel in _product_files()}
+    made = sorted(p.name for p in clone.iterdir() if p.name not in copied | {"runs", "md_quick.py"})
+    assert made == [], made

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -49,7 +51,8 @@ def test_python_launch_writes_the_run_folder(tmp_path):
     for key in ("python", "torch", "e3nn", "deepspeed", "torch_geometric", "git"):
         assert key in versions
     rows = read_metrics(run)
-    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time"]
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time",
+                             "kind"]
     assert [int(r["epoch"]) for r in epoch_rows(run)] == [1, 2]
     # checkpoints hold only plain types and load with weights_only=True
     for name in ("last.pt", "best.pt"):
@@ -88,6 +91,50 @@ def test_resume_continues_the_same_run(tmp_path):
     ra, rb = results(tmp_path / "full"), results(tmp_path / "part")
     assert rb["test_force_mae_meV_per_A"] == pytest.approx(ra["test_force_mae_meV_per_A"], rel=1e-9)
     assert rb["test_energy_mae_meV"] == pytest.approx(ra["test_energy_mae_meV"], rel=1e-9)
+
+
+# ---- metrics.csv -------------------------------------------------------------------------------
+
+def test_metrics_rows_say_their_kind_and_the_curve_has_one_point_per_step(tmp_path):
+    """An epoch's last step was written twice with the same step number (the interval mean and the
+    epoch mean), indistinguishable, and learning_curve.png drew a vertical spike per epoch: rows now
+    carry kind step/epoch, the line is the step rows (one point per step), the epoch means are markers."""
+    from scalable_equiformer.training.run_folder import learning_curve_series
+
+    run = tmp_path / "run"
+    _run(tiny_config(tmp_path, "train.eval_every=2", epochs=3))  # 4 steps per epoch, log_every 2
+    rows = read_metrics(run)
+    assert [(r["kind"], int(r["epoch"]), int(r["step"])) for r in rows] == [
+        ("step", 1, 2), ("step", 1, 4), ("epoch", 1, 4), ("step", 2, 6), ("step", 2, 8), ("epoch", 2, 8),
+        ("step", 3, 10), ("step", 3, 12), ("epoch", 3, 12)]
+    assert [r["val_force_mae_meV_per_A"] != "" for r in rows if r["kind"] == "epoch"] == [False, True, True]  # epoch 1 not evaluated
+    series = learning_curve_series(rows)
+    assert series["steps"][0] == [2, 4, 6, 8, 10, 12]  # strictly increasing: no vertical segment
+    assert series["epoch_loss"][0] == [4, 8, 12] and [int(r["epoch"]) for r in series["epochs"]] == [1, 2, 3]
+    assert (run / "learning_curve.png").is_file()
+    from scalable_equiformer.training.run_folder import CSV_COLUMNS
+
+    readme = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("| `metrics.csv`"))
+    assert all(f"`{c}`" in readme for c in CSV_COLUMNS) and "a `step` row" in readme and "an `epoch` row" in readme
+
+
+def test_metrics_written_before_the_kind_column_resume_and_plot(tmp_path):
+    """A run folder whose metrics.csv has no kind column (written before it existed) resumes: the file
+    is rewritten with the column, the old rows get their kind (each epoch's last row is its epoch row)."""
+    import csv
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tmp_path, epochs=2)
+    assert _run(cfg, stop_after_epochs=1) is None
+    old = [{k: v for k, v in r.items() if k != "kind"} for r in read_metrics(run)]
+    with open(run / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(old[0]))
+        w.writeheader()
+        w.writerows(old)
+    _run(cfg, resume=str(run))
+    rows = read_metrics(run)
+    assert [(r["kind"], int(r["epoch"]), int(r["step"])) for r in rows] == [
+        ("step", 1, 2), ("step", 1, 4), ("epoch", 1, 4), ("step", 2, 6), ("step", 2, 8), ("epoch", 2, 8)]
 
 
 # ---- micro-batching ----------------------------------------------------------------------------
@@ -242,3 +289,81 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, damage):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "last.pt" in lines[0], proc.stderr[-2000:]
+
+
+# ---- SIGTERM (what schedulers send first) -----------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_stops_with_one_line_and_the_run_resumes_exactly(tmp_path):
+    """SIGTERM once ended the run without a word: now one line (stdout and train.log) names the signal,
+    the last checkpoint and the --resume command, exit status 143; the resumed run equals one never stopped."""
+    import signal
+    import subprocess
+    import time
+
+    from test_train_common import empty_config, env
+
+    from scalable_equiformer.training import checkpoint as ckpt_io
+
+    epochs = 6
+    full = tiny_config(tmp_path, epochs=epochs, run_name="full")
+    _run(full)
+    run = tmp_path / "part"
+    cmd = train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(tmp_path, epochs=epochs, run_name="part")))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err
+    ck = ckpt_io.load_checkpoint(run / "last.pt")
+    assert ck["epoch"] < epochs
+    line = re.escape(f"stopped by SIGTERM after step STEP; last checkpoint: {run / 'last.pt'} (epoch {ck['epoch']}, "
+                     f"step {ck['step']}); continue from it with: python train.py --resume {run}")
+    said = [x for x in out.splitlines() if "stopped by SIGTERM" in x]
+    assert len(said) == 1 and re.fullmatch(r"\S+ " + line.replace("STEP", r"\d+"), said[0]), out[-2000:]
+    assert sum("stopped by SIGTERM" in x for x in (run / "train.log").read_text().splitlines()) == 1
+
+    proc = launch(train_cmd("--resume", str(run)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "full"), read_metrics(run)
+    assert [(r["epoch"], r["step"]) for r in a] == [(r["epoch"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A"):
+            assert (ra[k] == "") == (rb[k] == "") and (ra[k] == "" or float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-9)), k
+    assert results(run)["test_force_mae_meV_per_A"] == pytest.approx(results(tmp_path / "full")["test_force_mae_meV_per_A"], rel=1e-9)
+
+
+def test_sigterm_before_the_run_folder_exists_says_so(tmp_path):
+    """Stopped during set-up (here: while reading the data), before there is anything to resume; in a
+    process of its own (SIGTERM's default action would end this one)."""
+    code = ("import os, runpy, signal, sys\n"
+            "from scalable_equiformer.training import trainer\n"
+            "trainer.Trainer._load_data = lambda self: os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"sys.argv = {['train.py', '--config', 'demo', '--set', *tiny_overrides(tmp_path)]!r}\n"
+            f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n")
+    proc = launch([sys.executable, "-c", code], cwd=tmp_path)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "stopped by SIGTERM before the run folder was made: nothing to resume, start it again"
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_log_header_says_how_best_is_chosen(tmp_path):
+    """The epoch lines mark *best by validation force MAE; the header now says so (and the README)."""
+    from scalable_equiformer.training.progress import BEST_RULE
+
+    _run(tiny_config(tmp_path, "logging.plot=false", "logging.tensorboard=false", epochs=1))
+    log_lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    header = [x for x in log_lines if "best.pt: " in x]
+    assert len(header) == 1 and header[0].endswith("best.pt: the evaluated epoch with the lowest validation force MAE "
+                                                   "(meV/Å per component), marked *best in the epoch lines")
+    assert header[0].endswith(BEST_RULE)
+    assert log_lines.index(header[0]) < next(i for i, x in enumerate(log_lines) if x.endswith("]") and "*best" in x)
+    readme = (REPO / "README.md").read_text()
+    assert "`best.pt` holds the evaluated epoch with the lowest validation force MAE (meV/Å), the epoch lines marked `*best`" in readme

@@ -1,6 +1,6 @@
 """Benchmark graph partitioning: per-rank peak memory and step time for P ranks, halo traffic.
 
-    python tools/bench_partition.py [--partitions 1 2 4] [--checkpointing none|blocks|forces] [--out bench_partition.json]
+    python tools/bench_partition.py [--partitions 1 2 4] [--checkpointing none|blocks|forces] [--out runs/bench_partition.json]
 
 For each P, P gloo processes on this machine run, with the same weights:
   * a training step (energy, forces with create_graph, loss.backward) on a >= 1,000-atom system;
@@ -23,6 +23,9 @@ partition (recursive bisection + halo maps, radius graph excluded), the radius g
 balance (max / mean edges per part), and the bytes one halo exchange moves (all ranks together,
 per block, forward) against an all-gather of all node features (each rank receiving the N - n_own
 rows it does not own), for this model's node irreps and for the paper's (128x0e+64x1e+32x2e).
+
+The report goes to ``--out`` (default ``runs/bench_partition.json``, under the git-ignored ``runs/``);
+the figures against P=1 (peak memory, speed-up) are printed when P=1 is among ``--partitions``.
 
 Timings on a CPU with fewer cores than ranks measure oversubscription as much as the method; the
 JSON records the core count. Memory per rank is the number that carries over to GPUs.
@@ -197,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", default="none", choices=sorted(STRATEGY_OF_CHECKPOINTING),
                     help="memory.checkpointing of the partitioned model (force strategy)")
     ap.add_argument("--skip-infer", action="store_true")
-    ap.add_argument("--out", type=output_file, default="bench_partition.json")
+    ap.add_argument("--out", type=output_file, default="runs/bench_partition.json",
+                    help="report JSON (default runs/bench_partition.json)")
     args = ap.parse_args(argv)
     return exit_on_user_error(lambda: _main(args))
 
@@ -269,9 +273,17 @@ def _main(args) -> int:
                 for P in runs
             }
     report["summary"] = summary
-    print(json.dumps(summary, indent=1))
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    for name, runs in summary.items():
+        for P, s in runs.items():
+            peak = "-" if s["peak_vs_P1"] is None else f"{s['peak_vs_P1']:.3f}"
+            print(f"{name:5s} P={P}: peak/rank {peak} of P=1 (target 1.25/P = {s['target_1.25_over_P']:.3f}), "
+                  f"halo {100 * s['halo_vs_allgather']:.1f} % of all-gather, speed-up {s['speedup_vs_P1']:.2f}x")
+    if not summary:
+        print("no P=1 run: peak memory and speed-up against one process not computed (add 1 to --partitions)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
     return 0
 
 

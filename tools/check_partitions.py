@@ -35,7 +35,7 @@ from scalable_equiformer.parallel.check import (  # noqa: E402
 
 def main(argv=None) -> int:
     from scalable_equiformer.cli import (  # noqa: PLC0415
-        ArgumentParser, nonnegative_float, output_file, positive_float, positive_int, tile_spec,
+        ArgumentParser, add_set_argument, nonnegative_float, output_file, positive_float, positive_int, tile_spec,
     )
 
     ap = ArgumentParser(
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gap", type=nonnegative_float, default=2.0, help="Å between tiled copies")
     ap.add_argument("--tiny", action="store_true", help="use the tiny model (cutoff etc. from the config)")
     ap.add_argument("--dtype", choices=["float32", "float64"])
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_set_argument(ap, dest="set", help="config overrides (repeatable)")
     ap.add_argument("--tolerance", type=positive_float)
     ap.add_argument("--json", type=output_file, help="write the report to this file")
     args = ap.parse_args(argv)

@@ -17,7 +17,9 @@ with torchrun.
 
 ``--split test|val|train`` uses the run's ``splits.npz`` (next to the checkpoint) when the data is
 the file the run trained on, else the seeded split of the checkpoint's config; ``all`` takes every
-frame. Writes ``<checkpoint>.<data>.<split>.json`` unless ``--json`` is given.
+frame. Writes ``<checkpoint>.<data>.<split>.json`` unless ``--json`` is given; it prints the file it
+writes. A file there from an earlier evaluation is replaced with a one-line warning naming what it
+held (its checkpoint, epoch, split and force MAE); any other file there is refused, before evaluating.
 
 Elements: a checkpoint records the elements of its training split. Data with an element the model
 never saw is refused, naming the element (its energies would be finite and meaningless);
@@ -123,7 +125,7 @@ def _evaluate(args) -> dict:
     from scalable_equiformer.errors import DataError, UserError
     from scalable_equiformer.checkpoint_io import check_atomic_numbers, write_json
     from scalable_equiformer.inference import load_model
-    from scalable_equiformer.training.metrics import UNITS_HEADER, evaluate
+    from scalable_equiformer.training.metrics import evaluate, units_header
     from scalable_equiformer.data.dataset import resolve_data_path
 
     info, device = runtime.init_distributed(False, args.device)
@@ -134,6 +136,10 @@ def _evaluate(args) -> dict:
     if Path(data_arg).suffix or "/" in data_arg:
         data_arg = resolve_data_path(data_arg, root)
     dataset = load_dataset(data_arg, root=root)
+    dest = Path(args.json) if args.json else path.with_name(f"{path.stem}.{Path(str(dataset.path)).stem}.{args.split}.json")
+    earlier = _describe_result(dest) if dest.is_file() else None
+    if dest.is_file() and earlier is None:  # before evaluating; every rank alike
+        raise UserError(f"{dest}: exists and is not an evaluate.py result; give another --json file or move it away")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_atomic_numbers(dataset.z, max_atomic_number=getattr(model, "max_atomic_number", None),
@@ -193,18 +199,30 @@ def _evaluate(args) -> dict:
         "units": "energy MAE meV per molecule; force MAE meV/Å per component; kcal/mol twins",
     }
     if info.is_main:
-        print(UNITS_HEADER)
+        print(units_header(str(dest)))
         print(f"{path} (epoch {meta['epoch']}) on {dataset.path} [{split_note}], {metrics['n_frames']} frames"
               + (f", each molecule over {P} partitions" if P > 1 else "") + ":")
         print(f"  energy MAE {metrics['energy_mae_meV']:.4f} meV   ({metrics['energy_mae_kcal_per_mol']:.5f} kcal/mol)   "
               f"RMSE {metrics['energy_rmse_meV']:.4f} meV")
         print(f"  force  MAE {metrics['force_mae_meV_per_A']:.4f} meV/Å ({metrics['force_mae_kcal_per_mol_per_A']:.5f} kcal/mol/Å) "
               f"RMSE {metrics['force_rmse_meV_per_A']:.4f} meV/Å")
-        dest = Path(args.json) if args.json else path.with_name(f"{path.stem}.{Path(str(dataset.path)).stem}.{args.split}.json")
+        if earlier is not None:
+            print(f"warning: {dest} held an earlier result ({earlier}): replaced by this one", file=sys.stderr)
         write_json(dest, out)
         print(f"wrote {dest}")
     runtime.shutdown_distributed()
     return out
+
+
+def _describe_result(path: Path):
+    """What an earlier result file of this tool held, in a few words (for the line that says it is
+    replaced); None when the file is not one (then it is not overwritten)."""
+    try:
+        old = json.loads(path.read_text())
+        return (f"{old['checkpoint']} epoch {old['epoch']}, {old['split']} split, force MAE "
+                f"{float(old['force_mae_meV_per_A']):.4f} meV/Å")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 if __name__ == "__main__":

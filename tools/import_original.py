@@ -28,13 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):
-    from scalable_equiformer.cli import ArgumentParser, finite_float, output_file, positive_float, positive_int
+    from scalable_equiformer.cli import ArgumentParser, add_set_argument, finite_float, output_file, positive_float, positive_int
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="the original's checkpoint (*.pth.tar: {'state_dict': ...})")
     p.add_argument("--config", required=True, help="config file or name in configs/ with the original's architecture (e.g. md17_aspirin)")
-    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. model.dtype=float64")
+    add_set_argument(p, help="config overrides, e.g. --set model.dtype=float64 (repeatable)")
     p.add_argument("--out", required=True, type=output_file, help="where to write the imported checkpoint (.pt)")
     p.add_argument("--energy-mean", type=finite_float, default=None, help="mean total energy of the original's training split")
     p.add_argument("--energy-std", type=positive_float, default=None,
@@ -62,7 +61,7 @@ def run(args) -> Path:
     from scalable_equiformer.original import import_original, imported_payload
     from scalable_equiformer.training.checkpoint import save_checkpoint
 
-    config = load_config(args.config, [s for group in args.overrides for s in group])
+    config = load_config(args.config, args.overrides)
     out = Path(args.out)
     source = {"file": str(Path(args.checkpoint).resolve()), "config": str(args.config)}
     force_rms = None

@@ -26,12 +26,12 @@ MiB = 2**20
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, output_file, positive_int  # noqa: PLC0415
+    from scalable_equiformer.cli import ArgumentParser, add_set_argument, output_file, positive_int  # noqa: PLC0415
 
     ap = ArgumentParser(prog="tools/memory_census.py",
                         description="Tensors kept for the force loss, per autograd op, against the estimate.")
     ap.add_argument("--config", default="md17_aspirin", help="YAML path or name in configs/ (default md17_aspirin)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_set_argument(ap, dest="set", help="config overrides (repeatable)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", help="data file (sGDML npz, rMD17 npz, extxyz): frame 0")
     src.add_argument("--atoms", type=positive_int, help="synthetic molecule of N atoms (default 21 without --data)")

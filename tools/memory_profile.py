@@ -182,13 +182,13 @@ def fmt_gib(b):
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import (ArgumentParser, exit_on_user_error, int_range, memory_size, nonnegative_int, output_file,
-                                         positive_float, positive_int, positive_int_list)
+    from scalable_equiformer.cli import (ArgumentParser, add_set_argument, exit_on_user_error, int_range, memory_size,
+                                         nonnegative_int, output_file, positive_float, positive_int, positive_int_list)
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help="config file or name in configs/ (default: the dataclass defaults)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    add_set_argument(p, dest="set", help="config overrides, e.g. --set memory.precision=bf16 train.batch_size=4 (repeatable)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="data file (sGDML npz / rMD17 npz / extxyz): frames 0..B-1")
     src.add_argument("--atoms", type=positive_int, help="synthetic molecule of N atoms (AT-AT copies at real density)")

@@ -557,7 +557,7 @@ _EPILOG = __doc__.split("\n\n", 1)[1].split("\n\nThe command line", 1)[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from scalable_equiformer.cli import ArgumentParser, positive_int
+    from scalable_equiformer.cli import ArgumentParser, add_set_argument, positive_int
 
     p = ArgumentParser(prog="reproduce.py", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
@@ -571,8 +571,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=positive_int, help="train.max_epochs for every run")
     p.add_argument("--data-root", help="data.root for every run (where the catalog .npz files are)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", nargs="+", dest="sets",
-                   help="config override for every run (repeatable; wins over the tool's own settings)")
+    add_set_argument(p, dest="sets", help="config overrides for every run (repeatable; win over the tool's own settings)")
     p.add_argument("--launcher", choices=["python", "deepspeed"], default="python",
                    help="python train.py (default) or the deepspeed launcher")
     p.add_argument("--nproc", type=positive_int, help="deepspeed launcher: --num_gpus")
@@ -586,7 +585,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the training commands and stop")
     p.add_argument("--no-plot", action="store_true", help="skip bars.png")
     args = p.parse_args(argv)
-    args.sets = [s for group in args.sets for s in group]
     return args
 
 

@@ -458,7 +458,7 @@ def _read_run(folder: Path, run: dict, output: str) -> dict:
     if metrics.is_file():
         with metrics.open(newline="") as f:
             rows = [x for x in csv.DictReader(f) if x.get("train_loss") and not x.get("val_force_mae_meV_per_A")
-                    and x.get("epoch") == "1"]
+                    and x.get("epoch") == "1" and x.get("kind", "step") == "step"]  # not the epoch row (same step)
     pts = sorted((int(x["step"]), float(x["time"])) for x in rows)  # time = end of the step, from the start
     k = min(max(run["warm"] - 1, 0), max(len(pts) - 2, 0))  # timed: the steps after the first `warm`
     if len(pts) >= 2 and pts[-1][1] > pts[k][1]:

@@ -69,11 +69,11 @@ def tiny_model_dict(width: int = 1) -> dict:
     (``width=2``: ``16x0e+8x1e+4x2e`` nodes)."""
     import re  # noqa: PLC0415
 
-    import yaml  # noqa: PLC0415
-
     from ..config import resolve_config_path  # noqa: PLC0415
+    from ..config_text import load_yaml  # noqa: PLC0415
 
-    model = yaml.safe_load(resolve_config_path("tiny").read_text())["model"]
+    path = resolve_config_path("tiny")
+    model = load_yaml(path.read_text(), str(path))["model"]
     if width != 1:
         for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
             model[key] = re.sub(r"(\d+)x", lambda m: f"{int(m.group(1)) * width}x", model[key])

@@ -55,21 +55,33 @@ HEADROOM = 0.10  # allocator fragmentation and caching
 RESERVE = 0.5 * 2**30  # bytes: CUDA context, kernels, workspace (not in max_memory_allocated)
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
     """``"40GB"``, ``"40 GiB"``, ``"512MB"``, ``"1.5e9"`` -> bytes (GB = GiB = 2**30: GPUs are sold
-    in binary gigabytes).
+    in binary gigabytes). Unparsable text, a size that is not finite, not > 0 or under one byte is a
+    :class:`UserError` ``<flag> '<text>': <problem>`` (``flag`` "" for the argparse type, which names
+    the flag itself).
 
     >>> parse_bytes("40GB") == 40 * 2**30
     True
     """
+    where = f"{flag} {text!r}" if flag else repr(text)
+    example = "such as 40GB or 80GiB"
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
-    if not m:
-        raise UserError(f"--gpu-memory {text!r}: expected a size such as 40GB or 80GiB")
-    value = float(m.group(1))
+    try:
+        value = float(m.group(1)) if m else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise UserError(f"{where}: expected a size {example}")
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
+    size = value * 1024.0 ** power
+    if not math.isfinite(size):
+        raise UserError(f"{where}: not a finite size; expected one {example}")
     if not value > 0:
-        raise UserError(f"--gpu-memory {text!r}: must be > 0")
-    return int(value * 1024 ** power)
+        raise UserError(f"{where}: must be > 0")
+    if size < 1:
+        raise UserError(f"{where}: less than one byte; expected a size {example}")
+    return int(size)
 
 
 #: extra time of a partitioned step over its share of the work (halo exchanges, replicated node

@@ -22,8 +22,13 @@ from .batches import collate, eval_shards
 from .loss import errors
 
 MEV_PER_EV = 1000.0
-UNITS_HEADER = ("units: energy MAE in meV per molecule, force MAE in meV/Å per force component "
-                "(mean over atoms and x, y, z); kcal/mol twins in results.json")
+def units_header(twins_in: str = "results.json") -> str:
+    """The units line of every log header; ``twins_in`` is the file that holds the kcal/mol twins."""
+    return ("units: energy MAE in meV per molecule, force MAE in meV/Å per force component "
+            f"(mean over atoms and x, y, z); kcal/mol twins in {twins_in}")
+
+
+UNITS_HEADER = units_header()  # the trainer's: its results.json
 
 _FIELDS = ("e_abs", "e_sq", "f_abs", "f_sq", "f_l2", "n_mol", "n_comp", "n_atoms")
 
@@ -88,4 +93,4 @@ def evaluate(model, dataset, indices, cfg, device, rank: int = 0, world: int = 1
     return sums.all_reduce(group).metrics()
 
 
-__all__ = ["ErrorSums", "evaluate", "UNITS_HEADER", "MEV_PER_EV", "KCAL_PER_EV"]
+__all__ = ["ErrorSums", "evaluate", "UNITS_HEADER", "MEV_PER_EV", "KCAL_PER_EV", "units_header"]

@@ -13,8 +13,15 @@ import sys
 import torch
 
 from .metrics import UNITS_HEADER
+from .run_folder import EPOCH_ROW, STEP_ROW
 
 log = logging.getLogger("scalable_equiformer.training")
+
+#: how best.pt is chosen (the trainer's ``_end_of_epoch``), as the log header says it
+BEST_RULE = ("the evaluated epoch with the lowest validation force MAE (meV/Å per component), marked *best "
+             "in the epoch lines")
+BEST_RULE_NO_VAL = ("no validation frames (data.val_size 0), so no *best: the latest weights, written at the first "
+                    "evaluation and at the end")
 
 
 class ProgressLog:
@@ -56,6 +63,7 @@ class ProgressLog:
                  cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale, cfg.model.energy_normalization, cfg.optim.lr,
                  cfg.optim.warmup_epochs, cfg.optim.warmup_lr, cfg.optim.scheduler, cfg.optim.min_lr,
                  cfg.optim.weight_decay, f", EMA {cfg.train.ema_decay}" if self.ema else "")
+        log.info("best.pt: %s", BEST_RULE if len(self.val_idx) else BEST_RULE_NO_VAL)
 
     def _bar(self, epoch: int):
         if not (self.info.is_main and self.cfg.train.progress):
@@ -69,7 +77,7 @@ class ProgressLog:
     def _log_interval(self, epoch: int, train_loss: float) -> None:
         """A ``metrics.csv`` row (and TensorBoard scalars) of the mean loss since the last one (rank 0)."""
         row = {"epoch": epoch, "step": self.step, "lr": self.schedule(self.step - 1),
-               "train_loss": train_loss, "time": round(self.elapsed(), 3)}
+               "train_loss": train_loss, "time": round(self.elapsed(), 3), "kind": STEP_ROW}
         self.run.append_metrics(row)
         if self.writer is not None:
             self.writer.add_scalar("train/loss", row["train_loss"], self.step)
@@ -80,7 +88,8 @@ class ProgressLog:
         cfg = self.cfg
         row = {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": train_loss,
                "val_energy_mae_meV": metrics.get("energy_mae_meV"),
-               "val_force_mae_meV_per_A": metrics.get("force_mae_meV_per_A"), "time": round(self.elapsed(), 3)}
+               "val_force_mae_meV_per_A": metrics.get("force_mae_meV_per_A"), "time": round(self.elapsed(), 3),
+               "kind": EPOCH_ROW}
         self.run.append_metrics(row)
         if self.writer is not None and metrics:
             self.writer.add_scalar("val/energy_mae_meV", metrics["energy_mae_meV"], self.step)

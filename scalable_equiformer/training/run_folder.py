@@ -7,7 +7,7 @@ holds::
     versions.json     python, torch, e3nn, deepspeed, torch_geometric, numpy, git hash
     splits.npz        the frame indices of train / val / test
     train.log         the log of rank 0
-    metrics.csv       epoch, step, lr, train_loss, val_energy_mae_meV, val_force_mae_meV_per_A, time
+    metrics.csv       epoch, step, lr, train_loss, val_energy_mae_meV, val_force_mae_meV_per_A, time, kind
     tensorboard/      TensorBoard events (same scalars)                    (training/progress.py)
     last.pt, best.pt  checkpoints (best by validation force MAE), written atomically (run_state.py)
     deepspeed/<tag>/  DeepSpeed's sharded optimizer state (DeepSpeed runs only)
@@ -23,8 +23,12 @@ exists; files are not written through a symbolic link planted in the folder (ref
 Temporary files of atomic writes left by a kill (``.<name>.<random>.tmp``) are removed once the
 lock is held.
 
-``metrics.csv`` has the columns :data:`CSV_COLUMNS`: one row per logged interval and per epoch,
-appended by :class:`RunFolder`, rewritten atomically when a resumed run drops later rows.
+``metrics.csv`` has the columns :data:`CSV_COLUMNS`: one row per logged interval (``kind`` ``step``:
+``train_loss`` is the mean over the ``train.log_every`` steps up to ``step``) and one per epoch
+(``kind`` ``epoch``: ``train_loss`` the epoch's mean, the validation MAEs when it was evaluated). An
+epoch's last step can have both rows, with the same ``step``: ``kind`` tells them apart. Appended by
+:class:`RunFolder`, rewritten atomically when a resumed run drops later rows; files written before
+``kind`` existed get it on reading (:func:`row_kinds`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,25 @@ LOCK_FILE = ".lock"
 #: splits.npz writes of earlier versions)
 TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(tmp|npz\.part)$")
 
-CSV_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time"]
+CSV_COLUMNS = ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time", "kind"]
+
+#: ``kind`` of a metrics.csv row: a logged interval of steps, or an epoch's end
+STEP_ROW, EPOCH_ROW = "step", "epoch"
+
+
+def row_kinds(rows: list[dict]) -> list[dict]:
+    """``rows`` with ``kind`` filled where a file written before the column existed lacks it: each
+    epoch's rows end with its epoch row (the trainer writes it after the epoch's steps)."""
+    if all(r.get("kind") for r in rows):
+        return rows
+    out = []
+    for i, r in enumerate(rows):
+        if not r.get("kind"):
+            last_of_epoch = i + 1 == len(rows) or rows[i + 1].get("epoch") != r.get("epoch")
+            has_val = r.get("val_force_mae_meV_per_A") not in ("", None)
+            r = {**r, "kind": EPOCH_ROW if (last_of_epoch or has_val) else STEP_ROW}
+        out.append(r)
+    return out
 
 
 def _fmt(x) -> str:
@@ -69,7 +91,7 @@ class RunFolder:
         if not p.is_file():
             return []
         with p.open(newline="") as fh:
-            return list(csv.DictReader(fh))
+            return row_kinds(list(csv.DictReader(fh)))
 
     def write_metrics(self, rows: list[dict]) -> None:
         buf = io.StringIO()
@@ -251,18 +273,35 @@ def _refuse_existing(path: Path) -> None:
                       "choose another train.run_name")
 
 
+def learning_curve_series(rows: list[dict]) -> dict:
+    """What :func:`plot_learning_curve` draws: ``steps`` (step, loss) of the interval rows, the line;
+    ``epoch_loss`` (step, loss) of the epoch rows, markers; ``epochs``, the epoch rows."""
+    rows = row_kinds(rows)
+    has_loss = [r for r in rows if r.get("train_loss") not in ("", None)]
+    step_rows = [r for r in has_loss if r["kind"] == STEP_ROW]
+    epoch_rows = [r for r in rows if r["kind"] == EPOCH_ROW]
+    epoch_loss = [r for r in epoch_rows if r.get("train_loss") not in ("", None)]
+    return {"steps": ([int(r["step"]) for r in step_rows], [float(r["train_loss"]) for r in step_rows]),
+            "epoch_loss": ([int(r["step"]) for r in epoch_loss], [float(r["train_loss"]) for r in epoch_loss]),
+            "epochs": epoch_rows}
+
+
 def plot_learning_curve(rows: list[dict], path: Path) -> None:
-    """``learning_curve.png``: training loss per logged step, validation MAEs per epoch (log scales)."""
+    """``learning_curve.png``: the training loss of the logged intervals as a line over steps, each
+    epoch's mean loss as a marker at its last step, validation MAEs per epoch (log scales)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ep = [r for r in rows if r.get("val_force_mae_meV_per_A") not in ("", None)]
-    tr = [r for r in rows if r.get("train_loss") not in ("", None)]
+    series = learning_curve_series(rows)
+    ep = [r for r in series["epochs"] if r.get("val_force_mae_meV_per_A") not in ("", None)]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    if tr:
-        ax[0].plot([int(r["step"]) for r in tr], [float(r["train_loss"]) for r in tr], lw=1)
+    if series["steps"][0]:
+        ax[0].plot(*series["steps"], lw=1, label="mean over train.log_every steps")
+    if series["epoch_loss"][0]:
+        ax[0].plot(*series["epoch_loss"], "o", ms=3, label="epoch mean")
+        ax[0].legend()
     ax[0].set_xlabel("optimizer step")
     ax[0].set_ylabel("training loss (normalised)")
     ax[0].set_yscale("log")
@@ -281,5 +320,6 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     ckpt_io.atomic_write_bytes(path, lambda fh: fh.write(buf.getvalue()))
 
 
-__all__ = ["CSV_COLUMNS", "LOCK_FILE", "RunFolder", "create_run_folder", "check_not_locked", "dataset_label", "lock_run_folder",
-           "new_run_path", "open_no_follow", "plot_learning_curve", "unlock_run_folder"]
+__all__ = ["CSV_COLUMNS", "EPOCH_ROW", "LOCK_FILE", "STEP_ROW", "RunFolder", "check_not_locked", "create_run_folder",
+           "dataset_label", "learning_curve_series", "lock_run_folder", "new_run_path", "open_no_follow",
+           "plot_learning_curve", "row_kinds", "unlock_run_folder"]

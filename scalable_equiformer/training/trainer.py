@@ -428,6 +428,31 @@ class Trainer(CheckpointSteps, ProgressLog):
             log.info("done in %.0f s; results: %s", self.elapsed(), self.run / "results.json")
         return results
 
+    def log_stop(self, exc: KeyboardInterrupt) -> None:
+        """One line on rank 0 for a run stopped by SIGTERM (:class:`runtime.Terminated`) or SIGINT:
+        the signal, how far it got, its last checkpoint and how to continue; sets ``exc.logged``.
+        Nothing before the run folder exists (``train.py`` says it then)."""
+        run, info = getattr(self, "run", None), getattr(self, "info", None)
+        if run is None or info is None or not info.is_main:
+            return
+        name = getattr(exc, "signal_name", "SIGINT (Ctrl-C)")
+        step = getattr(self, "step", None)
+        at = f" after step {step}" if step is not None else " during set-up"
+        last = run / "last.pt"
+        try:
+            ck = ckpt_io.load_checkpoint(last) if last.is_file() else None
+        except CheckpointError as e:
+            log.warning("stopped by %s%s; the last checkpoint cannot be read: %s", name, at, e)
+        else:
+            if ck is None:
+                log.warning("stopped by %s%s, before the first checkpoint (no %s): nothing to resume; start it "
+                            "again after deleting %s (or with another train.run_name)", name, at, last, run.path)
+            else:
+                log.warning("stopped by %s%s; last checkpoint: %s (epoch %s, step %s); continue from it with: "
+                            "python train.py --resume %s", name, at, last, ck.get("epoch"),
+                            ck.get("step"), run.path)
+        exc.logged = True
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -453,8 +478,12 @@ def run(config: Config, resume: Optional[str] = None, *, stop_after_epochs: Opti
     trainer = Trainer(config, resume=resume, stop_after_epochs=stop_after_epochs)
     threads = torch.get_num_threads()
     try:
-        trainer.setup()
-        return trainer.train()
+        with runtime.sigterm_as_interrupt():  # SIGTERM (schedulers) stops like Ctrl-C, with a line
+            trainer.setup()
+            return trainer.train()
+    except KeyboardInterrupt as exc:
+        trainer.log_stop(exc)
+        raise
     finally:
         trainer.close()
         runtime.shutdown_distributed()
