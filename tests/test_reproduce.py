@@ -191,3 +191,27 @@ def test_suites_match_the_shipped_configs_and_catalog():
             variants = {(load_config(r.config, r.overrides).model.message,
                          load_config(r.config, r.overrides).model.attention) for r in suite.runs}
             assert variants == {("nonlinear", "mlp"), ("linear", "mlp"), ("linear", "dot")}
+
+
+def test_launch_resumes_an_interrupted_run_and_moves_a_rerun_aside(tmp_path):
+    """train.py refuses a run folder that exists, so reproduce decides first: an interrupted run
+    (last.pt, no results.json) is continued with --resume; under --rerun a finished run, and a folder
+    without a checkpoint, are moved aside (nothing deleted) and trained afresh."""
+    suite = rp.md17_suite(["aspirin"], lmax=2)
+    run = suite.runs[0]
+    suite_dir = tmp_path / suite.name
+    rd = suite_dir / run.key
+    rd.mkdir(parents=True)
+    (rd / "last.pt").write_bytes(b"x")
+    logs = []
+    assert rp._prepare_run_folder(rd, rerun=False, log=logs.append) is True
+    assert rd.is_dir() and "resumed" in logs[-1]
+    assert rp.train_command(run, suite_dir, resume=True)[-2:] == ["--resume", str(rd)]
+    (rd / "results.json").write_text("{}")
+    assert rp._prepare_run_folder(rd, rerun=True, log=logs.append) is False
+    assert not rd.exists() and "moved to" in logs[-1]
+    (aside,) = suite_dir.glob(f"{run.key}.old-*")
+    assert (aside / "results.json").read_text() == "{}" and (aside / "last.pt").read_bytes() == b"x"
+    rd.mkdir()  # a folder without a checkpoint (a run that died before its first epoch)
+    assert rp._prepare_run_folder(rd, rerun=False, log=logs.append) is False and not rd.exists()
+    assert rp._prepare_run_folder(rd, rerun=False, log=logs.append) is False  # nothing there: nothing to do

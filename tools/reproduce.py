@@ -267,8 +267,8 @@ def apply_options(suite: Suite, *, epochs: Optional[int] = None, data_root: Opti
 
 
 def train_command(run: RunSpec, suite_dir: Path, launcher: str = "python", nproc: Optional[int] = None,
-                  python: Optional[str] = None) -> list[str]:
-    """The command that trains ``run`` into ``suite_dir/run.key``."""
+                  python: Optional[str] = None, resume: bool = False) -> list[str]:
+    """The command that trains ``run`` into ``suite_dir/run.key`` (``resume``: continues the run there)."""
     script = str(REPO_ROOT / "train.py")
     if launcher == "python":
         cmd = [python or sys.executable, script]
@@ -276,8 +276,30 @@ def train_command(run: RunSpec, suite_dir: Path, launcher: str = "python", nproc
         cmd = ["deepspeed"] + (["--num_gpus", str(nproc)] if nproc else []) + [script]
     else:
         raise UserError(f"--launcher must be python or deepspeed, not {launcher!r}")
+    if resume:
+        return cmd + ["--resume", str(suite_dir / run.key)]
     sets = list(run.overrides) + [f"train.out_dir={suite_dir}", f"train.run_name={run.key}"]
     return cmd + ["--config", run.config] + [x for s in sets for x in ("--set", s)]
+
+
+def _prepare_run_folder(run_dir: Path, rerun: bool, log=print) -> bool:
+    """What to do with ``run_dir`` before training into it (a run folder belongs to one run: train.py
+    refuses a folder that exists). An interrupted run (``last.pt``, no ``results.json``) is resumed
+    (returns True); a finished one under ``--rerun``, or a folder without a checkpoint, is moved aside to
+    ``<key>.old-<time>`` (nothing is deleted) and the run starts afresh (False)."""
+    if not run_dir.exists():
+        return False
+    if not rerun and (run_dir / "last.pt").is_file() and not (run_dir / "results.json").is_file():
+        log(f"    {run_dir.name}: interrupted run (last.pt), resumed")
+        return True
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
+    run_dir.rename(aside)
+    log(f"    {run_dir.name}: earlier folder moved to {aside}")
+    return False
 
 
 def launch(suite: Suite, out: Path, *, launcher: str = "python", nproc: Optional[int] = None,
@@ -289,14 +311,16 @@ def launch(suite: Suite, out: Path, *, launcher: str = "python", nproc: Optional
     codes: dict[str, int] = {}
     for i, run in enumerate(suite.runs, 1):
         cmd = train_command(run, suite_dir, launcher=launcher, nproc=nproc)
-        line = " ".join(shlex.quote(c) for c in cmd)
         if dry_run:
-            log(line)
+            log(" ".join(shlex.quote(c) for c in cmd))
             continue
         if skip_done and (suite_dir / run.key / "results.json").is_file():
             log(f"[{i}/{len(suite.runs)}] {run.key}: results.json exists, skipped")
             codes[run.key] = 0
             continue
+        if _prepare_run_folder(suite_dir / run.key, rerun=not skip_done, log=log):
+            cmd = train_command(run, suite_dir, launcher=launcher, nproc=nproc, resume=True)
+        line = " ".join(shlex.quote(c) for c in cmd)
         suite_dir.mkdir(parents=True, exist_ok=True)
         log_path = suite_dir / f"{run.key}.log"
         log(f"[{i}/{len(suite.runs)}] {run.key}: {line}\n    log: {log_path}")
