@@ -8,8 +8,8 @@
 >>> VelocityVerlet(atoms, timestep=0.5 * ase.units.fs).run(1000)    # doctest: +SKIP
 
 Units are ASE's and the model's: positions in Å, energy in eV, forces in eV/Å. The model is for
-isolated molecules (no periodic boundary conditions); a periodic ``Atoms`` is refused.
-Positions go to the model in float64 and each molecule is centred
+isolated molecules (no periodic boundary conditions); a periodic ``Atoms`` is refused, and so are
+two atoms at the same position. Positions go to the model in float64 and each molecule is centred
 before the cast to the model's dtype, so a molecule far from the origin gives the same numbers.
 
 The calculator is a thin adapter: ``Atoms`` -> a one-molecule torch-geometric ``Batch`` (``pos`` float64,
@@ -168,6 +168,9 @@ class EquiformerCalculator(Calculator):
                              elements=self.elements, where=f"EquiformerCalculator({self._label()})",
                              strict=self.strict, warned=self._warned,
                              hint="EquiformerCalculator(..., strict=False) computes them with a warning")
+        from .data.sgdml import check_no_coincident_atoms
+
+        check_no_coincident_atoms(np.asarray(atoms.positions), f"EquiformerCalculator({self._label()})", what="")
         # float64 whatever the model dtype: the model centres each molecule before its cast
         # (nn/forces.prepare_inputs), so a molecule far from the origin keeps its geometry
         pos = torch.as_tensor(np.asarray(atoms.positions), dtype=torch.float64, device=self.device)

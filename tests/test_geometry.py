@@ -1,5 +1,6 @@
 """Geometry is what the model says it is (issue 24, item 3): a molecule far from the origin gives
-the same numbers as at the origin."""
+the same numbers as at the origin; periodic frames and coincident atoms are refused in one line,
+before a run folder is written."""
 
 from __future__ import annotations
 
@@ -92,3 +93,83 @@ def test_calculator_far_from_the_origin(aspirin):
     e1, f1 = far.get_potential_energy(), far.get_forces()
     assert e1 == pytest.approx(e0, rel=1e-6, abs=1e-5)
     np.testing.assert_allclose(f1, f0, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- files the model cannot learn from
+def _demo_arrays(n=40):
+    with np.load(DEMO_DATA) as f:
+        return {"R": f["R"][:n].copy(), "E": f["E"][:n].copy(), "F": f["F"][:n].copy(), "z": f["z"].copy(),
+                "e_unit": f["e_unit"], "r_unit": f["r_unit"]}
+
+
+def _write_npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return path
+
+
+def _write_extxyz(path: Path, arrays, header: str) -> Path:
+    from ase.data import chemical_symbols
+
+    lines = []
+    for R, E, F in zip(arrays["R"], arrays["E"].reshape(-1), arrays["F"]):
+        lines.append(f"{len(arrays['z'])}")
+        lines.append(f'Properties=species:S:1:pos:R:3:forces:R:3 energy={float(E)!r} energy_unit=kcal/mol {header}')
+        for zi, r, f in zip(arrays["z"], R.tolist(), F.tolist()):
+            lines.append(" ".join([chemical_symbols[int(zi)]] + [repr(v) for v in r + f]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _one_line(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and isinstance(err.value, UserError)
+    return msg
+
+
+def test_readers_refuse_periodic_frames(tmp_path):
+    a = _demo_arrays(4)
+    boxed = _write_extxyz(tmp_path / "box.extxyz", a, 'Lattice="3 0 0 0 3 0 0 0 3" pbc="F F F"')
+    assert len(load_dataset(boxed)) == 4  # a cell without periodicity is only a box: read
+    periodic = _write_extxyz(tmp_path / "periodic.extxyz", a, 'Lattice="6 0 0 0 6 0 0 0 6" pbc="T T T"')
+    with pytest.raises(DataError) as err:
+        load_dataset(periodic)
+    msg = _one_line(err)
+    assert msg.startswith(f"{periodic}: frame 0 is periodic (pbc=TTT, cell 6 x 6 x 6 Å)") and "isolated molecules" in msg
+    lattice = _write_npz(tmp_path / "lattice.npz", **a, lattice=np.eye(3) * 6.0)  # sGDML's periodic sets
+    with pytest.raises(DataError) as err:
+        load_dataset(lattice)
+    assert _one_line(err).startswith(f"{lattice}: has a 'lattice' (a periodic cell)")
+
+
+def test_readers_and_calculator_refuse_coincident_atoms(tmp_path, aspirin):
+    a = _demo_arrays(10)
+    a["R"][6, 7] = a["R"][6, 2]
+    p = _write_npz(tmp_path / "same.npz", **a)
+    with pytest.raises(DataError) as err:
+        load_dataset(p)
+    assert _one_line(err) == (f"{p}: frame 6: atoms 2 and 7 are at the same position (distance 0); "
+                              "a molecule needs distinct atom positions")
+    rmd17 = _write_npz(tmp_path / "same_rmd17.npz", nuclear_charges=a["z"], coords=a["R"], energies=a["E"][:, 0],
+                       forces=a["F"])
+    with pytest.raises(DataError, match=r"frame 6: atoms 2 and 7 are at the same position"):
+        load_dataset(rmd17)
+    xyz = _write_extxyz(tmp_path / "same.extxyz", a, 'pbc="F F F"')
+    with pytest.raises(DataError, match=r"same.extxyz: frame 6: atoms 2 and 7 are at the same position"):
+        load_dataset(xyz)
+    calc = EquiformerCalculator(_model(aspirin, "float64").eval(), device="cpu")
+    atoms = Atoms(numbers=a["z"], positions=a["R"][6])
+    atoms.calc = calc
+    with pytest.raises(UserError, match=r"EquiformerCalculator\(Equiformer\): atoms 2 and 7 are at the same position"):
+        atoms.get_potential_energy()
+
+
+def test_cli_refuses_a_periodic_extxyz_in_one_line_before_the_run_folder(tmp_path):
+    data = _write_extxyz(tmp_path / "periodic.extxyz", _demo_arrays(40), 'Lattice="8 0 0 0 8 0 0 0 8" pbc="T T T"')
+    out = tmp_path / "runs"
+    proc = launch(train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(out, f"data.path={data}"))), cwd=tmp_path, timeout=240)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: {data}: frame 0 is periodic (pbc=TTT")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not out.exists() or not any(out.iterdir())

@@ -18,6 +18,10 @@ Supported formats
 Every reader returns a :class:`RawData` in the package's units: positions in Å, energies in eV,
 forces in eV/Å, all float64; atomic numbers int64. Every bad input raises
 :class:`~scalable_equiformer.errors.DataError` with one line naming the file and the problem.
+
+Geometry: the model is for isolated molecules. Periodic frames (an extxyz frame with ``pbc`` true
+in any direction, an sGDML file with a ``lattice``) and frames with two atoms at the same position
+are refused.
 """
 
 from __future__ import annotations
@@ -159,6 +163,35 @@ def _as_float(arr: np.ndarray, key: str, path) -> np.ndarray:
     return np.asarray(arr, dtype=np.float64)
 
 
+def coincident_atoms(R: np.ndarray) -> tuple[int, int, int] | None:
+    """(frame, i, j) of the first frame with two atoms i < j at the same position (distance 0),
+    else None. ``R``: [n, N, 3] or [N, 3]. Sorts each frame's atoms by (x, y, z): O(n N log N)."""
+    R = np.asarray(R)
+    if R.ndim == 2:
+        R = R[None]
+    if R.shape[1] < 2:
+        return None
+    order = np.lexsort((R[..., 2], R[..., 1], R[..., 0]), axis=-1)  # [n, N]
+    S = np.take_along_axis(R, order[..., None], axis=1)
+    same = (S[:, 1:] == S[:, :-1]).all(-1)  # [n, N - 1]: neighbours in sorted order coincide
+    if not same.any():
+        return None
+    f, k = (int(v) for v in np.argwhere(same)[0])
+    i, j = sorted((int(order[f, k]), int(order[f, k + 1])))
+    return f, i, j
+
+
+def check_no_coincident_atoms(R: np.ndarray, path, what: str = "frame") -> None:
+    """DataError naming the file, the frame and the two atoms when two atoms of a frame coincide
+    (edge vectors of length 0: NaN forces, or a meaningless number)."""
+    hit = coincident_atoms(R)
+    if hit is not None:
+        f, i, j = hit
+        where = f"{what} {f}: " if what else ""
+        raise DataError(f"{path}: {where}atoms {i} and {j} are at the same position (distance 0); "
+                        "a molecule needs distinct atom positions")
+
+
 def validate_arrays(z, R, E, F, path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Check shapes, dtypes and finiteness of raw z, R, E, F; return (z int64, R, E [n], F) float64.
 
@@ -197,6 +230,7 @@ def validate_arrays(z, R, E, F, path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     _check_finite(R, "positions", path)
     _check_finite(E.reshape(n, 1), "energies", path)
     _check_finite(F, "forces", path)
+    check_no_coincident_atoms(R, path)
     return z, R, E, F
 
 
@@ -272,6 +306,9 @@ def read_npz(
                 f"{path}: missing key {missing[0]!r} ({_FORMAT_LABEL[fmt]} files need {', '.join(names)}; "
                 f"found {', '.join(sorted(keys)) or 'none'})"
             )
+        if "lattice" in keys:  # sGDML's periodic datasets carry their cell here
+            raise DataError(f"{path}: has a 'lattice' (a periodic cell); the model is for isolated molecules "
+                            "(no periodic boundary conditions)")
         raw = {short: _get(npz, key, path) for short, key in zip(("R", "E", "F", "z"), names)}
         meta = {k: _text(_get(npz, k, path)) for k in ("name", "theory", "md5", "e_unit", "r_unit") if k in keys}
 
@@ -353,6 +390,11 @@ def read_ase(
     for i, atoms in enumerate(frames):
         if len(atoms) != len(z0) or not np.array_equal(atoms.get_atomic_numbers(), z0):
             raise DataError(f"{path}: frame {i} is a different molecule than frame 0")
+        if np.any(atoms.pbc):
+            a, b, c = (float(x) for x in atoms.cell.lengths())
+            raise DataError(f"{path}: frame {i} is periodic (pbc={''.join('T' if p else 'F' for p in atoms.pbc)}, "
+                            f"cell {a:.4g} x {b:.4g} x {c:.4g} Å); the model is for isolated molecules: "
+                            'write pbc="F F F" if the cell is only a box')
         energy = _frame_energy(atoms)
         forces = _frame_forces(atoms)
         if energy is None:
@@ -429,6 +471,8 @@ __all__ = [
     "read_npz",
     "read_ase",
     "read_file",
+    "check_no_coincident_atoms",
+    "coincident_atoms",
     "unit_factor",
     "validate_arrays",
 ]
