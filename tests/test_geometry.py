@@ -1,6 +1,6 @@
-"""Geometry is what the model says it is (issue 24, item 3): a molecule far from the origin gives
-the same numbers as at the origin; periodic frames and coincident atoms are refused in one line,
-before a run folder is written."""
+"""Geometry is what the model says it is (issue 24, item 3): periodic frames, far-away molecules,
+coincident atoms, graphs without edges, one-atom molecules and all-zero forces are refused in one
+line or give the same numbers, before a run folder is written."""
 
 from __future__ import annotations
 
@@ -162,6 +162,33 @@ def test_readers_and_calculator_refuse_coincident_atoms(tmp_path, aspirin):
     atoms.calc = calc
     with pytest.raises(UserError, match=r"EquiformerCalculator\(Equiformer\): atoms 2 and 7 are at the same position"):
         atoms.get_potential_energy()
+
+
+def _train_refuses(tmp_path, data, *extra) -> str:
+    """The one-line DataError a tiny in-process run stops with; no run folder is left."""
+    cfg = tiny_config(tmp_path / "runs", f"data.path={data}", *extra)
+    with pytest.raises(DataError) as err:
+        train_in_process(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    return _one_line(err)
+
+
+def test_training_refuses_a_graph_without_edges_before_the_run_folder(tmp_path):
+    msg = _train_refuses(tmp_path, DEMO_DATA, "model.cutoff=0.5")
+    assert msg.startswith(f"{DEMO_DATA}: no two atoms are closer than model.cutoff = 0.5 Å in the 16 training frames read "
+                          "(shortest distance ")
+    assert "the radius graph has no edges; raise model.cutoff" in msg
+
+
+def test_training_refuses_one_atom_molecules_and_zero_forces(tmp_path):
+    a = _demo_arrays(40)
+    one = _write_npz(tmp_path / "one.npz", R=a["R"][:, :1], E=a["E"], F=a["F"][:, :1], z=a["z"][:1], e_unit=a["e_unit"])
+    msg = _train_refuses(tmp_path / "a", one)
+    assert msg == (f"{one}: a molecule of the training split has 1 atom(s); the model learns from atom pairs "
+                   "and needs molecules of at least 2 atoms")
+    zero = _write_npz(tmp_path / "zero.npz", **{**a, "F": np.zeros_like(a["F"])})
+    msg = _train_refuses(tmp_path / "b", zero)
+    assert msg.startswith(f"{zero}: every force of the 16 training frames read is zero")
 
 
 def test_cli_refuses_a_periodic_extxyz_in_one_line_before_the_run_folder(tmp_path):
