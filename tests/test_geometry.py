@@ -1,6 +1,6 @@
 """Geometry is what the model says it is (issue 24, item 3): periodic frames, far-away molecules,
-coincident atoms, graphs without edges, one-atom molecules and all-zero forces are refused in one
-line or give the same numbers, before a run folder is written."""
+coincident atoms, graphs without edges, one-atom molecules, all-zero forces and unmarked energy
+units are refused in one line or give the same numbers, before a run folder is written."""
 
 from __future__ import annotations
 
@@ -200,3 +200,66 @@ def test_cli_refuses_a_periodic_extxyz_in_one_line_before_the_run_folder(tmp_pat
     assert lines[0].startswith(f"error: {data}: frame 0 is periodic (pbc=TTT")
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_names_the_assumed_unit_and_refuses_zero_forces(tmp_path):
+    a = _demo_arrays(40)
+    data = _write_npz(tmp_path / "nounit.npz", R=a["R"], E=a["E"], F=np.zeros_like(a["F"]), z=a["z"])
+    out = tmp_path / "runs"
+    proc = launch(train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(out, f"data.path={data}"))), cwd=tmp_path, timeout=240)
+    assert f"{data}: no energy unit marker in the file; energies and forces read as kcal/mol" in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: {data}: every force of the 16 training frames read is zero")
+    assert not out.exists() or not any(out.iterdir())
+
+
+# ---------------------------------------------------------------- energy units
+@pytest.fixture
+def data_log():
+    """Records of the readers' logger (whatever an earlier run's logging set-up left)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("scalable_equiformer.data.sgdml")
+    h, level = Keep(level=logging.INFO), logger.level
+    logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(h)
+    logger.setLevel(level)
+
+
+def test_assumed_unit_is_logged_and_implausible_energies_warned(tmp_path, data_log):
+    load_dataset(DEMO_DATA)  # the demo file says kcal/mol: nothing assumed, nothing to warn about
+    assert data_log == []
+    with np.load(ETHANOL) as f:  # all-electron MD17 ethanol, kcal/mol
+        a = {k: f[k].copy() for k in ("R", "E", "F", "z")}
+    plain = _write_npz(tmp_path / "plain.npz", **a)
+    load_dataset(plain)
+    assert [(r.levelno, r.getMessage()) for r in data_log] == [
+        (logging.INFO, f"{plain}: no energy unit marker in the file; energies and forces read as kcal/mol "
+                       "(the sGDML and rMD17 convention)")]
+    data_log.clear()
+    # the same energies in meV, written without a marker: read as kcal/mol, 20 keV per atom
+    mev = _write_npz(tmp_path / "mev.npz", **{**a, "E": a["E"] / 23.060547830619026 * 1e3})
+    load_dataset(mev)
+    warn = [r.getMessage() for r in data_log if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and warn[0].startswith(f"{mev}: energies average 2.0")
+    assert "eV per atom when read as kcal/mol (assumed: the file has no unit marker)" in warn[0]
+    assert "probably in another unit" in warn[0]
+    data_log.clear()
+    # an extxyz in kcal/mol read with the ASE default (eV): 23 times too large
+    xyz = tmp_path / "kcal_as_ev.extxyz"
+    xyz.write_text(_write_extxyz(tmp_path / "tmp.extxyz", a, 'pbc="F F F"').read_text().replace(" energy_unit=kcal/mol", ""))
+    load_dataset(xyz)
+    msgs = [(r.levelno, r.getMessage()) for r in data_log]
+    assert (logging.INFO, f"{xyz}: no energy unit marker in the file; energies and forces read as eV "
+                          "(the ASE convention)") in msgs
+    assert any(lv == logging.WARNING and "when read as eV (assumed" in m for lv, m in msgs)
+    data_log.clear()
+    load_dataset(xyz, energy_unit="kcal/mol")  # the right unit given: no line at all
+    assert data_log == []

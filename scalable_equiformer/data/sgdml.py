@@ -21,12 +21,15 @@ forces in eV/Å, all float64; atomic numbers int64. Every bad input raises
 
 Geometry: the model is for isolated molecules. Periodic frames (an extxyz frame with ``pbc`` true
 in any direction, an sGDML file with a ``lattice``) and frames with two atoms at the same position
-are refused.
+are refused. A unit taken by default (no marker in the file, none passed) is logged, and energies
+larger per atom than the total electronic energy of the atoms can be (:func:`check_energy_scale`)
+get a warning: the file is then in another unit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -36,6 +39,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 #: 1 eV = 23.060547830619026 kcal/mol (CODATA 2018 e, N_A and the thermochemical calorie).
 KCAL_PER_EV = 23.060547830619026
@@ -192,6 +197,41 @@ def check_no_coincident_atoms(R: np.ndarray, path, what: str = "frame") -> None:
                         "a molecule needs distinct atom positions")
 
 
+#: Thomas-Fermi total energy of a neutral atom, -0.7687 Z^(7/3) Hartree: larger in magnitude than
+#: the exact (all-electron) energy of every atom; molecules add a few eV per atom of binding.
+_TF_HARTREE = 0.7687
+
+
+def energy_scale_bound(z: np.ndarray) -> float:
+    """Upper bound (eV per atom) on |total energy| of a molecule of atoms ``z``: 1.5 times the
+    Thomas-Fermi energy of its atoms, averaged over them (H 31 eV, C 2.1 keV, O 4.0 keV; the exact
+    all-electron energies are H 13.6 eV, C 1.03 keV, O 2.04 keV). It catches all-electron energies in
+    a unit 2 or more times smaller than the one assumed (kcal/mol read as eV, meV read as kcal/mol);
+    energies relative to atomic references or of valence electrons only are much smaller and pass."""
+    z = np.asarray(z, dtype=np.float64)
+    return float(1.5 * _TF_HARTREE * EV_PER_HARTREE * np.mean(z ** (7.0 / 3.0)))
+
+
+def check_energy_scale(z: np.ndarray, energies_ev: np.ndarray, unit: str, assumed: bool, path) -> bool:
+    """Warn (log) when the energies, read in ``unit``, are larger per atom than any molecule of
+    these atoms can have (:func:`energy_scale_bound`): the file is in another unit. Returns True
+    when it warned."""
+    per_atom = float(np.mean(np.abs(energies_ev))) / max(int(np.asarray(z).size), 1)
+    bound = energy_scale_bound(z)
+    if per_atom <= bound:
+        return False
+    how = "assumed: the file has no unit marker" if assumed else "as the file says"
+    log.warning("%s: energies average %.4g eV per atom when read as %s (%s), more than the total electronic "
+                "energy of these atoms can be (at most ~%.4g eV per atom): the file is probably in another unit; "
+                "give its unit as a marker in the file (npz: e_unit, extxyz: energy_unit=)", path, per_atom, unit,
+                how, bound)
+    return True
+
+
+def _log_assumed_unit(path, unit: str, why: str) -> None:
+    log.info("%s: no energy unit marker in the file; energies and forces read as %s (%s)", path, unit, why)
+
+
 def validate_arrays(z, R, E, F, path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Check shapes, dtypes and finiteness of raw z, R, E, F; return (z int64, R, E [n], F) float64.
 
@@ -326,6 +366,10 @@ def read_npz(
     r_fac = unit_factor(r_unit, "length", path)
 
     z, R, E, F = validate_arrays(raw["z"], raw["R"], raw["E"], raw["F"], path)
+    assumed = meta.get("e_unit") is None and energy_unit is None
+    if assumed:
+        _log_assumed_unit(path, e_unit, "the sGDML and rMD17 convention")
+    check_energy_scale(z, E / e_fac, e_unit, assumed, path)
     return RawData(
         z=z,
         positions=R * r_fac if r_fac != 1.0 else R,
@@ -407,6 +451,10 @@ def read_ase(
     z, R, E, F = validate_arrays(z0, np.stack(R), np.asarray(E, float), np.stack(F), path)
     e_fac = unit_factor(e_unit, "energy", path)
     r_fac = unit_factor(r_unit, "length", path)
+    assumed = file_e is None and energy_unit is None
+    if assumed:
+        _log_assumed_unit(path, e_unit, "the ASE convention")
+    check_energy_scale(z, E / e_fac, e_unit, assumed, path)
     return RawData(
         z=z,
         positions=R * r_fac if r_fac != 1.0 else R,
@@ -471,6 +519,7 @@ __all__ = [
     "read_npz",
     "read_ase",
     "read_file",
+    "check_energy_scale",
     "check_no_coincident_atoms",
     "coincident_atoms",
     "unit_factor",
