@@ -8,9 +8,11 @@
 >>> VelocityVerlet(atoms, timestep=0.5 * ase.units.fs).run(1000)    # doctest: +SKIP
 
 Units are ASE's and the model's: positions in Å, energy in eV, forces in eV/Å. The model is for
-isolated molecules (no periodic boundary conditions); a periodic ``Atoms`` is refused.
+isolated molecules (no periodic boundary conditions); a periodic ``Atoms`` is refused, and so are
+two atoms at the same position. Positions go to the model in float64 and each molecule is centred
+before the cast to the model's dtype, so a molecule far from the origin gives the same numbers.
 
-The calculator is a thin adapter: ``Atoms`` -> a one-molecule torch-geometric ``Batch`` (``pos``,
+The calculator is a thin adapter: ``Atoms`` -> a one-molecule torch-geometric ``Batch`` (``pos`` float64,
 ``z``, ``batch``) -> ``model(batch, compute_forces=True)`` -> ``energy`` [1] and ``forces`` [N, 3].
 It computes exactly what ``model(batch)`` computes (tested), in the model's dtype, on ``device``.
 A checkpoint is read by :func:`scalable_equiformer.inference.load_model` (the loader
@@ -151,7 +153,7 @@ class EquiformerCalculator(Calculator):
     # -- Atoms -> Batch -> model ---------------------------------------------------------------
 
     def atoms_to_batch(self, atoms):
-        """A one-molecule torch-geometric ``Batch`` (``pos`` Å in the model dtype, ``z``, ``batch``)."""
+        """A one-molecule torch-geometric ``Batch`` (``pos`` Å in float64, ``z``, ``batch``)."""
         from torch_geometric.data import Batch, Data
 
         if np.any(atoms.pbc):
@@ -166,7 +168,12 @@ class EquiformerCalculator(Calculator):
                              elements=self.elements, where=f"EquiformerCalculator({self._label()})",
                              strict=self.strict, warned=self._warned,
                              hint="EquiformerCalculator(..., strict=False) computes them with a warning")
-        pos = torch.as_tensor(np.asarray(atoms.positions), dtype=self.dtype, device=self.device)
+        from .data.sgdml import check_no_coincident_atoms
+
+        check_no_coincident_atoms(np.asarray(atoms.positions), f"EquiformerCalculator({self._label()})", what="")
+        # float64 whatever the model dtype: the model centres each molecule before its cast
+        # (nn/forces.prepare_inputs), so a molecule far from the origin keeps its geometry
+        pos = torch.as_tensor(np.asarray(atoms.positions), dtype=torch.float64, device=self.device)
         return Batch.from_data_list([Data(pos=pos, z=z)])
 
     def _label(self) -> str:

@@ -18,11 +18,18 @@ Supported formats
 Every reader returns a :class:`RawData` in the package's units: positions in Å, energies in eV,
 forces in eV/Å, all float64; atomic numbers int64. Every bad input raises
 :class:`~scalable_equiformer.errors.DataError` with one line naming the file and the problem.
+
+Geometry: the model is for isolated molecules. Periodic frames (an extxyz frame with ``pbc`` true
+in any direction, an sGDML file with a ``lattice``) and frames with two atoms at the same position
+are refused. A unit taken by default (no marker in the file, none passed) is logged, and energies
+larger per atom than the total electronic energy of the atoms can be (:func:`check_energy_scale`)
+get a warning: the file is then in another unit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -32,6 +39,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 #: 1 eV = 23.060547830619026 kcal/mol (CODATA 2018 e, N_A and the thermochemical calorie).
 KCAL_PER_EV = 23.060547830619026
@@ -159,6 +168,70 @@ def _as_float(arr: np.ndarray, key: str, path) -> np.ndarray:
     return np.asarray(arr, dtype=np.float64)
 
 
+def coincident_atoms(R: np.ndarray) -> tuple[int, int, int] | None:
+    """(frame, i, j) of the first frame with two atoms i < j at the same position (distance 0),
+    else None. ``R``: [n, N, 3] or [N, 3]. Sorts each frame's atoms by (x, y, z): O(n N log N)."""
+    R = np.asarray(R)
+    if R.ndim == 2:
+        R = R[None]
+    if R.shape[1] < 2:
+        return None
+    order = np.lexsort((R[..., 2], R[..., 1], R[..., 0]), axis=-1)  # [n, N]
+    S = np.take_along_axis(R, order[..., None], axis=1)
+    same = (S[:, 1:] == S[:, :-1]).all(-1)  # [n, N - 1]: neighbours in sorted order coincide
+    if not same.any():
+        return None
+    f, k = (int(v) for v in np.argwhere(same)[0])
+    i, j = sorted((int(order[f, k]), int(order[f, k + 1])))
+    return f, i, j
+
+
+def check_no_coincident_atoms(R: np.ndarray, path, what: str = "frame") -> None:
+    """DataError naming the file, the frame and the two atoms when two atoms of a frame coincide
+    (edge vectors of length 0: NaN forces, or a meaningless number)."""
+    hit = coincident_atoms(R)
+    if hit is not None:
+        f, i, j = hit
+        where = f"{what} {f}: " if what else ""
+        raise DataError(f"{path}: {where}atoms {i} and {j} are at the same position (distance 0); "
+                        "a molecule needs distinct atom positions")
+
+
+#: Thomas-Fermi total energy of a neutral atom, -0.7687 Z^(7/3) Hartree: larger in magnitude than
+#: the exact (all-electron) energy of every atom; molecules add a few eV per atom of binding.
+_TF_HARTREE = 0.7687
+
+
+def energy_scale_bound(z: np.ndarray) -> float:
+    """Upper bound (eV per atom) on |total energy| of a molecule of atoms ``z``: 1.5 times the
+    Thomas-Fermi energy of its atoms, averaged over them (H 31 eV, C 2.1 keV, O 4.0 keV; the exact
+    all-electron energies are H 13.6 eV, C 1.03 keV, O 2.04 keV). It catches all-electron energies in
+    a unit 2 or more times smaller than the one assumed (kcal/mol read as eV, meV read as kcal/mol);
+    energies relative to atomic references or of valence electrons only are much smaller and pass."""
+    z = np.asarray(z, dtype=np.float64)
+    return float(1.5 * _TF_HARTREE * EV_PER_HARTREE * np.mean(z ** (7.0 / 3.0)))
+
+
+def check_energy_scale(z: np.ndarray, energies_ev: np.ndarray, unit: str, assumed: bool, path) -> bool:
+    """Warn (log) when the energies, read in ``unit``, are larger per atom than any molecule of
+    these atoms can have (:func:`energy_scale_bound`): the file is in another unit. Returns True
+    when it warned."""
+    per_atom = float(np.mean(np.abs(energies_ev))) / max(int(np.asarray(z).size), 1)
+    bound = energy_scale_bound(z)
+    if per_atom <= bound:
+        return False
+    how = "assumed: the file has no unit marker" if assumed else "as the file says"
+    log.warning("%s: energies average %.4g eV per atom when read as %s (%s), more than the total electronic "
+                "energy of these atoms can be (at most ~%.4g eV per atom): the file is probably in another unit; "
+                "give its unit as a marker in the file (npz: e_unit, extxyz: energy_unit=)", path, per_atom, unit,
+                how, bound)
+    return True
+
+
+def _log_assumed_unit(path, unit: str, why: str) -> None:
+    log.info("%s: no energy unit marker in the file; energies and forces read as %s (%s)", path, unit, why)
+
+
 def validate_arrays(z, R, E, F, path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Check shapes, dtypes and finiteness of raw z, R, E, F; return (z int64, R, E [n], F) float64.
 
@@ -197,6 +270,7 @@ def validate_arrays(z, R, E, F, path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     _check_finite(R, "positions", path)
     _check_finite(E.reshape(n, 1), "energies", path)
     _check_finite(F, "forces", path)
+    check_no_coincident_atoms(R, path)
     return z, R, E, F
 
 
@@ -272,6 +346,9 @@ def read_npz(
                 f"{path}: missing key {missing[0]!r} ({_FORMAT_LABEL[fmt]} files need {', '.join(names)}; "
                 f"found {', '.join(sorted(keys)) or 'none'})"
             )
+        if "lattice" in keys:  # sGDML's periodic datasets carry their cell here
+            raise DataError(f"{path}: has a 'lattice' (a periodic cell); the model is for isolated molecules "
+                            "(no periodic boundary conditions)")
         raw = {short: _get(npz, key, path) for short, key in zip(("R", "E", "F", "z"), names)}
         meta = {k: _text(_get(npz, k, path)) for k in ("name", "theory", "md5", "e_unit", "r_unit") if k in keys}
 
@@ -289,6 +366,10 @@ def read_npz(
     r_fac = unit_factor(r_unit, "length", path)
 
     z, R, E, F = validate_arrays(raw["z"], raw["R"], raw["E"], raw["F"], path)
+    assumed = meta.get("e_unit") is None and energy_unit is None
+    if assumed:
+        _log_assumed_unit(path, e_unit, "the sGDML and rMD17 convention")
+    check_energy_scale(z, E / e_fac, e_unit, assumed, path)
     return RawData(
         z=z,
         positions=R * r_fac if r_fac != 1.0 else R,
@@ -353,6 +434,11 @@ def read_ase(
     for i, atoms in enumerate(frames):
         if len(atoms) != len(z0) or not np.array_equal(atoms.get_atomic_numbers(), z0):
             raise DataError(f"{path}: frame {i} is a different molecule than frame 0")
+        if np.any(atoms.pbc):
+            a, b, c = (float(x) for x in atoms.cell.lengths())
+            raise DataError(f"{path}: frame {i} is periodic (pbc={''.join('T' if p else 'F' for p in atoms.pbc)}, "
+                            f"cell {a:.4g} x {b:.4g} x {c:.4g} Å); the model is for isolated molecules: "
+                            'write pbc="F F F" if the cell is only a box')
         energy = _frame_energy(atoms)
         forces = _frame_forces(atoms)
         if energy is None:
@@ -365,6 +451,10 @@ def read_ase(
     z, R, E, F = validate_arrays(z0, np.stack(R), np.asarray(E, float), np.stack(F), path)
     e_fac = unit_factor(e_unit, "energy", path)
     r_fac = unit_factor(r_unit, "length", path)
+    assumed = file_e is None and energy_unit is None
+    if assumed:
+        _log_assumed_unit(path, e_unit, "the ASE convention")
+    check_energy_scale(z, E / e_fac, e_unit, assumed, path)
     return RawData(
         z=z,
         positions=R * r_fac if r_fac != 1.0 else R,
@@ -429,6 +519,9 @@ __all__ = [
     "read_npz",
     "read_ase",
     "read_file",
+    "check_energy_scale",
+    "check_no_coincident_atoms",
+    "coincident_atoms",
     "unit_factor",
     "validate_arrays",
 ]

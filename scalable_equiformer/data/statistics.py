@@ -52,8 +52,10 @@ class DatasetStatistics:
                 continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise DataError(f"statistic {name} must be a finite number, got {value!r}")
-        if self.force_rms <= 0 or self.avg_num_neighbors <= 0 or self.avg_num_atoms <= 0:
-            raise DataError(f"statistics force_rms, avg_num_neighbors and avg_num_atoms must be > 0, got {self}")
+        bad = [f"{name}={getattr(self, name)!r}" for name in ("force_rms", "avg_num_neighbors", "avg_num_atoms")
+               if getattr(self, name) <= 0]
+        if bad:
+            raise DataError(f"statistics force_rms, avg_num_neighbors and avg_num_atoms must be > 0, got {', '.join(bad)}")
 
     def to_dict(self) -> dict:
         out = {name: float(getattr(self, name)) for name in _FIELDS}
@@ -124,6 +126,40 @@ def count_edges(pos, cutoff: float) -> int:
     return total - frames * n_atoms  # the self pairs (distance 0)
 
 
+def shortest_distance(pos) -> float:
+    """The shortest distance between two atoms of one frame (Å) over ``pos`` [N, 3] or
+    [frames, N, 3]; inf with fewer than two atoms."""
+    p = (pos if torch.is_tensor(pos) else torch.as_tensor(np.asarray(pos))).to(torch.float64)
+    if p.dim() == 2:
+        p = p.unsqueeze(0)
+    n_atoms = p.shape[1]
+    best = math.inf
+    if n_atoms < 2:
+        return best
+    eye = torch.eye(n_atoms, dtype=torch.bool)
+    for f in p:  # only on an error path
+        d2 = (f[:, None, :] - f[None, :, :]).pow(2).sum(-1).masked_fill(eye, math.inf)
+        best = min(best, float(d2.min().sqrt()))
+    return best
+
+
+def check_training_split(path, n_atoms_min: int, f_rms: float, edges: int, cutoff: float, frames: int, pos=None) -> None:
+    """One DataError line naming the file for a training split the model cannot learn from: a
+    one-atom molecule, no two atoms within ``cutoff`` in any frame (graphs without edges), or all
+    forces zero. ``frames``: the frames looked at; ``pos``: their positions (for the message)."""
+    where = f"{path}: " if path is not None else ""
+    if n_atoms_min < 2:
+        raise DataError(f"{where}a molecule of the training split has {n_atoms_min} atom(s); the model learns "
+                        "from atom pairs and needs molecules of at least 2 atoms")
+    if edges == 0:
+        shortest = f" (shortest distance {shortest_distance(pos):.4g} Å)" if pos is not None else ""
+        raise DataError(f"{where}no two atoms are closer than model.cutoff = {cutoff:g} Å in the {frames} training "
+                        f"frames read{shortest}: the radius graph has no edges; raise model.cutoff")
+    if not f_rms > 0:
+        raise DataError(f"{where}every force of the {frames} training frames read is zero: the energy and force "
+                        "scale (force RMS) is undefined; the file's forces are missing or not stored")
+
+
 def _even_subsample(n: int, max_frames: int) -> torch.Tensor:
     if n <= max_frames:
         return torch.arange(n)
@@ -136,6 +172,8 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
     if n == 0:
         raise DataError("cannot compute statistics of an empty training split")
     bulk = _bulk(dataset)
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    path = getattr(base, "path", None)
     if bulk is not None:
         pos, energies, forces, z = bulk
         energies_all = energies
@@ -144,7 +182,9 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
         n_atoms = z.numel()
         e_per_atom = float((energies / n_atoms).mean())
         f_rms = float(forces.pow(2).mean().sqrt())
-        avg_neighbors = count_edges(pos, cutoff) / (pos.shape[0] * n_atoms)
+        edges = count_edges(pos, cutoff)
+        check_training_split(path, n_atoms, f_rms, edges, cutoff, pos.shape[0], pos)
+        avg_neighbors = edges / (pos.shape[0] * n_atoms)
         avg_atoms = float(n_atoms)
         all_e = energies_all.to(torch.float64)
         fixed_atoms = n_atoms
@@ -152,6 +192,7 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
         sel = _even_subsample(n, max_frames).tolist()
         e_sum = f_sq = 0.0
         f_count = edges = atoms = 0
+        min_atoms = None
         for i in sel:
             item = dataset[i]
             p = torch.as_tensor(item.pos, dtype=torch.float64)
@@ -162,8 +203,10 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
             f_count += f.numel()
             edges += count_edges(p, cutoff)
             atoms += na
+            min_atoms = na if min_atoms is None else min(min_atoms, na)
         e_per_atom = e_sum / len(sel)
         f_rms = math.sqrt(f_sq / max(f_count, 1))
+        check_training_split(path, min_atoms, f_rms, edges, cutoff, len(sel))
         avg_neighbors = edges / atoms
         avg_atoms = atoms / len(sel)
         items = [dataset[i] for i in range(n)]

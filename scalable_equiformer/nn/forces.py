@@ -24,14 +24,34 @@ import torch
 from .force_checkpoint import blockwise_forces, checkpointed_call
 
 
+def centred_positions(pos: torch.Tensor, batch_vec: torch.Tensor, num_graphs: int, dtype: torch.dtype) -> torch.Tensor:
+    """``pos`` minus each molecule's mean position, formed in float64 and then cast to ``dtype``.
+
+    The model is translation invariant, but float32 positions far from the origin (10^6 Å) keep only
+    ~0.1 Å of resolution, which edge vectors ``pos[j] - pos[i]`` cannot recover: centring before
+    the cast makes every molecule give the same numbers wherever it sits. The mean is a constant
+    (detached): ``d(centred)/d(pos)`` is the identity, so forces are ``-dE/dpos`` exactly and a
+    ``pos`` that requires grad keeps its gradient path.
+    """
+    p64 = pos.to(torch.float64)
+    with torch.no_grad():
+        count = torch.zeros(num_graphs, dtype=torch.float64, device=pos.device).index_add_(
+            0, batch_vec, torch.ones(pos.shape[0], dtype=torch.float64, device=pos.device))
+        mean = torch.zeros(num_graphs, 3, dtype=torch.float64, device=pos.device).index_add_(0, batch_vec, p64.detach())
+        mean = mean / count.clamp(min=1.0)[:, None]
+    return (p64 - mean.index_select(0, batch_vec)).to(dtype)
+
+
 def prepare_inputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(pos in the model dtype, z long, batch vector, num_graphs) from a torch-geometric Batch."""
-    pos = batch.pos.to(model.dtype)
+    """(pos in the model dtype, each molecule centred (:func:`centred_positions`), z long, batch
+    vector, num_graphs) from a torch-geometric Batch. Pass ``batch.pos`` in float64 (the readers
+    and the calculator do) so that a molecule far from the origin keeps its geometry."""
     z = batch.z.long()
     vec = getattr(batch, "batch", None)
     if vec is None:
-        vec = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+        vec = torch.zeros(batch.pos.shape[0], dtype=torch.long, device=batch.pos.device)
     num_graphs = int(getattr(batch, "num_graphs", 0) or (int(vec.max()) + 1 if vec.numel() else 1))
+    pos = centred_positions(batch.pos, vec, num_graphs, model.dtype)
     return pos, z, vec, num_graphs
 
 

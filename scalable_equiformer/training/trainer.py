@@ -60,15 +60,15 @@ class Trainer(CheckpointSteps, ProgressLog):
         self.resume_ckpt = read_resume_checkpoint(self.resume, cfg) if self.resume is not None else None
         self._start_process()
         self._parallel_layout()
-        exc = None
-        try:
+        exc = init = None
+        try:  # the data and its statistics are checked before the run folder is made
             self._load_data()
+            init = self._statistics()
         except (DataError, ConfigError) as e:
             exc = e
         runtime.error_everywhere(exc, self.info, self.device)
         self._open_run_folder()
         self.handlers += self._file_log()
-        init = self._statistics()
         self._build_engine(init)
         self._schedule()
         self._initial_state()
