@@ -14,6 +14,7 @@ from ase import Atoms
 from torch_geometric.data import Batch, Data
 
 from helpers import tiny_sets
+from helpers.equivariance import single_thread  # noqa: F401 (fixture)
 from scalable_equiformer import build_model, load_config
 from scalable_equiformer.calculator import EquiformerCalculator
 from scalable_equiformer.data import load_dataset
@@ -22,16 +23,9 @@ from scalable_equiformer.errors import DataError, UserError
 from test_train_common import DEMO_DATA, empty_config, launch, sets, tiny_config, tiny_overrides, train_cmd, train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")
 OFFSET = 1.0e6  # Å
 ETHANOL = REPO.parent / "shared" / "data" / "real" / "md17_ethanol_20_schnetpack_testdb.npz"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
