@@ -324,8 +324,7 @@ class Trainer(CheckpointSteps, ProgressLog):
         except steps.NonFiniteLoss:
             raise TrainingError(
                 f"non-finite training loss at epoch {epoch}, batch {s + 1} of {self.steps_per_epoch} (step {self.step + 1}); "
-                f"stopped; the last good checkpoint is kept: {self._last_good()}"
-                " (lower optim.lr, or set train.grad_clip)") from None
+                f"stopped; {self._kept_hint()}") from None
         if self.ema is not None:
             self.ema.update(dict(self.engine.named_full_parameters()))
         return loss
@@ -336,6 +335,10 @@ class Trainer(CheckpointSteps, ProgressLog):
             return "none yet"
         return f"{self.run / 'last.pt'} (epoch {self.saved_epoch})"
 
+    def _kept_hint(self) -> str:
+        """The tail of every non-finite stop: which checkpoint is kept, and what to change."""
+        return f"the last good checkpoint is kept: {self._last_good()} (lower optim.lr, or set train.grad_clip)"
+
     def _check_finite_weights(self) -> None:
         """Stop (every rank) before last.pt / best.pt are replaced when the weights, live or EMA,
         hold NaN or infinite values."""
@@ -345,8 +348,7 @@ class Trainer(CheckpointSteps, ProgressLog):
             bad = None if bad is None else f"EMA {bad}"
         exc = None if bad is None else TrainingError(
             f"non-finite weights ({bad}) after epoch {self.epoch} (step {self.step}); stopped before last.pt and "
-            f"best.pt are replaced; the last good checkpoint is kept: {self._last_good()} (lower optim.lr, or set "
-            "train.grad_clip)")
+            f"best.pt are replaced; {self._kept_hint()}")
         runtime.error_everywhere(exc, self.info, self.device)
 
     def _check_finite_metrics(self, metrics: dict) -> None:
@@ -354,7 +356,7 @@ class Trainer(CheckpointSteps, ProgressLog):
         exc = None if not bad else TrainingError(
             f"non-finite validation metrics after epoch {self.epoch} ("
             + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())) + "); stopped before last.pt and best.pt are "
-            f"replaced; the last good checkpoint is kept: {self._last_good()} (lower optim.lr, or set train.grad_clip)")
+            f"replaced; {self._kept_hint()}")
         runtime.error_everywhere(exc, self.info, self.device)
 
     def _evaluate(self, indices, label: str) -> dict:
