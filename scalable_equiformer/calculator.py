@@ -52,13 +52,33 @@ from ase.calculators.calculator import Calculator, all_changes
 from .errors import UserError
 
 
-def _pick_device(device: Union[str, torch.device, None]) -> torch.device:
+def pick_device(device: Union[str, torch.device, None]) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {device} asked for, but CUDA is not available here; use device='cpu'")
     return device
+
+
+def partitioned_model(model: torch.nn.Module, partitions: int, group=None):
+    """``model`` over the ranks of ``group`` (a :class:`~scalable_equiformer.parallel.PartitionedModel`);
+    UserError without an initialised process group of ``partitions`` ranks."""
+    import torch.distributed as dist
+
+    from .parallel import PartitionedModel
+
+    P = int(partitions)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UserError(
+            f"partitions={P}: the calculator runs the graph over the ranks of an initialised torch.distributed "
+            f"process group and none is initialised in this process; run the same ASE script on {P} ranks "
+            f"(e.g. torchrun --nproc_per_node {P} md.py) and call torch.distributed.init_process_group first")
+    size = dist.get_world_size(group)
+    if size != P:
+        raise UserError(f"partitions={P}, but the process group has {size} ranks; pass group= a group of {P} ranks "
+                        "(e.g. the partition group of scalable_equiformer.parallel.make_groups)")
+    return PartitionedModel(model, group=group)
 
 
 class EquiformerCalculator(Calculator):
@@ -104,12 +124,12 @@ class EquiformerCalculator(Calculator):
             raise UserError(f"partitions must be >= 1, not {partitions}")
         self.partitions = int(partitions)
         if isinstance(checkpoint_or_model, torch.nn.Module):
-            self.device = _pick_device(device) if device is not None else _module_device(checkpoint_or_model)
+            self.device = pick_device(device) if device is not None else _module_device(checkpoint_or_model)
             self.model = checkpoint_or_model.to(self.device)
             self.checkpoint = None
             self.config = None
         elif isinstance(checkpoint_or_model, (str, Path)):
-            self.device = _pick_device(device)
+            self.device = pick_device(device)
             self.checkpoint = Path(checkpoint_or_model)
             # the force strategy stays plain autograd (no memory.checkpointing): nothing is kept for
             # a force loss at inference
@@ -129,26 +149,7 @@ class EquiformerCalculator(Calculator):
         self.model.eval()
         self.dtype = _module_dtype(self.model)
         self.max_atomic_number = getattr(self.model, "max_atomic_number", None)  # z must be below it
-        self.partitioned = self._partitioned_model(group) if self.partitions > 1 else None
-
-    def _partitioned_model(self, group):
-        """The model over the ranks of ``group`` (a :class:`PartitionedModel`); UserError without
-        an initialised process group of ``partitions`` ranks."""
-        import torch.distributed as dist
-
-        from .parallel import PartitionedModel
-
-        P = self.partitions
-        if not (dist.is_available() and dist.is_initialized()):
-            raise UserError(
-                f"partitions={P}: the calculator runs the graph over the ranks of an initialised torch.distributed "
-                f"process group and none is initialised in this process; run the same ASE script on {P} ranks "
-                f"(e.g. torchrun --nproc_per_node {P} md.py) and call torch.distributed.init_process_group first")
-        size = dist.get_world_size(group)
-        if size != P:
-            raise UserError(f"partitions={P}, but the process group has {size} ranks; pass group= a group of {P} ranks "
-                            "(e.g. the partition group of scalable_equiformer.parallel.make_groups)")
-        return PartitionedModel(self.model, group=group)
+        self.partitioned = partitioned_model(self.model, self.partitions, group) if self.partitions > 1 else None
 
     # -- Atoms -> Batch -> model ---------------------------------------------------------------
 
