@@ -32,3 +32,12 @@ def pytest_configure(config):
 def device(request) -> torch.device:
     """The device that ``--device`` names (the ``gpu_equivalence`` tests run on it)."""
     return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def atat_checkpoint(tmp_path_factory):
+    """``best.pt`` of the tiny fp64 model trained through train.py on the shipped AT-AT frames
+    (the MD-engine tests share it: one training per session)."""
+    from helpers.md import train_atat_checkpoint
+
+    return train_atat_checkpoint(tmp_path_factory.mktemp("md_run"))
