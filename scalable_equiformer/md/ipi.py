@@ -165,10 +165,11 @@ class EquiformerDriver:
 
 
 def connect(unix: Optional[str] = None, host: Optional[str] = None, port: Optional[int] = None, *,
-            sockets_prefix: str = SOCKET_PREFIX, wait_s: float = 60.0) -> socket.socket:
+            sockets_prefix: str = SOCKET_PREFIX, wait_s: float = 60.0, nodelay: bool = True) -> socket.socket:
     """A socket connected to an i-PI server: ``unix`` names i-PI's UNIX socket
-    (``sockets_prefix + unix``), else TCP to ``host:port`` with ``TCP_NODELAY``. Retries for
-    ``wait_s`` seconds while the server is starting."""
+    (``sockets_prefix + unix``), else TCP to ``host:port`` with ``TCP_NODELAY`` (``nodelay=False``
+    only to measure what Nagle's algorithm costs). Retries for ``wait_s`` seconds while the server
+    is starting."""
     if (unix is None) == (host is None):
         raise UserError("give either a UNIX socket name (--unix NAME) or a TCP address (--host H --port P)")
     if unix is not None:
@@ -181,7 +182,7 @@ def connect(unix: Optional[str] = None, host: Optional[str] = None, port: Option
     while True:
         sock = socket.socket(family, socket.SOCK_STREAM)
         if family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(bool(nodelay)))
         try:
             sock.connect(address)
             return sock
@@ -410,9 +411,11 @@ def read_properties(path: Union[str, Path]) -> dict[str, np.ndarray]:
 
 
 def run(xml: Union[str, Path], *, driver=None, client_cmd: Optional[Sequence[str]] = None, socket_name: str,
-        workdir: Union[str, Path], timeout_s: float = 600.0) -> dict:
-    """Run ``i-pi xml`` in ``workdir`` with either ``driver`` served from this process or the
-    client command ``client_cmd`` as a subprocess; returns ``{"client": Client or None,
+        workdir: Union[str, Path], timeout_s: float = 600.0, tcp_port: Optional[int] = None,
+        nodelay: bool = True) -> dict:
+    """Run ``i-pi xml`` in ``workdir`` with either ``driver`` served from this process (on the
+    UNIX socket ``socket_name``, or on TCP ``localhost:tcp_port``) or the client command
+    ``client_cmd`` as a subprocess; returns ``{"client": Client or None,
     "server_log": str, "client_log": str, "wall_s": float}``. Raises UserError (one line, the end
     of the failing side's log) when the server or the client fails or ``timeout_s`` passes. The
     UNIX socket file is removed afterwards."""
@@ -434,7 +437,8 @@ def run(xml: Union[str, Path], *, driver=None, client_cmd: Optional[Sequence[str
         procs.append(server)
         client = None
         if driver is not None:
-            client = Client(driver, connect(unix=socket_name, wait_s=min(60.0, timeout_s)))
+            where = {"unix": socket_name} if tcp_port is None else {"host": "localhost", "port": tcp_port}
+            client = Client(driver, connect(**where, wait_s=min(60.0, timeout_s), nodelay=nodelay))
             client.sock.settimeout(timeout_s)
             try:
                 client.serve()
