@@ -238,3 +238,17 @@ def test_an_ipi_run_whose_client_has_another_molecule_fails_in_one_line(tmp_path
         ipi.run(files["nvt"].name, socket_name=socket_name, workdir=tmp_path, timeout_s=300,
                 client_cmd=_client_cmd(atat_checkpoint, aspirin.name, socket_name))
     assert not Path(ipi.SOCKET_PREFIX + socket_name).exists()
+
+
+def test_bench_ipi_reports_its_figures(atat_checkpoint):
+    """tools/bench_md_ipi.py's bench_ipi: the figures and their arithmetic (no timing asserted)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_md_ipi", ROOT / "tools" / "bench_md_ipi.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.bench_ipi(atat_checkpoint, None, steps=3, timestep_fs=0.5, transport="tcp", device="cpu")
+    assert (r["steps"], r["force_calls"], r["atoms"], r["transport"]) == (3, 4, 60, "tcp")
+    assert r["ns_per_day"] == pytest.approx(0.5e-6 * 86400e3 / r["ms_per_step"])
+    assert r["ms_compute_per_step"] + r["ms_other_per_step"] == pytest.approx(r["ms_per_step"])
+    assert 0 < r["compute_share"] <= 1.5  # the mean call against the mean gap: close to, not bounded by, 1
