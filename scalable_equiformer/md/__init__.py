@@ -2,11 +2,25 @@
 
 * :mod:`.potential` — :class:`Potential`, the inference path every engine calls (eval mode, no
   ``create_graph``, a Verlet neighbour list, elements checked once); Å / eV / eV/Å.
+* :mod:`.openmm` — the openmm-ml potential ``"equiformer"`` (``MLPotential("equiformer",
+  checkpoint=...)``: ``createSystem``, ``createMixedSystem`` for ML/MM).
 * The ASE calculator stays :class:`scalable_equiformer.calculator.EquiformerCalculator`.
 
-The engines are optional: ``pip install '.[md]'`` installs them.
+The engines are optional: ``pip install '.[md]'`` installs them. The names below are imported on
+first use, so that ``import openmmml`` (which loads this package's entry point) stays light.
 """
 
-from .potential import DEFAULT_SKIN, Potential, warn_if_not_smooth
+_LAZY = {"Potential": "potential", "warn_if_not_smooth": "potential", "DEFAULT_SKIN": "potential"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Potential", "warn_if_not_smooth", "DEFAULT_SKIN"]
