@@ -6,19 +6,9 @@ does not import torch.
 """
 
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
+from ._lazy import lazy_getattr
 
-_LAZY = {"Config": "config", "load_config": "config", "build_model": "model"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, {"Config": "config", "load_config": "config", "build_model": "model"})
 
 __all__ = ["Config", "load_config", "build_model", "CheckpointError", "ConfigError", "DataError", "TrainingError",
            "UserError"]

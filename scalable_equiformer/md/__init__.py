@@ -10,17 +10,8 @@ The engines are optional: ``pip install '.[md]'`` installs them. The names below
 first use, so that ``import openmmml`` (which loads this package's entry point) stays light.
 """
 
-_LAZY = {"Potential": "potential", "warn_if_not_smooth": "potential", "DEFAULT_SKIN": "potential"}
+from .._lazy import lazy_getattr
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_getattr(__name__, {"Potential": "potential", "warn_if_not_smooth": "potential", "DEFAULT_SKIN": "potential"})
 
 __all__ = ["Potential", "warn_if_not_smooth", "DEFAULT_SKIN"]
