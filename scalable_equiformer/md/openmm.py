@@ -158,6 +158,7 @@ class EquiformerPotentialImpl(MLPotentialImpl):
 
     def createMixedSystem(self, topology, system, atoms, forceGroup, interpolate, embedding, returnInfo=False, **args):
         self._check_periodic(topology, system, args, "createMixedSystem")
+        self._ml_atoms(topology, system, atoms)
         embedder = MLPotential._embeddingFactories[embedding].createEmbedding(embedding)
         return embedder.createMixedSystem(self, topology, system, list(atoms), forceGroup, interpolate,
                                           returnInfo=returnInfo, **args)
@@ -170,22 +171,7 @@ class EquiformerPotentialImpl(MLPotentialImpl):
             raise UserError(f"{self.checkpoint}: {', '.join(misplaced)} belong(s) to MLPotential({self.name!r}, ...), not to "
                             "createSystem / createMixedSystem")
         self._check_periodic(topology, system, args, "createSystem" if atoms is None else "createMixedSystem")
-        n_top, n_sys = topology.getNumAtoms(), system.getNumParticles()
-        if n_top != n_sys:
-            raise UserError(f"{self.checkpoint}: the topology has {n_top} atoms but the System has {n_sys} particles; "
-                            "build the System from this topology")
-        all_atoms = list(topology.atoms())
-        if atoms is None:
-            chosen = all_atoms
-        else:
-            index = [int(i) for i in atoms]
-            bad = [i for i in index if not 0 <= i < n_top]
-            if bad:
-                raise UserError(f"{self.checkpoint}: ML atom index {bad[0]} is not an atom of the topology "
-                                f"(it has {n_top}: 0-{n_top - 1})")
-            if len(set(index)) != len(index):
-                raise UserError(f"{self.checkpoint}: the ML atoms list atom {_first_repeat(index)} more than once")
-            chosen = [all_atoms[i] for i in index]
+        chosen = self._ml_atoms(topology, system, atoms)
         if not chosen:
             raise UserError(f"{self.checkpoint}: no atoms for the model (empty ML region)")
         no_element = [a for a in chosen if a.element is None]
@@ -232,6 +218,24 @@ class EquiformerPotentialImpl(MLPotentialImpl):
         opts.pop("device"), opts.pop("dtype")
         return Potential(t.model, elements=t.elements, partitions=self.partitions, group=self.group, label=t.label,
                          config=t.config, **opts)
+
+    def _ml_atoms(self, topology, system, atoms) -> list:
+        """The topology's atoms that ``atoms`` (None = all) names, checked against the System."""
+        n_top, n_sys = topology.getNumAtoms(), system.getNumParticles()
+        if n_top != n_sys:
+            raise UserError(f"{self.checkpoint}: the topology has {n_top} atoms but the System has {n_sys} particles; "
+                            "build the System from this topology")
+        all_atoms = list(topology.atoms())
+        if atoms is None:
+            return all_atoms
+        index = [int(i) for i in atoms]
+        bad = [i for i in index if not 0 <= i < n_top]
+        if bad:
+            raise UserError(f"{self.checkpoint}: ML atom index {bad[0]} is not an atom of the topology "
+                            f"(it has {n_top}: 0-{n_top - 1})")
+        if len(set(index)) != len(index):
+            raise UserError(f"{self.checkpoint}: the ML atoms list atom {_first_repeat(index)} more than once")
+        return [all_atoms[i] for i in index]
 
     def _check_periodic(self, topology, system, args: dict, method: str) -> None:
         periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
