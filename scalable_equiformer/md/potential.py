@@ -141,21 +141,23 @@ class Potential:
             raise UserError(f"{self.label}: positions contain NaN or inf (the simulation has blown up)")
         return pos
 
-    def edges(self, pos: torch.Tensor) -> torch.Tensor:
+    def edges(self, pos: torch.Tensor, batch: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``edge_index`` of ``pos`` (centred, model dtype): the pairs closer than the cutoff, from
-        the Verlet candidates (searched again when an atom has moved more than skin / 2)."""
+        the Verlet candidates (searched again when an atom has moved more than skin / 2).
+        ``batch``: the molecule of each atom when ``pos`` holds several (no pair across two); the
+        candidates belong to one set of atoms: :meth:`set_numbers` again when it changes."""
         from ..data.graph import radius_graph
 
         pos = pos.detach()
         if self.skin == 0:
             self.searches += 1
-            return radius_graph(pos, self.cutoff)
+            return radius_graph(pos, self.cutoff, batch)
         if self._candidates is not None:
             moved = (pos.to(torch.float64) - self._reference).norm(dim=-1).max()
             if float(moved) > 0.5 * self.skin:
                 self._candidates = None
         if self._candidates is None:
-            self._candidates = radius_graph(pos, self.cutoff + self.skin)
+            self._candidates = radius_graph(pos, self.cutoff + self.skin, batch)
             self._reference = pos.to(torch.float64)
             self.searches += 1
         src, dst = self._candidates
