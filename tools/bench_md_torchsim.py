@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Throughput of the batched engine: K copies of the shipped AT-AT (60 atoms) in one TorchSim NVE run.
+
+    python tools/bench_md_torchsim.py --checkpoint runs/md22_atat/best.pt --systems 1 8 32 --steps 10
+    python tools/bench_md_torchsim.py --config md22_atat --systems 8 --steps 5 --device cuda   # untrained weights
+
+The model: a training checkpoint (``--checkpoint``), or ``--config NAME`` built with the demo
+AT-AT frames' statistics and untrained weights (the speed does not depend on the weights), written
+to a temporary checkpoint so that it is loaded as a trained one is.
+
+For each K of ``--systems``: K copies of frame 0 of ``demo_data/AT-AT_xtb_500K_20frames.npz`` in
+one :class:`torch_sim.SimState`, momenta drawn by TorchSim at 300 K (seed 0, each copy its own),
+TorchSim's velocity-Verlet NVE with ``--timestep`` fs: ``--warmup`` steps untimed, then ``--steps``
+timed. Every step is one forward of the model over all K molecules
+(:class:`scalable_equiformer.md.torchsim.EquiformerModel`). Reported per K: ms per step, ns/day of
+each system and in aggregate (K x that: the simulated time the batch produces per day), the share
+of the step spent in the model (the rest is TorchSim's integration), of which in the neighbour
+list (Verlet search + cutoff filter), model evaluations and neighbour searches per step.
+
+The results go to ``--out`` (JSON, default runs/bench_md_torchsim.json): one row per (model, dtype,
+device, K); rows of an existing file for others are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ATAT = ROOT / "scalable_equiformer" / "demo_data" / "AT-AT_xtb_500K_20frames.npz"
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_torchsim(checkpoint, atoms_list, steps: int, timestep_fs: float, *, warmup: int = 2, device=None,
+                   dtype=None, temperature_K: float = 300.0, seed: int = 0, **_) -> dict:
+    """NVE of ``atoms_list`` (a list of ASE Atoms, or one) as one TorchSim batch; timings of ``steps`` steps.
+
+    Returns ``steps``, ``n_systems``, ``atoms`` (all systems), ``seconds`` (the timed steps),
+    ``model_seconds`` (of which in the model), ``neighbour_seconds`` (of which in the neighbour
+    list), ``evaluations``, ``searches``, ``ms_per_step``, ``ns_per_day`` (each system),
+    ``ns_per_day_aggregate`` (all systems), ``model_share``, ``timestep_fs``, ``device``, ``detail``.
+    """
+    import torch
+    import torch_sim as ts
+    from ase import Atoms
+    from torch_sim.units import MetalUnits
+
+    from scalable_equiformer.md.torchsim import EquiformerModel
+
+    atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
+    model = EquiformerModel(checkpoint, device=device, dtype=dtype)
+    pot, dev = model.potential, model.device
+    timer = {"model": 0.0, "neighbours": 0.0, "calls": 0}
+    forward, edges = model.forward, pot.edges
+
+    def timed_forward(*args, **kwargs):
+        _sync(dev)
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        _sync(dev)
+        timer["model"] += time.perf_counter() - start
+        timer["calls"] += 1
+        return out
+
+    def timed_edges(*args, **kwargs):
+        _sync(dev)
+        start = time.perf_counter()
+        out = edges(*args, **kwargs)
+        _sync(dev)
+        timer["neighbours"] += time.perf_counter() - start
+        return out
+
+    model.forward, pot.edges = timed_forward, timed_edges
+    state = ts.io.atoms_to_state(atoms_list, dev, model.dtype)
+    init, update = ts.nve(model=model, dt=torch.tensor(timestep_fs * 1e-3 * MetalUnits.time, dtype=model.dtype, device=dev),
+                          kT=torch.tensor(temperature_K * MetalUnits.temperature, dtype=model.dtype, device=dev), seed=seed)
+    s = init(state)
+    for _ in range(warmup):
+        s = update(s)
+    timer.update(model=0.0, neighbours=0.0, calls=0)
+    searches = pot.searches
+    _sync(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        s = update(s)
+    _sync(dev)
+    seconds = time.perf_counter() - start
+    if not bool(torch.isfinite(s.positions).all()):
+        raise RuntimeError("the benchmark's NVE run blew up (non-finite positions)")
+    ns_per_day = steps * timestep_fs * 1e-6 / seconds * 86400.0
+    return {"steps": steps, "n_systems": len(atoms_list), "atoms": int(s.n_atoms), "seconds": seconds,
+            "model_seconds": timer["model"], "neighbour_seconds": timer["neighbours"], "evaluations": timer["calls"],
+            "searches": pot.searches - searches, "ms_per_step": 1000.0 * seconds / steps, "ns_per_day": ns_per_day,
+            "ns_per_day_aggregate": ns_per_day * len(atoms_list), "model_share": timer["model"] / seconds,
+            "timestep_fs": timestep_fs, "device": str(dev),
+            "detail": f"TorchSim {_version('torch-sim-atomistic')} nve (velocity Verlet), EquiformerModel: one forward "
+                      "per step over all systems"}
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+
+def config_checkpoint(name: str, folder: Path) -> Path:
+    """A checkpoint of ``configs/<name>``'s model with untrained weights and the demo AT-AT's statistics."""
+    import torch
+
+    from scalable_equiformer import build_model, load_config
+    from scalable_equiformer.data import load_dataset
+    from scalable_equiformer.data.statistics import compute_statistics
+    from scalable_equiformer.training.checkpoint import save_checkpoint
+
+    cfg = load_config(name, [f"data.path={ATAT}"])
+    data = load_dataset(ATAT)
+    stats = compute_statistics(data, cfg.model.cutoff)
+    torch.manual_seed(0)
+    model = build_model(cfg, stats)
+    path = folder / f"{Path(name).stem}_untrained.pt"
+    save_checkpoint(path, {"config": cfg.to_dict(), "stats": stats.to_dict(), "model": model.state_dict(), "epoch": 0,
+                           "elements": sorted({int(z) for z in data[0].z.tolist()})})
+    return path
+
+
+def _start_atoms():
+    """Frame 0 of the shipped AT-AT (no velocities: TorchSim draws them)."""
+    import numpy as np
+    from ase import Atoms
+
+    d = np.load(ATAT)
+    return Atoms(numbers=d["z"], positions=d["R"][0])
+
+
+# -- run, record, print ----------------------------------------------------------------------------
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'model':<28} {'dtype':<8} {'device':<7} {'K':>4} {'atoms':>6} {'ms/step':>9} {'ns/day/system':>13} "
+            f"{'ns/day (all K)':>14} {'model %':>8} {'neigh. %':>8} {'searches/step':>13}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<28} {r['dtype']:<8} {r['device']:<7} {r['n_systems']:>4} {r['atoms']:>6} "
+                     f"{r['ms_per_step']:>9.1f} {r['ns_per_day']:>13.4f} {r['ns_per_day_aggregate']:>14.4f} "
+                     f"{100 * r['model_share']:>7.1f}% {100 * r['neighbour_seconds'] / r['seconds']:>7.1f}% "
+                     f"{r['searches'] / r['steps']:>13.3f}")
+    return "\n".join(lines)
+
+
+def _main(args) -> int:
+    import torch
+
+    from scalable_equiformer.inference import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    atoms = _start_atoms()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint is not None:
+            checkpoint = args.checkpoint
+            label = args.label or f"{args.checkpoint.resolve().parent.name}/{args.checkpoint.name}"
+        else:
+            checkpoint, label = config_checkpoint(args.config, Path(tmp)), args.label or f"{args.config} (untrained)"
+        net, _, _ = load_model(checkpoint, device="cpu", dtype=args.dtype, configure=False)
+        info = {"model": label, "parameters": sum(p.numel() for p in net.parameters()),
+                "dtype": str(net.dtype).split(".")[-1], "cutoff_A": float(net.cutoff)}
+        rows = []
+        for k in args.systems:
+            out = bench_torchsim(checkpoint, [atoms] * k, args.steps, args.timestep, warmup=args.warmup,
+                                 device=args.device, dtype=args.dtype)
+            rows.append({"engine": "torchsim", **info, **out})
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    key = lambda r: (r["model"], r["dtype"], r["device"], r["n_systems"])  # noqa: E731
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    keep = [r for r in old.get("rows", []) if key(r) not in {key(r) for r in rows}]
+    result = {"system": "K copies of AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms each), "
+                        "TorchSim NVE from 300 K",
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                          "python": platform.python_version()},
+              "rows": keep + rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    print(table(result["rows"]))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, nonnegative_int, output_file, positive_float, positive_int
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a training checkpoint (best.pt) or run folder")
+    src.add_argument("--config", help="a config name or file: its model with untrained weights (e.g. md22_atat, tiny)")
+    p.add_argument("--label", default=None, help="the model's name in the table (default: run folder/file, or the config)")
+    p.add_argument("--systems", type=positive_int, nargs="+", default=[1, 8, 32],
+                   help="K: copies of AT-AT in one batch, one run per value (default 1 8 32)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed MD steps per K (default 10)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="the model's precision (default: as stored)")
+    p.add_argument("--device", default="cpu", help="the model's device (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", type=output_file, default=Path("runs/bench_md_torchsim.json"),
+                   help="JSON file (default runs/bench_md_torchsim.json)")
+    args = p.parse_args(argv)
+    return exit_on_user_error(lambda: _main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
