@@ -179,3 +179,18 @@ def test_a_model_without_the_smooth_cutoff_warns_once(atat_checkpoint):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EquiformerModel(net)  # the same model again: no second warning
+
+
+def test_the_benchmark_function_reports_a_batch(atat_checkpoint, molecules):
+    """tools/bench_md_torchsim.py's bench_torchsim: the counts and the derived figures (no timing asserted)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_md_torchsim", DEMO.parents[1] / "tools" / "bench_md_torchsim.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tool.bench_torchsim(atat_checkpoint, [molecules[0]] * 3, steps=2, timestep_fs=0.5, warmup=1, device="cpu")
+    assert (out["n_systems"], out["atoms"], out["steps"], out["evaluations"]) == (3, 180, 2, 2)
+    assert out["ns_per_day_aggregate"] == pytest.approx(3 * out["ns_per_day"])
+    assert out["ns_per_day"] == pytest.approx(2 * 0.5e-6 / out["seconds"] * 86400.0)
+    assert out["ms_per_step"] == pytest.approx(500.0 * out["seconds"])
+    assert 0 < out["neighbour_seconds"] <= out["model_seconds"] <= out["seconds"]

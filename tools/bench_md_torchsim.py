@@ -17,6 +17,7 @@ each system and in aggregate (K x that: the simulated time the batch produces pe
 of the step spent in the model (the rest is TorchSim's integration), of which in the neighbour
 list (Verlet search + cutoff filter), model evaluations and neighbour searches per step.
 
+``bench_torchsim`` takes the arguments of ``tools/bench_md.py``'s engine functions (one Atoms or a list).
 The results go to ``--out`` (JSON, default runs/bench_md_torchsim.json): one row per (model, dtype,
 device, K); rows of an existing file for others are kept.
 """
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,8 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-ATAT = ROOT / "scalable_equiformer" / "demo_data" / "AT-AT_xtb_500K_20frames.npz"
+from bench_md import ATAT, _model_info, config_checkpoint, machine  # noqa: E402  (the ASE/OpenMM benchmark's)
 
 
 def _version(dist: str) -> str:
@@ -74,26 +74,20 @@ def bench_torchsim(checkpoint, atoms_list, steps: int, timestep_fs: float, *, wa
     model = EquiformerModel(checkpoint, device=device, dtype=dtype)
     pot, dev = model.potential, model.device
     timer = {"model": 0.0, "neighbours": 0.0, "calls": 0}
-    forward, edges = model.forward, pot.edges
 
-    def timed_forward(*args, **kwargs):
-        _sync(dev)
-        start = time.perf_counter()
-        out = forward(*args, **kwargs)
-        _sync(dev)
-        timer["model"] += time.perf_counter() - start
-        timer["calls"] += 1
-        return out
+    def timed(fn, key: str):
+        def run(*args, **kwargs):
+            _sync(dev)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(dev)
+            timer[key] += time.perf_counter() - start
+            timer["calls"] += key == "model"
+            return out
 
-    def timed_edges(*args, **kwargs):
-        _sync(dev)
-        start = time.perf_counter()
-        out = edges(*args, **kwargs)
-        _sync(dev)
-        timer["neighbours"] += time.perf_counter() - start
-        return out
+        return run
 
-    model.forward, pot.edges = timed_forward, timed_edges
+    model.forward, pot.edges = timed(model.forward, "model"), timed(pot.edges, "neighbours")
     state = ts.io.atoms_to_state(atoms_list, dev, model.dtype)
     init, update = ts.nve(model=model, dt=torch.tensor(timestep_fs * 1e-3 * MetalUnits.time, dtype=model.dtype, device=dev),
                           kT=torch.tensor(temperature_K * MetalUnits.temperature, dtype=model.dtype, device=dev), seed=seed)
@@ -120,27 +114,7 @@ def bench_torchsim(checkpoint, atoms_list, steps: int, timestep_fs: float, *, wa
                       "per step over all systems"}
 
 
-# -- the model -----------------------------------------------------------------------------------
-
-
-def config_checkpoint(name: str, folder: Path) -> Path:
-    """A checkpoint of ``configs/<name>``'s model with untrained weights and the demo AT-AT's statistics."""
-    import torch
-
-    from scalable_equiformer import build_model, load_config
-    from scalable_equiformer.data import load_dataset
-    from scalable_equiformer.data.statistics import compute_statistics
-    from scalable_equiformer.training.checkpoint import save_checkpoint
-
-    cfg = load_config(name, [f"data.path={ATAT}"])
-    data = load_dataset(ATAT)
-    stats = compute_statistics(data, cfg.model.cutoff)
-    torch.manual_seed(0)
-    model = build_model(cfg, stats)
-    path = folder / f"{Path(name).stem}_untrained.pt"
-    save_checkpoint(path, {"config": cfg.to_dict(), "stats": stats.to_dict(), "model": model.state_dict(), "epoch": 0,
-                           "elements": sorted({int(z) for z in data[0].z.tolist()})})
-    return path
+# -- run, record, print ----------------------------------------------------------------------------
 
 
 def _start_atoms():
@@ -151,8 +125,6 @@ def _start_atoms():
     d = np.load(ATAT)
     return Atoms(numbers=d["z"], positions=d["R"][0])
 
-
-# -- run, record, print ----------------------------------------------------------------------------
 
 
 def table(rows: list[dict]) -> str:
@@ -170,8 +142,6 @@ def table(rows: list[dict]) -> str:
 def _main(args) -> int:
     import torch
 
-    from scalable_equiformer.inference import load_model
-
     if args.threads:
         torch.set_num_threads(args.threads)
     atoms = _start_atoms()
@@ -181,9 +151,7 @@ def _main(args) -> int:
             label = args.label or f"{args.checkpoint.resolve().parent.name}/{args.checkpoint.name}"
         else:
             checkpoint, label = config_checkpoint(args.config, Path(tmp)), args.label or f"{args.config} (untrained)"
-        net, _, _ = load_model(checkpoint, device="cpu", dtype=args.dtype, configure=False)
-        info = {"model": label, "parameters": sum(p.numel() for p in net.parameters()),
-                "dtype": str(net.dtype).split(".")[-1], "cutoff_A": float(net.cutoff)}
+        info = _model_info(checkpoint, label, args.dtype)
         rows = []
         for k in args.systems:
             out = bench_torchsim(checkpoint, [atoms] * k, args.steps, args.timestep, warmup=args.warmup,
@@ -195,9 +163,7 @@ def _main(args) -> int:
     keep = [r for r in old.get("rows", []) if key(r) not in {key(r) for r in rows}]
     result = {"system": "K copies of AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms each), "
                         "TorchSim NVE from 300 K",
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "python": platform.python_version()},
+              "machine": machine(),
               "rows": keep + rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

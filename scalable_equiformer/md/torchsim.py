@@ -9,10 +9,11 @@ of them (``positions`` [n_atoms, 3] Å, ``atomic_numbers``, ``system_idx`` [n_at
 molecules of the state: ``energy`` [n_systems] eV and ``forces`` [n_atoms, 3] eV/Å, the numbers
 of :class:`~scalable_equiformer.md.Potential` (and of the ASE calculator) for each molecule alone.
 
-The inference path is :class:`~scalable_equiformer.md.Potential`'s (eval mode, frozen weights, no
-``create_graph``, each molecule centred in float64 before the cast to the model's dtype, one
-Verlet neighbour list over all the molecules, never a pair across two; the atomic numbers checked
-against the checkpoint's elements when they change, not per step).
+The inference path is :class:`~scalable_equiformer.md.Potential`'s: eval mode, the forces from one
+``autograd.grad`` over the positions (no ``create_graph``, no parameter gradient), each molecule
+centred in float64 before the cast to the model's dtype, one Verlet neighbour list over all the
+molecules (never a pair across two), the atomic numbers checked against the checkpoint's elements
+when they change (TorchSim dropping converged systems, a new state), not per step.
 
 Refused, in one line naming the model: a periodic state (the model is for isolated molecules; it
 has no periodic images), ``compute_stress=True`` (no cell, hence no stress: a molecular model;
