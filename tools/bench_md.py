@@ -19,6 +19,9 @@ Engines (``ENGINES``: name -> function(checkpoint, atoms, steps, timestep_fs, **
   ase     ASE VelocityVerlet + EquiformerCalculator (a neighbour search at every evaluation)
   openmm  openmm-ml createSystem + OpenMM VerletIntegrator (``--platform``, default CPU); the
           model behind an openmm.PythonForce (scalable_equiformer.md.Potential, Verlet list)
+  ipi     the real i-pi server, NVT (SVR), the md.ipi client on a UNIX socket in this process
+          (tools/bench_md_ipi.py: TCP with and without TCP_NODELAY too)
+  torchsim  TorchSim velocity-Verlet NVE of the one molecule (tools/bench_md_torchsim.py: K at once)
 An engine function returns at least ``steps``, ``seconds`` (the timed steps) and ``model_seconds``
 (of which in the model's evaluation), ``evaluations`` and ``searches`` (neighbour searches); the
 rest is derived here. Adding an engine is adding one such function to ``ENGINES``.
@@ -42,6 +45,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))  # bench_md_ipi, bench_md_torchsim
 
 ATAT = ROOT / "scalable_equiformer" / "demo_data" / "AT-AT_xtb_500K_20frames.npz"
 
@@ -134,8 +138,29 @@ def _ase_time_unit():
     return (1.0 / units.fs) * unit.femtosecond
 
 
+def run_ipi(checkpoint: Path, atoms, steps: int, timestep_fs: float, *, device=None, dtype=None, **_) -> dict:
+    """i-PI NVT (SVR) over a UNIX socket, the client in this process (``tools/bench_md_ipi.py``,
+    which also times TCP with and without TCP_NODELAY). i-PI times from its first force call, so no
+    warm-up steps are run."""
+    from bench_md_ipi import bench_ipi
+
+    out = bench_ipi(checkpoint, atoms, steps, timestep_fs, device=device or "cpu", dtype=dtype)
+    return {"steps": steps, "seconds": out["ms_per_step"] * steps / 1e3,
+            "model_seconds": out["ms_compute_per_step"] * steps / 1e3, "evaluations": out["force_calls"] - 1,
+            "searches": out["neighbour_searches"], "detail": "i-PI NVT (SVR thermostat), UNIX socket, md.ipi client"}
+
+
+def run_torchsim(checkpoint: Path, atoms, steps: int, timestep_fs: float, *, warmup: int = 2, device=None, dtype=None,
+                 **_) -> dict:
+    """TorchSim velocity-Verlet NVE of the one molecule (``tools/bench_md_torchsim.py`` runs batches of K)."""
+    from bench_md_torchsim import bench_torchsim
+
+    out = bench_torchsim(checkpoint, [atoms], steps, timestep_fs, warmup=warmup, device=device, dtype=dtype)
+    return {k: out[k] for k in ("steps", "seconds", "model_seconds", "evaluations", "searches", "detail")}
+
+
 #: engine name -> function(checkpoint, atoms, steps, timestep_fs, **options) -> dict (see the docstring)
-ENGINES: dict[str, Callable[..., dict]] = {"ase": run_ase, "openmm": run_openmm}
+ENGINES: dict[str, Callable[..., dict]] = {"ase": run_ase, "openmm": run_openmm, "ipi": run_ipi, "torchsim": run_torchsim}
 
 
 # -- the model -----------------------------------------------------------------------------------

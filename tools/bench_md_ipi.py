@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 
 def bench_ipi(checkpoint, atoms=None, steps: int = 100, timestep_fs: float = 0.5, *, temperature_K: float = 300.0,
-              transport: str = "unix", device: str = "auto", timeout_s: float = 3600.0) -> dict:
+              transport: str = "unix", device: str = "auto", dtype=None, timeout_s: float = 3600.0) -> dict:
     """Time ``steps`` NVT steps of ``atoms`` (an ASE Atoms; None = the shipped AT-AT frame 0)
     through i-PI with ``checkpoint``; ``transport``: "unix", "tcp" (TCP_NODELAY) or "tcp-nagle".
 
@@ -62,7 +62,7 @@ def bench_ipi(checkpoint, atoms=None, steps: int = 100, timestep_fs: float = 0.5
         (work / "nvt.xml").write_text(ipi.input_xml(xyz.name, socket_name=name, steps=int(steps), timestep_fs=timestep_fs,
                                                     temperature_K=temperature_K, prefix="nvt", stride=max(1, int(steps)),
                                                     tcp_port=port))
-        driver = ipi.EquiformerDriver.from_files(checkpoint, xyz, device=device)
+        driver = ipi.EquiformerDriver.from_files(checkpoint, xyz, device=device, dtype=dtype)
         result = ipi.run("nvt.xml", driver=driver, socket_name=name, workdir=work, timeout_s=timeout_s, tcp_port=port,
                          nodelay=transport != "tcp-nagle")
     client = result["client"]
