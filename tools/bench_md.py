@@ -221,60 +221,76 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
-def _main(args) -> int:
-    import torch
+def write_rows(out: Path, rows: list[dict], *, key: Callable[[dict], tuple], table: Callable[[list], str], system: str) -> None:
+    """Add ``rows`` to the JSON file ``out`` (rows of other ``key``s kept, so runs add up) and print its table."""
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    new = {key(r) for r in rows}
+    result = {"system": system, "machine": machine(), "rows": [r for r in old.get("rows", []) if key(r) not in new] + rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    print(table(result["rows"]))
+    print(f"\nwrote {out}")
 
-    from scalable_equiformer.errors import UserError
+
+def add_model_arguments(p, steps: int) -> None:
+    """The options every MD benchmark takes: the model (checkpoint or config), steps, precision, device."""
+    from scalable_equiformer.cli import nonnegative_int, positive_float, positive_int
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a training checkpoint (best.pt) or run folder")
+    src.add_argument("--config", help="a config name or file: its model with untrained weights (e.g. md22_atat, tiny)")
+    p.add_argument("--label", default=None, help="the model's name in the table (default: run folder/file, or the config)")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"timed MD steps per run (default {steps})")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="the model's precision (default: as stored)")
+    p.add_argument("--device", default="cpu", help="the model's device (default cpu)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def model_of(args, tmp: Path) -> tuple[Path, dict]:
+    """(checkpoint, model info) of the options of :func:`add_model_arguments`; ``--threads`` applied."""
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.checkpoint is not None:
+        label = args.label or f"{args.checkpoint.resolve().parent.name}/{args.checkpoint.name}"
+        return args.checkpoint, _model_info(args.checkpoint, label, args.dtype)
+    checkpoint = config_checkpoint(args.config, tmp)
+    return checkpoint, _model_info(checkpoint, args.label or f"{args.config} (untrained)", args.dtype)
+
+
+def _main(args) -> int:
+
+    from scalable_equiformer.errors import UserError
+
     unknown = [e for e in args.engines if e not in ENGINES]
     if unknown:
         raise UserError(f"--engines: unknown engine {unknown[0]} (known: {', '.join(ENGINES)})")
     atoms = _start_atoms()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.checkpoint is not None:
-            checkpoint = args.checkpoint
-            label = args.label or f"{args.checkpoint.resolve().parent.name}/{args.checkpoint.name}"
-        else:
-            checkpoint, label = config_checkpoint(args.config, Path(tmp)), args.label or f"{args.config} (untrained)"
-        info = _model_info(checkpoint, label, args.dtype)
+        checkpoint, info = model_of(args, Path(tmp))
         rows = []
         for name in args.engines:
             out = ENGINES[name](checkpoint, atoms, args.steps, args.timestep, warmup=args.warmup, device=args.device,
                                 dtype=args.dtype, platform_name=args.platform)
             rows.append(derive({"engine": name, **info, "atoms": len(atoms), **out}, args.timestep))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    keep = [r for r in old.get("rows", []) if (r["model"], r["dtype"], r["engine"]) not in
-            {(r["model"], r["dtype"], r["engine"]) for r in rows}]
-    result = {"system": "AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms), NVE from 300 K",
-              "machine": machine(), "rows": keep + rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print()
-    print(table(result["rows"]))
-    print(f"\nwrote {args.out}")
+    write_rows(args.out, rows, key=lambda r: (r["model"], r["dtype"], r["engine"]), table=table,
+               system="AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms), NVE from 300 K")
     return 0
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, nonnegative_int, output_file, positive_float, positive_int
+    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, output_file
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="a training checkpoint (best.pt) or run folder")
-    src.add_argument("--config", help="a config name or file: its model with untrained weights (e.g. md22_atat, tiny)")
-    p.add_argument("--label", default=None, help="the model's name in the table (default: run folder/file, or the config)")
+    add_model_arguments(p, steps=20)
     p.add_argument("--engines", nargs="+", default=list(ENGINES), help=f"engines to run (default: {' '.join(ENGINES)})")
-    p.add_argument("--steps", type=positive_int, default=20, help="timed MD steps per engine (default 20)")
-    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs (default 0.5)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="the model's precision (default: as stored)")
-    p.add_argument("--device", default="cpu", help="the model's device (default cpu)")
     p.add_argument("--platform", choices=("CPU", "Reference", "CUDA", "OpenCL"), default="CPU",
                    help="OpenMM platform of the openmm engine (default CPU)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=output_file, default=Path("runs/bench_md.json"), help="JSON file (default runs/bench_md.json)")
     args = p.parse_args(argv)
     return exit_on_user_error(lambda: _main(args))

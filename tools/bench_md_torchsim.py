@@ -25,7 +25,6 @@ device, K); rows of an existing file for others are kept.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_md import ATAT, _model_info, config_checkpoint, machine  # noqa: E402  (the ASE/OpenMM benchmark's)
+from bench_md import ATAT, add_model_arguments, model_of, write_rows  # noqa: E402  (the ASE/OpenMM benchmark's)
 
 
 def _version(dist: str) -> str:
@@ -140,55 +139,28 @@ def table(rows: list[dict]) -> str:
 
 
 def _main(args) -> int:
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     atoms = _start_atoms()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.checkpoint is not None:
-            checkpoint = args.checkpoint
-            label = args.label or f"{args.checkpoint.resolve().parent.name}/{args.checkpoint.name}"
-        else:
-            checkpoint, label = config_checkpoint(args.config, Path(tmp)), args.label or f"{args.config} (untrained)"
-        info = _model_info(checkpoint, label, args.dtype)
+        checkpoint, info = model_of(args, Path(tmp))
         rows = []
         for k in args.systems:
             out = bench_torchsim(checkpoint, [atoms] * k, args.steps, args.timestep, warmup=args.warmup,
                                  device=args.device, dtype=args.dtype)
             rows.append({"engine": "torchsim", **info, **out})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    key = lambda r: (r["model"], r["dtype"], r["device"], r["n_systems"])  # noqa: E731
-    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    keep = [r for r in old.get("rows", []) if key(r) not in {key(r) for r in rows}]
-    result = {"system": "K copies of AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms each), "
-                        "TorchSim NVE from 300 K",
-              "machine": machine(),
-              "rows": keep + rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print()
-    print(table(result["rows"]))
-    print(f"\nwrote {args.out}")
+    write_rows(args.out, rows, key=lambda r: (r["model"], r["dtype"], r["device"], r["n_systems"]), table=table,
+               system="K copies of AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms each), TorchSim NVE from 300 K")
     return 0
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, nonnegative_int, output_file, positive_float, positive_int
+    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, output_file, positive_int
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", type=Path, help="a training checkpoint (best.pt) or run folder")
-    src.add_argument("--config", help="a config name or file: its model with untrained weights (e.g. md22_atat, tiny)")
-    p.add_argument("--label", default=None, help="the model's name in the table (default: run folder/file, or the config)")
+    add_model_arguments(p, steps=10)
     p.add_argument("--systems", type=positive_int, nargs="+", default=[1, 8, 32],
                    help="K: copies of AT-AT in one batch, one run per value (default 1 8 32)")
-    p.add_argument("--steps", type=positive_int, default=10, help="timed MD steps per K (default 10)")
-    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs (default 0.5)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="the model's precision (default: as stored)")
-    p.add_argument("--device", default="cpu", help="the model's device (default cpu)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=output_file, default=Path("runs/bench_md_torchsim.json"),
                    help="JSON file (default runs/bench_md_torchsim.json)")
     args = p.parse_args(argv)
