@@ -7,7 +7,7 @@ Every MD engine of :mod:`scalable_equiformer.md` (OpenMM, i-PI, the batched engi
   ``-dE/dpos``, without ``create_graph`` and without parameter gradients;
 * a Verlet neighbour list: candidate pairs within ``cutoff + skin`` are searched only when some
   atom has moved more than ``skin / 2`` since the last search; each step keeps the candidates
-  closer than ``cutoff``, computed exactly as :func:`~scalable_equiformer.data.graph.radius_graph`
+  closer than ``cutoff``, computed exactly as :func:`~scalable_equiformer.nn.graph.radius_graph`
   computes them (same positions, same dtype, same order), so the edges, and hence the numbers,
   are those of ``model(batch)``;
 * the atomic numbers checked once per system (:meth:`Potential.set_numbers`), not per step;
@@ -144,7 +144,7 @@ class Potential:
     def edges(self, pos: torch.Tensor) -> torch.Tensor:
         """``edge_index`` of ``pos`` (centred, model dtype): the pairs closer than the cutoff, from
         the Verlet candidates (searched again when an atom has moved more than skin / 2)."""
-        from ..data.graph import radius_graph
+        from ..nn.graph import radius_graph
 
         pos = pos.detach()
         if self.skin == 0:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from e3nn import o3
 
-from ..data.graph import radius_graph
+from .graph import radius_graph
 from .block import TransformerBlock
 from .forces import energy_and_forces
 from .gate import ScalarActivation
