@@ -169,7 +169,7 @@ class EquiformerCalculator(Calculator):
                              elements=self.elements, where=f"EquiformerCalculator({self._label()})",
                              strict=self.strict, warned=self._warned,
                              hint="EquiformerCalculator(..., strict=False) computes them with a warning")
-        from .data.sgdml import check_no_coincident_atoms
+        from .data.frames import check_no_coincident_atoms
 
         check_no_coincident_atoms(np.asarray(atoms.positions), f"EquiformerCalculator({self._label()})", what="")
         # float64 whatever the model dtype: the model centres each molecule before its cast

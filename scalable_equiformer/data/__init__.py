@@ -9,8 +9,10 @@ kcal/mol (:data:`KCAL_PER_EV`).
 from ..nn.graph import radius_graph
 from .catalog import CATALOG, DatasetInfo, dataset_file, get_info
 from .dataset import MolecularDataset, load_dataset
-from .sgdml import KCAL_PER_EV, RawData, dataset_md5, read_file
+from .frames import RawData
+from .sgdml import dataset_md5, read_file
 from .splits import check_splits, load_index_split, load_splits, make_splits, save_splits
+from .units import KCAL_PER_EV
 
 __all__ = [
     "KCAL_PER_EV",
