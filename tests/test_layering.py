@@ -83,7 +83,7 @@ def test_inference_imports_no_training_module(module):
 #: package's own ``__init__.py``, the public API) sits above everything.
 LAYERS = [
     {"errors"},
-    {"runtime", "config_text", "checkpoint_io"},
+    {"runtime", "config_text", "checkpoint_io", "presets"},
     {"nn"},
     {"memory"},
     {"config", "data"},
