@@ -101,10 +101,10 @@ class Potential:
         """A potential from a training checkpoint (``best.pt`` or a run folder): the weights the
         run evaluated (EMA when kept), in ``dtype`` (None = as trained), on ``device``
         (None/'auto' = the GPU when there is one)."""
-        from ..calculator import pick_device
+        from ..runtime import parse_device
         from ..inference import load_model
 
-        model, config, info = load_model(checkpoint, device=pick_device(device), dtype=dtype, configure=False)
+        model, config, info = load_model(checkpoint, device=parse_device(device), dtype=dtype, configure=False)
         kwargs.setdefault("elements", info.get("elements"))
         kwargs.setdefault("label", str(checkpoint))
         return cls(model, config=config, **kwargs)
