@@ -26,10 +26,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .config_text import coerce, field_comments, load_yaml
+from .config_text import CONFIG_DIR, coerce, field_comments, read_config
 from .errors import ConfigError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 #: ``model.energy_normalization``: how the model's output is turned into eV (see ``model.py``)
@@ -461,14 +459,8 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         origin = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file (binary data); --config takes a YAML file or a name in "
-                              "configs/") from None
-        raw = load_yaml(text, str(path)) or {}
+        raw, text = read_config(path)
+        raw = raw or {}
         dumped = text.startswith(_DUMP_HEADER)  # a run folder's config.yaml (see REMOVED)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")

@@ -13,7 +13,7 @@ from torch_geometric.data import Batch, Data
 from helpers import tiny_sets
 from scalable_equiformer import build_model, load_config
 from scalable_equiformer.data import load_dataset
-from scalable_equiformer.data.graph import radius_graph
+from scalable_equiformer.nn.graph import radius_graph
 from scalable_equiformer.data.statistics import compute_statistics
 from scalable_equiformer.errors import UserError
 from scalable_equiformer.md import Potential

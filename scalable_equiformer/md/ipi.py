@@ -500,7 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         kwargs = {} if args.skin is None else {"skin": args.skin}
         driver = EquiformerDriver.from_files(args.checkpoint, args.structure, device=args.device,
-                                             dtype=getattr(torch, args.dtype) if args.dtype else None, **kwargs)
+                                             dtype=args.dtype, **kwargs)
         client = serve(driver, unix=args.unix, host=args.host, port=args.port, sockets_prefix=args.sockets_prefix,
                        wait_s=args.wait)
     except UserError as exc:

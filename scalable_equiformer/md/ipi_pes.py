@@ -24,10 +24,7 @@ class Equiformer_driver(Dummy_driver):
     :class:`~scalable_equiformer.md.ipi.EquiformerDriver`."""
 
     def __init__(self, template, checkpoint, device="auto", dtype=None, *args, **kwargs):
-        import torch
-
-        self.driver = EquiformerDriver.from_files(checkpoint, template, device=device,
-                                                  dtype=getattr(torch, dtype) if dtype else None)
+        self.driver = EquiformerDriver.from_files(checkpoint, template, device=device, dtype=dtype or None)
         super().__init__(*args, **kwargs)
 
     def compute_structure(self, cell, pos):

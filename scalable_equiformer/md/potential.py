@@ -10,7 +10,7 @@ Every MD engine of :mod:`scalable_equiformer.md` (OpenMM, i-PI, the batched engi
   alone) and runs ``bmm`` on an expanded weight instead, which made the paper model's step 1.3x slower;
 * a Verlet neighbour list: candidate pairs within ``cutoff + skin`` are searched only when some
   atom has moved more than ``skin / 2`` since the last search; each step keeps the candidates
-  closer than ``cutoff``, computed exactly as :func:`~scalable_equiformer.data.graph.radius_graph`
+  closer than ``cutoff``, computed exactly as :func:`~scalable_equiformer.nn.graph.radius_graph`
   computes them (same positions, same dtype, same order), so the edges, and hence the numbers,
   are those of ``model(batch)``;
 * the atomic numbers checked once per system (:meth:`Potential.set_numbers`), not per step;
@@ -101,10 +101,10 @@ class Potential:
         """A potential from a training checkpoint (``best.pt`` or a run folder): the weights the
         run evaluated (EMA when kept), in ``dtype`` (None = as trained), on ``device``
         (None/'auto' = the GPU when there is one)."""
-        from ..calculator import pick_device
+        from ..runtime import parse_device
         from ..inference import load_model
 
-        model, config, info = load_model(checkpoint, device=pick_device(device), dtype=dtype, configure=False)
+        model, config, info = load_model(checkpoint, device=parse_device(device), dtype=dtype, configure=False)
         kwargs.setdefault("elements", info.get("elements"))
         kwargs.setdefault("label", str(checkpoint))
         return cls(model, config=config, **kwargs)
@@ -146,7 +146,7 @@ class Potential:
         the Verlet candidates (searched again when an atom has moved more than skin / 2).
         ``batch``: the molecule of each atom when ``pos`` holds several (no pair across two); the
         candidates belong to one set of atoms: :meth:`set_numbers` again when it changes."""
-        from ..data.graph import radius_graph
+        from ..nn.graph import radius_graph
 
         pos = pos.detach()
         if self.skin == 0:

@@ -76,12 +76,12 @@ class EquiformerModel(ModelInterface):
         elif isinstance(model, (str, Path)):
             potential = Potential.from_checkpoint(model, device=device, dtype=dtype, strict=strict, skin=skin, label=name)
         elif isinstance(model, torch.nn.Module):
-            from ..calculator import pick_device
+            from ..runtime import parse_device, parse_dtype
 
             if device is not None:
-                model = model.to(pick_device(device))
+                model = model.to(parse_device(device))
             if dtype is not None:
-                model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+                model = model.to(parse_dtype(dtype))
             potential = Potential(model, elements=elements, strict=strict, skin=skin, label=name)
         else:
             raise UserError(f"EquiformerModel: model must be a checkpoint path, an Equiformer or a Potential, "

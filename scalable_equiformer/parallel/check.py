@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import load_dataset
+from ..presets import tiny_model_dict
 from .launch import spawn_local
 
 __all__ = [
@@ -62,23 +63,6 @@ __all__ = [
 ]
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
-
-def tiny_model_dict(width: int = 1) -> dict:
-    """The model section of ``configs/tiny.yaml``, the project's one tiny model (a few thousand
-    parameters, every stage of the paper's model); ``width`` multiplies every channel count
-    (``width=2``: ``16x0e+8x1e+4x2e`` nodes)."""
-    import re  # noqa: PLC0415
-
-    from ..config import resolve_config_path  # noqa: PLC0415
-    from ..config_text import load_yaml  # noqa: PLC0415
-
-    path = resolve_config_path("tiny")
-    model = load_yaml(path.read_text(), str(path))["model"]
-    if width != 1:
-        for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
-            model[key] = re.sub(r"(\d+)x", lambda m: f"{int(m.group(1)) * width}x", model[key])
-    return model
-
 
 #: The check's tiny model: ``configs/tiny.yaml`` with the normalisation constants fixed (no data
 #: statistics needed; about those of the AT-AT frames).

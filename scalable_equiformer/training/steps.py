@@ -24,15 +24,15 @@ import torch
 from .. import runtime
 from ..errors import ConfigError, TrainingError
 from ..model import configure_model as _configure
+from ..parallel.partitioned import PartitionedModel
 from .loss import LossTerms, loss_terms
 
 
 def base_model(model):
-    """The Equiformer inside a DeepSpeed engine (``.module``) or a PartitionedModel (``.model``)."""
+    """The Equiformer inside a DeepSpeed engine or DDP (``.module``) or a :class:`PartitionedModel`
+    (``.model``)."""
     while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "model", None) if type(model).__name__ == "PartitionedModel" else None
+        inner = model.model if isinstance(model, PartitionedModel) else getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
