@@ -496,7 +496,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.host is not None and args.port is None:
         p.error("--host needs --port")
     try:
-
         kwargs = {} if args.skin is None else {"skin": args.skin}
         driver = EquiformerDriver.from_files(args.checkpoint, args.structure, device=args.device,
                                              dtype=args.dtype, **kwargs)
