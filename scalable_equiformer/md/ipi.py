@@ -128,6 +128,7 @@ class EquiformerDriver:
         self.natoms = potential.num_atoms
         #: seconds spent in Potential.compute, and how many calls (the benchmark reads them)
         self.compute_s = 0.0
+        self.first_compute_s = 0.0
         self.calls = 0
 
     @classmethod
@@ -151,7 +152,10 @@ class EquiformerDriver:
                   where=self.structure)
         t0 = time.perf_counter()
         energy, forces = self.potential.compute(pos_a)
-        self.compute_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if self.calls == 0:
+            self.first_compute_s = seconds  # the benchmark times from the first reply on: without this call
+        self.compute_s += seconds
         self.calls += 1
         return energy * HARTREE_PER_EV, forces * FORCE_TO_ATOMIC, np.zeros((3, 3)), ""
 
