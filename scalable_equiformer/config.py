@@ -28,6 +28,7 @@ import yaml
 
 from .config_text import coerce, field_comments, load_yaml
 from .errors import ConfigError
+from .memory.levers import LeverError, Levers
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -206,31 +207,12 @@ class OptimConfig:
         check(0 <= self.min_lr <= self.lr, "min_lr", "must be between 0 and optim.lr")
 
 
-@dataclass
-class MemoryConfig:
-    """One key per memory lever; `tools/memory_profile.py --levers` uses these names."""
+@dataclass(frozen=True)
+class ParallelSection:
+    """``cfg.parallel``, read-only: its one key, ``graph_partitions``, is a lever, held by ``cfg.memory``
+    (a :class:`~scalable_equiformer.memory.Levers`) like the ``memory.*`` keys."""
 
-    checkpointing: str = "none"  # none | blocks (per-block activation checkpointing) | forces (block-wise force recomputation)
-    micro_batch_size: Optional[int] = None  # at most this many molecules per forward on a rank (fewer when a rank has fewer); gradients accumulate to train.batch_size; None = whole batch
-    edge_chunk_size: Optional[int] = None  # with checkpointing=forces: receiving atoms in chunks of at most this many incoming edges; None = all at once
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with loss scaling); norms, energy sums and forces stay fp32
-    keep_blocks: int = 0  # with checkpointing=forces: the last N blocks keep their graphs (not recomputed): faster, more memory
-
-    def validate(self, check):
-        check(self.checkpointing in ("none", "blocks", "forces"), "checkpointing",
-              f"must be none, blocks or forces, not {self.checkpointing!r}")
-        check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1 or null")
-        check(self.edge_chunk_size is None or self.edge_chunk_size >= 1, "edge_chunk_size", "must be >= 1 or null")
-        check(self.precision in ("fp32", "bf16", "fp16"), "precision", f"must be fp32, bf16 or fp16, not {self.precision!r}")
-        check(self.keep_blocks >= 0, "keep_blocks", "must be >= 0")
-
-
-@dataclass
-class ParallelConfig:
-    graph_partitions: int = 1  # ranks that share one molecule's graph (halo exchange)
-
-    def validate(self, check):
-        check(self.graph_partitions >= 1, "graph_partitions", "must be >= 1")
+    graph_partitions: int
 
 
 @dataclass
@@ -260,41 +242,62 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: Levers = field(default_factory=Levers)  # the memory.* keys and parallel.graph_partitions
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # where each non-default value came from: "a.b" -> "<file>" or "--set"
     sources: dict = field(default_factory=dict, repr=False, compare=False)
+    # lever values read but not yet made into ``memory`` (a Levers is checked when it is made: at validate)
+    _lever_values: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     SECTIONS = ("data", "model", "train", "optim", "memory", "parallel", "deepspeed", "logging")
+    #: the sections whose keys are the fields of ``memory`` (a :class:`Levers`)
+    LEVER_SECTIONS = ("memory", "parallel")
+
+    @property
+    def parallel(self) -> ParallelSection:
+        return ParallelSection(self.memory.graph_partitions)
+
+    def section_values(self, section: str) -> dict:
+        """``{key: value}`` of one section."""
+        if section in self.LEVER_SECTIONS:
+            return self.memory.section(section)
+        return dataclasses.asdict(getattr(self, section))
 
     def to_dict(self) -> dict:
-        return {s: dataclasses.asdict(getattr(self, s)) for s in self.SECTIONS}
+        return {s: self.section_values(s) for s in self.SECTIONS}
 
     def dump(self, path: Union[str, Path, None] = None) -> str:
         """YAML of the resolved config, with units and the origin of each non-default value."""
         lines = ["# scalable_equiformer resolved config", "# units: lengths Å, energies eV, forces eV/Å"]
         for section in self.SECTIONS:
             lines.append(f"{section}:")
-            obj = getattr(self, section)
-            comments = field_comments(type(obj))
-            for f in dataclasses.fields(obj):
-                value = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True).strip()
+            comments = field_comments(_section_class(section))
+            for name, raw in self.section_values(section).items():
+                value = yaml.safe_dump(raw, default_flow_style=True).strip()
                 if value.endswith("\n...") or value.endswith("..."):
                     value = value.replace("\n...", "").replace("...", "").strip()
-                note = comments.get(f.name, "")
-                origin = self.sources.get(f"{section}.{f.name}")
+                note = comments.get(name, "")
+                origin = self.sources.get(f"{section}.{name}")
                 tail = "  # " + "; ".join(x for x in (note, f"from {origin}" if origin else "") if x) if (note or origin) else ""
-                lines.append(f"  {f.name}: {value}{tail}")
+                lines.append(f"  {name}: {value}{tail}")
         text = "\n".join(lines) + "\n"
         if path is not None:
             Path(path).write_text(text)
         return text
 
     def validate(self, origin: str = "config") -> None:
+        def where(key):
+            return self.sources.get(key, origin)
+
         for section in self.SECTIONS:
-            getattr(self, section).validate(_section_check(section, lambda name: self.sources.get(name, origin)))
+            if section == "memory":
+                self._make_levers(where)
+            elif section not in self.LEVER_SECTIONS:
+                getattr(self, section).validate(_section_check(section, where))
+        if self.memory.keep_blocks > self.model.num_blocks:
+            raise ConfigError(f"{where('memory.keep_blocks')}: memory.keep_blocks ({self.memory.keep_blocks}) is more "
+                              f"than model.num_blocks ({self.model.num_blocks})")
         if self.memory.micro_batch_size is not None and self.memory.micro_batch_size > self.train.batch_size:
             raise ConfigError(f"{self.sources.get('memory.micro_batch_size', origin)}: memory.micro_batch_size "
                               f"({self.memory.micro_batch_size}) is larger than train.batch_size ({self.train.batch_size})")
@@ -303,9 +306,18 @@ class Config:
             raise ConfigError(f"{where}: deepspeed.zero_stage=3 with model.dtype=float64: DeepSpeed's ZeRO-3 partitions "
                               "only fp32/bf16/fp16 parameters (whether it notices depends on the processor); use "
                               "model.dtype=float32, or zero_stage 1-2 for a float64 model")
-        check_memory_levers(self.memory, self.model.num_blocks, self.parallel.graph_partitions,
-                            where=lambda key: self.sources.get(key, origin))
-        check_compile(self, where=lambda key: self.sources.get(key, origin))
+        check_compile(self, where=where)
+
+    def _make_levers(self, where) -> None:
+        """``memory`` from the lever values read (the one place they are checked: when the
+        :class:`Levers` is made); a :class:`ConfigError` naming the key and where it came from."""
+        if not self._lever_values:
+            return
+        try:
+            self.memory = self.memory.replace(**self._lever_values)
+        except LeverError as e:
+            raise ConfigError(f"{where(e.key)}: {e.detail}") from None
+        self._lever_values = {}
 
 
 def _section_check(section: str, where):
@@ -326,38 +338,13 @@ def validate_section(obj, section: str, origin: str = "config") -> None:
     ``obj`` may be any object with the section's attributes (the section class's ``validate`` is
     called on it). ``model.build_model`` calls this for the model section.
     """
-    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
-           "memory": MemoryConfig, "parallel": ParallelConfig, "deepspeed": DeepSpeedConfig,
-           "logging": LoggingConfig}[section]
-    cls.validate(obj, _section_check(section, lambda name: origin))
+    _section_class(section).validate(obj, _section_check(section, lambda name: origin))
 
 
-def check_memory_levers(memory, num_blocks: Optional[int] = None, graph_partitions: int = 1,
-                        where=lambda key: "config") -> None:
-    """The rules between the memory levers, the one copy: :meth:`Config.validate` runs it at load,
-    ``model.configure_model`` on the memory config it applies (which may have changed since), and
-    ``PartitionedModel`` with the number of partitions it runs on. ``where(key)`` names the origin
-    of a key in the message. ``num_blocks`` None: not checked against the model."""
-    checkpointing = memory.checkpointing
-    keep = int(getattr(memory, "keep_blocks", 0) or 0)
-    if keep:
-        if checkpointing != "forces":
-            raise ConfigError(f"{where('memory.keep_blocks')}: memory.keep_blocks ({keep}) needs "
-                              f"memory.checkpointing=forces (it is the number of blocks that force-aware "
-                              f"checkpointing does not recompute)")
-        if num_blocks is not None and keep > num_blocks:
-            raise ConfigError(f"{where('memory.keep_blocks')}: memory.keep_blocks ({keep}) is more than "
-                              f"model.num_blocks ({num_blocks})")
-    chunk = getattr(memory, "edge_chunk_size", None)
-    if chunk is not None:
-        if checkpointing != "forces":
-            raise ConfigError(f"{where('memory.edge_chunk_size')}: memory.edge_chunk_size ({chunk}) needs "
-                              f"memory.checkpointing=forces (under {checkpointing!r} every chunk's graph is kept "
-                              "for the force loss)")
-        if graph_partitions > 1:
-            raise ConfigError(f"{where('memory.edge_chunk_size')}: memory.edge_chunk_size ({chunk}) is "
-                              f"single-process only, not with parallel.graph_partitions={graph_partitions}: unset "
-                              "it (the partitions divide the edges)")
+def _section_class(section: str) -> type:
+    """The dataclass that declares a section's keys (:class:`Levers` for ``memory`` and ``parallel``)."""
+    return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "optim": OptimConfig,
+            "memory": Levers, "parallel": Levers, "deepspeed": DeepSpeedConfig, "logging": LoggingConfig}[section]
 
 
 #: ``train.compile: true`` refuses these (key, what it needs, why): the compiled step traces the plain
@@ -431,12 +418,18 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str, from_st
         hint = difflib.get_close_matches(section, Config.SECTIONS, n=1)
         raise ConfigError(f"{origin}: unknown section {section!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                           + f"; sections: {', '.join(Config.SECTIONS)}")
-    obj = getattr(cfg, section)
-    hints = typing.get_type_hints(type(obj))
+    levers = section in Config.LEVER_SECTIONS
+    hints = typing.get_type_hints(_section_class(section))
+    if levers:
+        hints = {k: hints[k] for k in Levers.keys(section)}
     if key not in hints:
         hint = difflib.get_close_matches(key, list(hints), n=1)
         raise ConfigError(f"{origin}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)" if hint else ""))
-    setattr(obj, key, coerce(value, hints[key], f"{section}.{key}", origin, from_string))
+    value = coerce(value, hints[key], f"{section}.{key}", origin, from_string)
+    if levers:
+        cfg._lever_values[key] = value  # made into cfg.memory, and checked, by Config.validate
+    else:
+        setattr(getattr(cfg, section), key, value)
     cfg.sources[f"{section}.{key}"] = origin
 
 
@@ -452,6 +445,20 @@ def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
     hint = difflib.get_close_matches(p.stem, known, n=3)
     raise ConfigError(f"{name_or_path}: no such config file, and no configs/{p.stem}.yaml"
                       + (f" (close: {', '.join(hint)})" if hint else ""))
+
+
+def tiny_model_dict(width: int = 1) -> dict:
+    """The model section of ``configs/tiny.yaml``, the project's one tiny model (a few thousand
+    parameters, every stage of the paper's model); ``width`` multiplies every channel count
+    (``width=2``: ``16x0e+8x1e+4x2e`` nodes)."""
+    import re
+
+    path = resolve_config_path("tiny")
+    model = load_yaml(path.read_text(), str(path))["model"]
+    if width != 1:
+        for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
+            model[key] = re.sub(r"(\d+)x", lambda m: f"{int(m.group(1)) * width}x", model[key])
+    return model
 
 
 def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None) -> Config:

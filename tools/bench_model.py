@@ -56,7 +56,7 @@ from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
 from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
-from scalable_equiformer.parallel.check import tiny_model_dict  # noqa: E402
+from scalable_equiformer.config import tiny_model_dict  # noqa: E402
 from scalable_equiformer.profiling.meter import PeakMemoryMeter  # noqa: E402
 from scalable_equiformer.training.compiled import (  # noqa: E402
     CompiledEnergyForces, compile_count, compiled_energy_and_forces)

@@ -39,10 +39,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scalable_equiformer.errors import ConfigError, UserError  # noqa: E402
+from scalable_equiformer.memory import Levers  # noqa: E402
 
 GiB = 2**30
-MEMORY_KEYS = ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision", "keep_blocks")
-LEVER_KEYS = MEMORY_KEYS + ("graph_partitions",)
+MEMORY_KEYS = Levers.keys("memory")
+LEVER_KEYS = MEMORY_KEYS + Levers.keys("parallel")
 #: the value a bare lever name turns on
 LEVER_ON = {"checkpointing": "forces", "micro_batch_size": 1, "edge_chunk_size": "auto", "precision": "bf16",
             "graph_partitions": 2, "keep_blocks": 1}
@@ -53,10 +54,8 @@ COMPARE = ["none", "checkpointing=blocks", "checkpointing=forces", "precision=bf
 
 def parse_levers(spec: str, cfg, batch: int) -> dict:
     """A ``--levers`` value -> memory.* values (``auto`` chunk resolved later per molecule)."""
-    base = {k: getattr(cfg.memory, k) for k in MEMORY_KEYS}
-    base["graph_partitions"] = cfg.parallel.graph_partitions
-    off = {"checkpointing": "none", "micro_batch_size": None, "edge_chunk_size": None, "precision": "fp32",
-           "graph_partitions": 1, "keep_blocks": 0}
+    base = cfg.memory.as_dict()
+    off = Levers().as_dict()
     spec = spec.strip()
     if spec == "config":
         return base
@@ -301,7 +300,7 @@ def run(args) -> int:
             plan_molecule = (n_atoms, edges_max, part_stats)
         for levers in lever_sets:
             lv = resolve_levers(levers, edges_max)
-            lev_obj = est.Levers(**lv)
+            lev_obj = Levers(**lv)
             e = est.estimate(cfg, profile_for(lv["precision"]), lev_obj, atoms=n_atoms, edges=edges_max, batch=batch,
                              num_params=num_params, zero_stage=zero_stage, ranks=max(args.ranks, lev_obj.graph_partitions),
                              part=part_stats(lev_obj.graph_partitions))
@@ -311,7 +310,7 @@ def run(args) -> int:
             req = None
             if not args.estimate_only:
                 req = Request(config=cfg.to_dict(), config_name=config_name, data=data_i, atoms=atoms_i, batch=batch,
-                              levers={k: lv[k] for k in MEMORY_KEYS}, partitions=lev_obj.graph_partitions,
+                              levers=lev_obj.section("memory"), partitions=lev_obj.graph_partitions,
                               device=device, threads=args.threads, timing_steps=args.timing_steps, meter=args.meter)
             runs.append(record)
             jobs.append((record, req, lev_obj, e))
@@ -438,14 +437,16 @@ def _with_stats(cfg):
 
 def _set_label(levers: dict) -> str:
     """The lever set as asked for (an ``auto`` chunk size stays ``auto``), for grouping runs."""
-    from scalable_equiformer.profiling.estimate import Levers
-
     lv = dict(levers)
     auto = lv.get("edge_chunk_size") == "auto"
     if auto:
-        lv["edge_chunk_size"] = 0
+        lv["edge_chunk_size"] = _AUTO_CHUNK
     label = Levers(**lv).label()
-    return label.replace("chunk=0", "chunk=auto") if auto else label
+    return label.replace(f"chunk={_AUTO_CHUNK}", "chunk=auto") if auto else label
+
+
+#: stands for ``edge_chunk_size=auto`` in a label (a Levers holds numbers only)
+_AUTO_CHUNK = 2**31 - 1
 
 
 def _print_row(r, lev):

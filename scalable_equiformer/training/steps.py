@@ -1,9 +1,8 @@
 """The one place where training calls the model, computes the loss and takes an optimizer step.
 
 ``model_call(model, batch, cfg)`` runs the model (or a DeepSpeed engine / partitioned wrapper
-around it) on a batch with forces, under the memory levers of ``cfg.memory``: the force strategy
-(``memory.checkpointing``, set on the model by :func:`configure_model`) and mixed precision
-(``memory.precision``). ``compute_loss(out, batch, cfg, ...)`` is :func:`.loss.loss_terms` with the
+around it) on a batch with forces, under mixed precision (``memory.precision``); the other levers
+are the wrapper's (a ``memory.LeveredModel`` or ``PartitionedModel`` holding a ``memory.ForceRunner``). ``compute_loss(out, batch, cfg, ...)`` is :func:`.loss.loss_terms` with the
 config's weights.
 
 :func:`optimizer_step` is the whole optimizer step over one rank's micro-batches: forward with
@@ -23,25 +22,18 @@ import torch
 
 from .. import runtime
 from ..errors import ConfigError, TrainingError
-from ..model import configure_model as _configure
 from .loss import LossTerms, loss_terms
 
 
 def base_model(model):
-    """The Equiformer inside a DeepSpeed engine (``.module``) or a PartitionedModel (``.model``)."""
+    """The Equiformer inside a DeepSpeed engine (``.module``), a PartitionedModel or a LeveredModel (``.model``)."""
     while True:
         inner = getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "model", None) if type(model).__name__ == "PartitionedModel" else None
+            inner = getattr(model, "model", None) if type(model).__name__ in ("PartitionedModel", "LeveredModel") else None
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
-
-
-def configure_model(model, cfg) -> None:
-    """Apply ``cfg.memory`` levers that live on the model (:func:`..model.configure_model`) to the
-    Equiformer inside ``model`` (a DeepSpeed engine or partitioned wrapper, or the model itself)."""
-    _configure(base_model(model), cfg)
 
 
 def loss_scaler(precision: str, device):
@@ -67,7 +59,7 @@ def model_call(model, batch, cfg) -> dict:
         return compiled_energy_and_forces(model, batch)
     if precision == "fp32":
         return model(batch, compute_forces=True)
-    from ..nn.precision import autocast
+    from ..memory.precision import autocast
 
     with autocast(precision, batch.pos.device):
         return model(batch, compute_forces=True)
@@ -128,5 +120,5 @@ def optimizer_step(engine, micro_batches: Sequence, cfg, lr: float, *, n_molecul
     return float(t[0]) / (partitions if partitions > 1 else 1)
 
 
-__all__ = ["NonFiniteLoss", "base_model", "configure_model", "loss_scaler", "model_call", "compute_loss", "loss_parts",
+__all__ = ["NonFiniteLoss", "base_model", "loss_scaler", "model_call", "compute_loss", "loss_parts",
            "optimizer_step"]

@@ -122,7 +122,7 @@ class Trainer(CheckpointSteps, ProgressLog):
         return init
 
     def _build_model(self, init: Optional[dict]) -> torch.nn.Module:
-        """The model on the device, seeded, with ``train.init_from`` weights and the force strategy."""
+        """The bare model on the device, seeded, with ``train.init_from`` weights."""
         from ..model import build_model, normalization_constants
 
         cfg = self.cfg
@@ -136,7 +136,6 @@ class Trainer(CheckpointSteps, ProgressLog):
             ckpt_io.load_model_state(model, state, cfg.train.init_from)
             log.info("weights from %s (train.init_from); normalisation from the %s", cfg.train.init_from,
                      cfg.train.init_statistics.replace("_", " "))
-        steps.configure_model(model, cfg)
         return model.to(self.device)
 
     def _build_engine(self, init: Optional[dict]) -> None:
@@ -147,12 +146,17 @@ class Trainer(CheckpointSteps, ProgressLog):
         model = self._build_model(init)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.template = copy.deepcopy(model)  # a plain module to evaluate EMA / gathered / best weights
-        self.eval_wrapper = self.template
-        if self.partitions > 1:
+        if self.partitions > 1:  # the levers' runner runs inside the partitioned model
+            from ..memory import ForceRunner
             from ..parallel.partitioned import PartitionedModel
 
-            model = PartitionedModel(model, self.part_group)
-            self.eval_wrapper = PartitionedModel(self.template, self.part_group)
+            runner = ForceRunner(cfg.memory)
+            model = PartitionedModel(model, self.part_group, runner=runner)
+            self.eval_wrapper = PartitionedModel(self.template, self.part_group, runner=runner)
+        else:
+            from ..memory import with_levers
+
+            model, self.eval_wrapper = with_levers(model, cfg.memory), with_levers(self.template, cfg.memory)
         if self.use_ds:
             self.engine = DeepSpeedEngine(model, cfg, self.plan, info.world_size)
         else:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from scalable_equiformer.config import ModelConfig
-from scalable_equiformer.parallel.check import tiny_model_dict
+from scalable_equiformer.config import tiny_model_dict
 
 #: the tiny model's irreps (configs/tiny.yaml), and their lmax 3 extension
 TINY_IRREPS = {
