@@ -49,7 +49,7 @@ def model_call(model, batch, cfg) -> dict:
     With ``train.compile: true`` a training call (``model.training``) runs the compiled
     energy-and-forces function of :mod:`.compiled` instead of the eager model; evaluation stays eager.
     """
-    precision = getattr(cfg.memory, "precision", "fp32")
+    precision = cfg.memory.precision
     if getattr(cfg.train, "compile", False) and model.training:
         if base_model(model) is not model:
             raise ConfigError(f"train.compile=true runs on the plain model only, not inside {type(model).__name__} "
