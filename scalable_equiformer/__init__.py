@@ -1,5 +1,14 @@
-"""Equiformer interatomic potential with memory levers for large molecules."""
+"""Equiformer interatomic potential with memory levers for large molecules.
 
-from .config import Config, load_config
+``Config``, ``load_config`` and ``build_model`` are imported on first use (PEP 562): importing the
+package (or a light module in it, e.g. the openmm-ml entry point that ``import openmmml`` loads)
+does not import torch.
+"""
+
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, UserError
-from .model import build_model
+from ._lazy import lazy_getattr
+
+__getattr__ = lazy_getattr(__name__, {"Config": "config", "load_config": "config", "build_model": "model"})
+
+__all__ = ["Config", "load_config", "build_model", "CheckpointError", "ConfigError", "DataError", "TrainingError",
+           "UserError"]

@@ -49,16 +49,8 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from . import runtime
 from .errors import UserError
-
-
-def pick_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} asked for, but CUDA is not available here; use device='cpu'")
-    return device
 
 
 def partitioned_model(model: torch.nn.Module, partitions: int, group=None):
@@ -124,12 +116,12 @@ class EquiformerCalculator(Calculator):
             raise UserError(f"partitions must be >= 1, not {partitions}")
         self.partitions = int(partitions)
         if isinstance(checkpoint_or_model, torch.nn.Module):
-            self.device = pick_device(device) if device is not None else _module_device(checkpoint_or_model)
+            self.device = runtime.parse_device(device) if device is not None else _module_device(checkpoint_or_model)
             self.model = checkpoint_or_model.to(self.device)
             self.checkpoint = None
             self.config = None
         elif isinstance(checkpoint_or_model, (str, Path)):
-            self.device = pick_device(device)
+            self.device = runtime.parse_device(device)
             self.checkpoint = Path(checkpoint_or_model)
             # the force strategy stays plain autograd (no memory.checkpointing): nothing is kept for
             # a force loss at inference
@@ -142,10 +134,7 @@ class EquiformerCalculator(Calculator):
             raise TypeError(f"EquiformerCalculator needs a checkpoint path or a torch module, "
                             f"not {type(checkpoint_or_model).__name__}")
         if dtype is not None:
-            want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-            if want not in (torch.float32, torch.float64):
-                raise UserError(f"dtype must be float32 or float64, not {dtype}")
-            self.model = self.model.to(want)
+            self.model = self.model.to(runtime.parse_dtype(dtype))
         self.model.eval()
         self.dtype = _module_dtype(self.model)
         self.max_atomic_number = getattr(self.model, "max_atomic_number", None)  # z must be below it
@@ -169,7 +158,7 @@ class EquiformerCalculator(Calculator):
                              elements=self.elements, where=f"EquiformerCalculator({self._label()})",
                              strict=self.strict, warned=self._warned,
                              hint="EquiformerCalculator(..., strict=False) computes them with a warning")
-        from .data.sgdml import check_no_coincident_atoms
+        from .data.frames import check_no_coincident_atoms
 
         check_no_coincident_atoms(np.asarray(atoms.positions), f"EquiformerCalculator({self._label()})", what="")
         # float64 whatever the model dtype: the model centres each molecule before its cast

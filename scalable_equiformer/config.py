@@ -41,11 +41,9 @@ from .config_sections import (  # noqa: F401 (the sections are part of this modu
     TrainConfig,
     check_seed,
 )
-from .config_text import coerce, field_comments, load_yaml
+from .config_text import CONFIG_DIR, coerce, field_comments, read_config
 from .errors import ConfigError
 from .memory.levers import LeverError, Levers
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -259,20 +257,6 @@ def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
                       + (f" (close: {', '.join(hint)})" if hint else ""))
 
 
-def tiny_model_dict(width: int = 1) -> dict:
-    """The model section of ``configs/tiny.yaml``, the project's one tiny model (a few thousand
-    parameters, every stage of the paper's model); ``width`` multiplies every channel count
-    (``width=2``: ``16x0e+8x1e+4x2e`` nodes)."""
-    import re
-
-    path = resolve_config_path("tiny")
-    model = load_yaml(path.read_text(), str(path))["model"]
-    if width != 1:
-        for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
-            model[key] = re.sub(r"(\d+)x", lambda m: f"{int(m.group(1)) * width}x", model[key])
-    return model
-
-
 def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults, then the YAML file (path or name in ``configs/``), then ``a.b=value`` overrides."""
     cfg = Config()
@@ -280,14 +264,8 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         origin = str(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file (binary data); --config takes a YAML file or a name in "
-                              "configs/") from None
-        raw = load_yaml(text, str(path)) or {}
+        raw, text = read_config(path)
+        raw = raw or {}
         dumped = text.startswith(_DUMP_HEADER)  # a run folder's config.yaml (see REMOVED)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")

@@ -1,18 +1,26 @@
 """Config text: YAML read strictly (:func:`load_yaml`: a key given twice in one mapping is an
 error, not "the last one wins"), a YAML or ``--set`` value checked against a config field's annotation
 (:func:`coerce`), and the trailing comments of the dataclass fields (:func:`field_comments`, the
-units and choices a run folder's ``config.yaml`` shows). ``config.py`` holds the sections and rules.
+units and choices a run folder's ``config.yaml`` shows), and a config file read with its preset
+(:func:`read_config`: a top-level ``base: presets/md17_l2`` names a file under ``configs/`` whose
+sections the file extends). ``config.py`` holds the sections and rules.
 """
 
 from __future__ import annotations
 
 import types
 import typing
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
 from .errors import ConfigError
+
+#: the shipped configs; ``base:`` names are resolved here
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: the top-level key of a config file that names its preset
+BASE_KEY = "base"
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -55,6 +63,65 @@ def load_yaml(text: str, origin: str) -> Any:
         if isinstance(exc, DuplicateKeyError):
             raise ConfigError(f"{origin}:{where}: {problem}") from None
         raise ConfigError(f"{origin}:{where} not valid YAML ({problem})") from None
+
+
+def read_config(path: Path, config_dir: Path = CONFIG_DIR) -> tuple[Any, str]:
+    """``(mapping, text)`` of the config file ``path``: its YAML (:func:`load_yaml`) on top of its
+    preset, and the file's own text. A top-level ``base: NAME`` names a file ``config_dir/NAME[.yaml]``
+    (itself read this way, so presets chain); the file's keys override the preset's key by key
+    within each section (a list or mapping value is replaced whole, as with ``--set``). The values a
+    preset gives count as the file's: the file says where they come from. Unreadable files, a base
+    outside ``config_dir`` or missing, and a chain of bases that loops are one :class:`ConfigError`
+    line."""
+    return _read_config(Path(path), Path(config_dir), ())
+
+
+def _read_config(path: Path, config_dir: Path, chain: tuple) -> tuple[Any, str]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (binary data); --config takes a YAML file or a name in "
+                          "configs/") from None
+    raw = load_yaml(text, str(path))
+    if not isinstance(raw, dict) or BASE_KEY not in raw:
+        return raw, text
+    raw = dict(raw)
+    base = _base_path(raw.pop(BASE_KEY), path, config_dir)
+    if base in chain or base == path.resolve():
+        loop = " -> ".join(str(p) for p in (*chain, path.resolve(), base))
+        raise ConfigError(f"{path}: {BASE_KEY}: the chain of presets loops ({loop})")
+    under, _ = _read_config(base, config_dir, (*chain, path.resolve()))
+    if not isinstance(under, dict):
+        raise ConfigError(f"{base}: expected a mapping of sections, got {type(under).__name__}")
+    merged = dict(under)
+    for section, values in raw.items():
+        below = merged.get(section)
+        if isinstance(below, dict) and (values is None or isinstance(values, dict)):
+            values = {**below, **(values or {})}  # an empty section keeps the preset's keys
+        merged[section] = values
+    return merged, text
+
+
+def _base_path(name: Any, path: Path, config_dir: Path) -> Path:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{path}: {BASE_KEY}: expected the name of a preset under configs/ "
+                          f"(e.g. presets/md17_l2), got {name!r}")
+    root = config_dir.resolve()
+    base = (root / name).with_suffix(".yaml") if not name.endswith((".yaml", ".yml")) else root / name
+    base = base.resolve()
+    if root not in base.parents:
+        raise ConfigError(f"{path}: {BASE_KEY}: {name!r} is outside configs/; a preset is a file under configs/")
+    if not base.is_file():
+        raise ConfigError(f"{path}: {BASE_KEY}: no such preset configs/{base.relative_to(root)}")
+    return base
+
+
+def config_section(name: str, section: str) -> dict:
+    """One section of the shipped config ``configs/<name>.yaml``, with its preset (:func:`read_config`)."""
+    raw, _ = read_config(CONFIG_DIR / f"{name}.yaml")
+    return dict(raw[section])
 
 
 def field_comments(cls) -> dict:
@@ -134,4 +201,5 @@ def coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> Any
     return value
 
 
-__all__ = ["UniqueKeyLoader", "coerce", "field_comments", "load_yaml"]
+__all__ = ["BASE_KEY", "CONFIG_DIR", "UniqueKeyLoader", "coerce", "config_section", "field_comments", "load_yaml",
+           "read_config"]

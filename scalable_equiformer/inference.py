@@ -64,10 +64,7 @@ def load_model(path, device=None, dtype=None, ema: bool = True, configure: bool 
         raise CheckpointError(f"{path}: stored model config does not build: {exc}") from None
     load_model_state(model, state, path)
     if dtype is not None:
-        want = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-        if want not in (torch.float32, torch.float64):
-            raise UserError(f"dtype must be float32 or float64, not {dtype}")
-        model = model.to(want)
+        model = model.to(runtime.parse_dtype(dtype))
     model = model.to(torch.device(device) if device is not None else "cpu").eval()
     info = {"path": path, "stats": stats, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
             "metrics": ckpt.get("metrics"), "weights": weights, "elements": ckpt.get("elements")}

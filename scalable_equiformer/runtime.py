@@ -74,6 +74,17 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
 
 
+def parse_dtype(value) -> torch.dtype:
+    """A model dtype given by a user (``"float64"``, ``"torch.float64"`` or ``torch.float64``): one of
+    :data:`DTYPES`, else :class:`~scalable_equiformer.errors.UserError`."""
+    want = DTYPES.get(value.removeprefix("torch.")) if isinstance(value, str) else value
+    if want not in DTYPES.values():
+        from .errors import UserError
+
+        raise UserError(f"dtype must be float32 or float64, not {value}")
+    return want
+
+
 @contextlib.contextmanager
 def default_dtype(name_or_dtype) -> Iterator[None]:
     """Set torch's default floating dtype inside the block; the previous one is restored."""
@@ -117,6 +128,20 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     index = cuda_index(local_rank, torch.cuda.device_count())
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def parse_device(device) -> torch.device:
+    """A device given by a user (a name such as ``"cuda:1"``, a ``torch.device``; None or ``"auto"``:
+    the GPU when CUDA is available, else the CPU); :class:`~scalable_equiformer.errors.UserError`
+    for CUDA on a machine without it."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+
+        raise UserError(f"device {device} asked for, but CUDA is not available here; use device='cpu'")
+    return device
 
 
 # ---- distributed ----------------------------------------------------------------------------

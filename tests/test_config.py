@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scalable_equiformer.config import CONFIG_DIR, config_from_dict, load_config
+from scalable_equiformer.config import CONFIG_DIR, Config, config_from_dict, load_config
 from scalable_equiformer.errors import ConfigError
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -185,3 +185,58 @@ def test_configs_point_to_readme_sections_that_exist():
     pointers = [(p.name, m.group(1)) for p in sorted(CONFIG_DIR.glob("*.yaml"))
                 for m in re.finditer(r'README, "([^"]+)"', p.read_text())]
     assert pointers and all(title in headings for _, title in pointers), [x for x in pointers if x[1] not in headings]
+
+
+def test_md17_configs_load_to_the_configs_they_were_before_their_presets():
+    """configs/md17_*.yaml derive from configs/presets/md17_l{2,3}.yaml (``base:``); each loads to
+    exactly the Config its full file gave (tests/data/md17_configs_main.json: every value that
+    differs from the defaults, dumped before the presets existed)."""
+    import json
+
+    before = json.loads((Path(__file__).parent / "data" / "md17_configs_main.json").read_text())
+    assert sorted(before) == sorted(n for n in SHIPPED if n.startswith("md17_")) and len(before) == 16
+    defaults = Config().to_dict()
+    for name, changed in before.items():
+        want = {s: {**values, **changed.get(s, {})} for s, values in defaults.items()}
+        assert load_config(name).to_dict() == want, name
+
+
+def _write_at(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_base_is_extended_key_by_key(tmp_path):
+    from scalable_equiformer.config_text import read_config
+
+    _write_at(tmp_path / "presets" / "a.yaml", "train: {max_epochs: 3, batch_size: 2}\noptim: {lr: 0.1}\nmodel: {lmax: 2}\n")
+    _write_at(tmp_path / "presets" / "b.yaml", "base: presets/a\ntrain: {batch_size: 4}\nmodel:\n")
+    top = _write_at(tmp_path / "c.yaml", "base: presets/b.yaml\noptim: {lr: 0.2, min_lr: 0.0}\n")
+    raw, text = read_config(top, tmp_path)
+    assert raw == {"train": {"max_epochs": 3, "batch_size": 4}, "optim": {"lr": 0.2, "min_lr": 0.0}, "model": {"lmax": 2}}
+    assert text.startswith("base: presets/b.yaml")
+
+
+def test_a_config_anywhere_can_start_from_a_shipped_preset(tmp_path):
+    path = _write_at(tmp_path / "mine.yaml", "base: presets/md17_l3\ndata: {name: md17_ethanol}\ntrain: {max_epochs: 7}\n")
+    cfg = load_config(path)
+    assert (cfg.model.lmax, cfg.train.batch_size, cfg.train.max_epochs, cfg.data.name) == (3, 5, 7, "md17_ethanol")
+    assert cfg.sources["model.lmax"] == str(path)  # a preset's values count as the file's
+
+
+@pytest.mark.parametrize("files, match", [
+    ({"c.yaml": "base: presets/none\n"}, r"c.yaml: base: no such preset configs/presets/none.yaml"),
+    ({"c.yaml": "base: ../outside\n"}, r"c.yaml: base: '../outside' is outside configs/"),
+    ({"c.yaml": "base: [a]\n"}, r"c.yaml: base: expected the name of a preset under configs/"),
+    ({"c.yaml": "base: a\n", "a.yaml": "base: c\n"}, r"a.yaml: base: the chain of presets loops \(.*c.yaml -> .*a.yaml -> .*c.yaml\)"),
+    ({"c.yaml": "base: a\n", "a.yaml": "- 1\n"}, r"a.yaml: expected a mapping of sections, got list"),
+    ({"c.yaml": "base: a\n", "a.yaml": "x: [\n"}, r"a.yaml: line 2 not valid YAML"),
+])
+def test_a_bad_base_is_one_config_error(tmp_path, files, match):
+    from scalable_equiformer.config_text import read_config
+
+    for name, text in files.items():
+        _write_at(tmp_path / name, text)
+    with pytest.raises(ConfigError, match=match):
+        read_config(tmp_path / "c.yaml", tmp_path)

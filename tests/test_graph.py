@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import scalable_equiformer.data.graph as graph
+import scalable_equiformer.nn.graph as graph
 from scalable_equiformer.data import load_dataset, radius_graph
 from scalable_equiformer.training.batches import collate
 

@@ -11,7 +11,7 @@ from e3nn import o3
 
 from helpers.equivariance import assert_close, assert_equivariant, float_dtype, make_molecule, single_thread  # noqa: F401 (fixtures)
 
-from scalable_equiformer.data.graph import radius_graph
+from scalable_equiformer.nn.graph import radius_graph
 from scalable_equiformer.nn import (
     DepthwiseTensorProduct,
     EdgeFeatures,

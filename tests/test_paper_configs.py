@@ -263,7 +263,7 @@ def test_levers_equal_plain_at_paper_size(paper_model_fp64, strategy, chunk, kee
     model, batch = paper_model_fp64
     n_edges = None
     if chunk:
-        from scalable_equiformer.data.graph import radius_graph
+        from scalable_equiformer.nn.graph import radius_graph
 
         n_edges = radius_graph(batch.pos, 5.0, batch.batch).shape[1]
         assert n_edges > 4 * chunk  # several chunks

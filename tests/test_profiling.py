@@ -14,8 +14,8 @@ import torch
 
 from helpers import tiny_sets
 from scalable_equiformer.config import load_config
-from scalable_equiformer.data.graph import radius_graph
 from scalable_equiformer.memory import Levers
+from scalable_equiformer.nn.graph import radius_graph
 from scalable_equiformer.profiling import estimate as est
 from scalable_equiformer.profiling import planner, systems
 from scalable_equiformer.profiling.profiler import Request, measure, measure_many

@@ -49,14 +49,14 @@ from torch_geometric.data import Batch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scalable_equiformer import build_model  # noqa: E402
+from scalable_equiformer import build_model, runtime  # noqa: E402
 from scalable_equiformer.config import ModelConfig  # noqa: E402
 from scalable_equiformer.data.dataset import load_dataset  # noqa: E402
 from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
 from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
-from scalable_equiformer.config import tiny_model_dict  # noqa: E402
+from scalable_equiformer.presets import paper_model_dict, tiny_model_dict  # noqa: E402
 from scalable_equiformer.profiling.meter import PeakMemoryMeter  # noqa: E402
 from scalable_equiformer.training.compiled import (  # noqa: E402
     CompiledEnergyForces, compile_count, compiled_energy_and_forces)
@@ -65,7 +65,8 @@ DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (ma
 DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]
 #: --tiny: configs/tiny.yaml at twice its channels, with a wider radial network
 TINY = dict(tiny_model_dict(width=2), num_radial=16, radial_hidden=[32])
-LMAX3 = dict(irreps_node="128x0e+64x1e+64x2e+32x3e", irreps_head="32x0e+16x1e+16x2e+8x3e", irreps_feedforward="384x0e+192x1e+192x2e+96x3e")
+#: --lmax 3: the paper's Lmax 3 model (configs/presets/md17_l3.yaml)
+LMAX3 = {k: paper_model_dict(3)[k] for k in ("irreps_node", "irreps_head", "irreps_feedforward")}
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -96,8 +97,8 @@ def set_tp_implementation(model, implementation: str) -> None:
             m.implementation = implementation
 
 
-def make_step(model, batch, mode: str, optimizer, compiled=None):
-    """``compiled``: a ``training.compiled.CompiledEnergyForces`` for the train_step (else eager)."""
+def mode_step(model, batch, mode: str, optimizer, compiled=None):
+    """One timed unit of ``mode`` (forward, forces, train_step: this tool's own L1 loss and optimizer step). ``compiled``: a ``training.compiled.CompiledEnergyForces`` for the train_step (else eager)."""
 
     def step():
         if mode == "forward":
@@ -121,7 +122,7 @@ def make_step(model, batch, mode: str, optimizer, compiled=None):
 
 
 def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimizer) -> dict:
-    step = make_step(model, batch, mode, optimizer)
+    step = mode_step(model, batch, mode, optimizer)
     meter = PeakMemoryMeter(device)
     meter.start()
     step()  # warm-up (also part of the peak: same work)
@@ -140,7 +141,7 @@ def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimi
 def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device, optimizer, impls=("e3nn", "fast")) -> dict:
     """Both TP implementations on the same model: warm-ups, one measured run each, then ``repeats``
     rounds of one timed run per implementation, the order flipped every round."""
-    step = make_step(model, batch, mode, optimizer)
+    step = mode_step(model, batch, mode, optimizer)
     res = {impl: {"times_s": [], "cpu_times_s": []} for impl in impls}
     for impl in impls:
         set_tp_implementation(model, impl)
@@ -192,8 +193,8 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
                         backend: str = "inductor") -> dict:
     """train_step compiled (``train.compile``) vs eager, alternated (see the module docstring)."""
     fn = CompiledEnergyForces(model, backend=backend)
-    steps = {"eager": make_step(model, batch, "train_step", optimizer),
-             "compiled": make_step(model, batch, "train_step", optimizer, compiled=fn)}
+    steps = {"eager": mode_step(model, batch, "train_step", optimizer),
+             "compiled": mode_step(model, batch, "train_step", optimizer, compiled=fn)}
     res: dict = {"eager": {"times_s": [], "cpu_times_s": []}, "compiled": {"times_s": [], "cpu_times_s": []}}
     graphs0 = compile_count()
     t0 = time.perf_counter()
@@ -209,7 +210,7 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
     print(f"    eager {res['eager']['times_s']} s, compiled {res['compiled']['times_s']} s", flush=True)  # before the probe
     probe = []
     for other in size_batches:  # other sizes: does the compiled step recompile?
-        step = make_step(model, other, "train_step", optimizer, compiled=fn)
+        step = mode_step(model, other, "train_step", optimizer, compiled=fn)
         g0, t0 = compile_count(), time.perf_counter()
         step()
         _sync(device)
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=1, help="frames per batch (default 1)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per mode after one warm-up (default 5)")
     p.add_argument("--modes", nargs="+", choices=("forward", "forces", "train_step"), default=["forward", "forces", "train_step"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=output_file, default=None, help="write the results to this file")
     p.add_argument(
@@ -261,7 +262,10 @@ def main(argv=None) -> int:
         p.error("--compile compare and --tp compare: one comparison at a time")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = runtime.parse_device(args.device)
+    except UserError as e:
+        p.error(str(e))
     torch.manual_seed(0)
 
     results = {

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from scalable_equiformer.data import KCAL_PER_EV  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
-from scalable_equiformer.config import tiny_model_dict  # noqa: E402
+from scalable_equiformer.presets import tiny_model_dict  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Published numbers

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .catalog import dataset_file, get_info, is_catalog_name
-from .sgdml import RawData, read_file
+from .frames import RawData
+from .sgdml import read_file
 
 
 class MolecularDataset(Dataset):

@@ -2,11 +2,16 @@
 
 * :mod:`.potential` — :class:`Potential`, the inference path every engine calls (eval mode, no
   ``create_graph``, a Verlet neighbour list, elements checked once); Å / eV / eV/Å.
+* :mod:`.openmm` — the openmm-ml potential ``"equiformer"`` (``MLPotential("equiformer",
+  checkpoint=...)``: ``createSystem``, ``createMixedSystem`` for ML/MM).
 * The ASE calculator stays :class:`scalable_equiformer.calculator.EquiformerCalculator`.
 
-The engines are optional: ``pip install '.[md]'`` installs them.
+The engines are optional: ``pip install '.[md]'`` installs them. The names below are imported on
+first use, so that ``import openmmml`` (which loads this package's entry point) stays light.
 """
 
-from .potential import DEFAULT_SKIN, Potential, warn_if_not_smooth
+from .._lazy import lazy_getattr
+
+__getattr__ = lazy_getattr(__name__, {"Potential": "potential", "warn_if_not_smooth": "potential", "DEFAULT_SKIN": "potential"})
 
 __all__ = ["Potential", "warn_if_not_smooth", "DEFAULT_SKIN"]

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from e3nn import o3
 
-from ..data.graph import radius_graph
+from .graph import radius_graph
 from .block import TransformerBlock
 from .forces import energy_and_forces
 from .gate import ScalarActivation
@@ -122,32 +122,34 @@ class Equiformer(torch.nn.Module):
 
     The arguments are trusted: ``model.build_model`` checks them first by the config's rules
     (``config.ModelConfig.validate``), e.g. ``irreps_feature`` even scalars only (the energy head
-    reads scalars)."""
+    reads scalars). They are keyword-only and have no defaults: the one default of each model option
+    is :class:`~scalable_equiformer.config.ModelConfig`'s."""
 
     def __init__(
         self,
-        irreps_node="128x0e+64x1e+32x2e",
-        lmax: int = 2,
-        num_blocks: int = 6,
-        num_heads: int = 4,
-        irreps_head="32x0e+16x1e+8x2e",
-        irreps_feedforward="384x0e+192x1e+96x2e",
-        irreps_feature="512x0e",
-        num_radial: int = 32,
-        radial_basis: str = "exp_normal",
-        radial_hidden: list[int] | tuple[int, ...] = (64, 64),
-        cutoff: float = 5.0,
-        attention: str = "mlp",
-        message: str = "nonlinear",
-        alpha_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        drop_path: float = 0.0,
-        max_atomic_number: int = 64,
-        avg_num_neighbors: float = 1.0,
-        avg_num_atoms: float = 1.0,
-        energy_shift: float = 0.0,
-        energy_scale: float = 1.0,
-        smooth_cutoff: bool = True,
+        *,
+        irreps_node: str,
+        lmax: int,
+        num_blocks: int,
+        num_heads: int,
+        irreps_head: str,
+        irreps_feedforward: str,
+        irreps_feature: str,
+        num_radial: int,
+        radial_basis: str,
+        radial_hidden: list[int] | tuple[int, ...],
+        cutoff: float,
+        attention: str,
+        message: str,
+        alpha_drop: float,
+        proj_drop: float,
+        drop_path: float,
+        max_atomic_number: int,
+        avg_num_neighbors: float,
+        avg_num_atoms: float,
+        energy_shift: float,
+        energy_scale: float,
+        smooth_cutoff: bool,
     ) -> None:
         super().__init__()
         self.irreps_node = o3.Irreps(irreps_node)

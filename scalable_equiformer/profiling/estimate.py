@@ -265,7 +265,7 @@ def partition_stats(pos, cutoff: float, parts: int) -> PartStats:
     """
     import torch
 
-    from ..data.graph import radius_graph
+    from ..nn.graph import radius_graph
     from ..parallel.partition import partition_graph
 
     p = torch.as_tensor(pos, dtype=torch.float64)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from ..data.sgdml import KCAL_PER_EV
+from ..data.units import KCAL_PER_EV
 from .batches import collate, eval_shards
 from .loss import errors
 

@@ -22,15 +22,16 @@ import torch
 
 from .. import runtime
 from ..errors import ConfigError, TrainingError
+from ..memory.runner import LeveredModel
+from ..parallel.partitioned import PartitionedModel
 from .loss import LossTerms, loss_terms
 
 
 def base_model(model):
-    """The Equiformer inside a DeepSpeed engine (``.module``), a PartitionedModel or a LeveredModel (``.model``)."""
+    """The Equiformer inside a DeepSpeed engine or DDP (``.module``) or a :class:`PartitionedModel` /
+    :class:`~..memory.LeveredModel` (``.model``)."""
     while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "model", None) if type(model).__name__ in ("PartitionedModel", "LeveredModel") else None
+        inner = model.model if isinstance(model, (PartitionedModel, LeveredModel)) else getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner

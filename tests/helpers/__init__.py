@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from scalable_equiformer.config import ModelConfig
-from scalable_equiformer.config import tiny_model_dict
+from scalable_equiformer.presets import paper_model_dict, tiny_model_dict
 
 #: the tiny model's irreps (configs/tiny.yaml), and their lmax 3 extension
 TINY_IRREPS = {
@@ -12,10 +12,10 @@ TINY_IRREPS = {
     3: dict(irreps_node="8x0e+4x1e+2x2e+2x3e", irreps_head="4x0e+2x1e+1x2e+1x3e", irreps_feedforward="16x0e+8x1e+4x2e+4x3e"),
 }
 
-PAPER_IRREPS = {  # the original's graph_attention_transformer_nonlinear_exp_l{2,3}_md17
-    2: dict(irreps_node="128x0e+64x1e+32x2e", irreps_head="32x0e+16x1e+8x2e", irreps_feedforward="384x0e+192x1e+96x2e"),
-    3: dict(irreps_node="128x0e+64x1e+64x2e+32x3e", irreps_head="32x0e+16x1e+16x2e+8x3e", irreps_feedforward="384x0e+192x1e+192x2e+96x3e"),
-}
+#: the paper's irreps (configs/presets/md17_l{2,3}.yaml: the original's
+#: graph_attention_transformer_nonlinear_exp_l{2,3}_md17)
+PAPER_IRREPS = {lmax: {k: paper_model_dict(lmax)[k] for k in ("irreps_node", "irreps_head", "irreps_feedforward")}
+                for lmax in (2, 3)}
 
 
 def tiny_model_config(lmax: int = 2, attention: str = "mlp", message: str = "nonlinear", **overrides) -> ModelConfig:

@@ -40,12 +40,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from scalable_equiformer.config import ModelConfig, tiny_model_dict
+from scalable_equiformer.config import ModelConfig
 from scalable_equiformer.data import load_dataset
 from scalable_equiformer.memory import ForceRunner, Levers
 from scalable_equiformer.model import build_model
 from scalable_equiformer.parallel.launch import spawn_local
 from scalable_equiformer.parallel.partitioned import PartitionedModel, allreduce_gradients, gradient_scale, make_groups
+from scalable_equiformer.presets import tiny_model_dict
 from scalable_equiformer.runtime import cuda_index
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Radius graph (neighbour search). Batching for training: :mod:`..training.batches`.
+"""Radius graph (neighbour search), the model's first stage (``Equiformer.build_graph``); ``data`` re-exports
+:func:`radius_graph`. Batching for training: :mod:`..training.batches`.
 
 Edge convention (PyG ``flow='source_to_target'``): ``edge_index[0]`` is the source (sender) atom j,
 ``edge_index[1]`` the target (receiver) atom i; messages flow j -> i. An edge j -> i exists iff
