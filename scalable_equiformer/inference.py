@@ -13,7 +13,7 @@ from .checkpoint_io import load_checkpoint, load_model_state, resolve_model_chec
 from .config import config_from_dict
 from .data.statistics import DatasetStatistics
 from .errors import CheckpointError, UserError
-from .model import build_model, configure_model
+from .model import build_model
 
 
 def load_model(path, device=None, dtype=None, ema: bool = True, configure: bool = True):
@@ -33,8 +33,8 @@ def load_model(path, device=None, dtype=None, ema: bool = True, configure: bool 
             ``last.pt``), else the live weights. ``ema=False`` asks for the live weights: those of
             ``last.pt`` (``live_model``); ``best.pt`` of an EMA run holds only the EMA weights
             (CheckpointError).
-        configure: apply the model-side ``memory.*`` levers of the stored config (force
-            strategy; same numbers either way).
+        configure: ignored (kept for callers): the model computes by plain autograd; the
+            ``memory.*`` levers are training's and give the same numbers.
 
     Returns:
         model (eval mode, on ``device``), the run's :class:`~scalable_equiformer.config.Config`,
@@ -62,8 +62,6 @@ def load_model(path, device=None, dtype=None, ema: bool = True, configure: bool 
             model = build_model(config, stats)
     except UserError as exc:
         raise CheckpointError(f"{path}: stored model config does not build: {exc}") from None
-    if configure:
-        configure_model(model, config)
     load_model_state(model, state, path)
     if dtype is not None:
         model = model.to(runtime.parse_dtype(dtype))

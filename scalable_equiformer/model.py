@@ -11,8 +11,8 @@ The model section is validated here by the config's own rules (``config.ModelCon
 through :func:`config.validate_section`): a ModelConfig built in Python gets the checks that
 ``load_config`` runs, from the one copy; the builder and ``nn/`` trust what passes.
 
-``configure_model(model, config)`` applies the memory levers that live on the model (force
-strategy, edge chunks, kept blocks); ``nn/`` reads only those model attributes, never the config.
+The model carries no memory lever: ``model(batch)`` is plain autograd, and the levers are run by
+a ``memory.ForceRunner`` built from ``config.memory`` (training, the profiler).
 """
 
 from __future__ import annotations
@@ -21,33 +21,13 @@ import logging
 
 import torch
 from .data.statistics import DatasetStatistics
-from .config import check_memory_levers, validate_section
+from .config import validate_section
 from .errors import ConfigError
 from .nn.equiformer import Equiformer
 
 log = logging.getLogger(__name__)
 
 from .runtime import DTYPES as _DTYPES  # noqa: E402 (the one dtype map)
-
-#: ``memory.checkpointing`` -> the force strategy of ``nn/forces.py`` (``model.force_strategy``).
-STRATEGY_OF_CHECKPOINTING = {"none": "autograd", "blocks": "blocks", "forces": "forces"}
-
-
-def configure_model(model, config) -> None:
-    """Apply the ``memory.*`` levers that live on the model: ``force_strategy`` (from
-    ``memory.checkpointing``), ``edge_chunk_size`` and ``keep_blocks``.
-
-    ``config`` is a full ``Config`` or its ``memory`` section. The section is validated again here
-    (by the same rules as at load, :func:`config.validate_section` and
-    :func:`config.check_memory_levers`), since it may have been changed since it was loaded.
-    """
-    memory = getattr(config, "memory", config)
-    validate_section(memory, "memory")
-    check_memory_levers(memory)
-    model.force_strategy = STRATEGY_OF_CHECKPOINTING[memory.checkpointing]
-    model.edge_chunk_size = getattr(memory, "edge_chunk_size", None)
-    model.keep_blocks = int(getattr(memory, "keep_blocks", 0) or 0)
-
 
 def normalization_constants(config, stats: DatasetStatistics | None) -> tuple[float, float]:
     """``(energy_shift eV/atom, energy_scale eV)`` of ``model.energy_normalization``; (0, 1) without stats.

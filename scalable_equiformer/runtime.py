@@ -5,7 +5,7 @@ Nothing here runs at import time; entry points call these functions once, early.
 
 * seeds, dtype, TF32: :func:`seed_everything`, :func:`torch_dtype`, :func:`default_dtype`,
   :func:`configure_tf32`;
-* the device and the process group: :func:`select_device`, :func:`launch_env`,
+* the device and the process group: :func:`select_device`, :func:`cuda_index`, :func:`launch_env`,
   :func:`init_distributed`, :func:`shutdown_distributed`, :func:`current_dist_info`;
 * collectives (no-ops on one process): :func:`broadcast_object`, :func:`barrier`,
   :func:`sum_over_ranks`, :func:`failed_ranks`, :func:`error_everywhere` (an error on one rank
@@ -107,6 +107,16 @@ def configure_tf32(enabled: bool = False) -> None:
 
 # ---- device ---------------------------------------------------------------------------------
 
+def cuda_index(local_rank: int, device_count: int) -> int:
+    """The GPU of local rank ``local_rank``: ranks share the GPUs round robin (P partitions on
+    fewer GPUs, e.g. one, share them).
+
+    >>> [cuda_index(r, 1) for r in range(3)], [cuda_index(r, 2) for r in range(3)]
+    ([0, 0, 0], [0, 1, 0])
+    """
+    return int(local_rank) % max(int(device_count), 1)
+
+
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -115,7 +125,7 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         from .errors import ConfigError
 
         raise ConfigError("train.device: cuda requested but no CUDA device is available (use auto or cpu)")
-    index = local_rank % torch.cuda.device_count()
+    index = cuda_index(local_rank, torch.cuda.device_count())
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -453,6 +463,7 @@ __all__ = [
     "sum_over_ranks",
     "teardown_logging",
     "configure_tf32",
+    "cuda_index",
     "deepspeed_accelerator",
     "default_dtype",
     "init_distributed",

@@ -60,7 +60,7 @@ def test_backend_is_nccl_for_cuda_and_gloo_for_cpu(monkeypatch):
 
 
 def test_profiler_ranks_share_the_gpus():
-    from scalable_equiformer.profiling.profiler import cuda_index
+    from scalable_equiformer.runtime import cuda_index
 
     assert [cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
     assert [cuda_index(r, 2) for r in range(4)] == [0, 1, 0, 1]
@@ -90,7 +90,7 @@ def test_cuda_autocast_emulation_catches_a_dtype_mix_that_cpu_autocast_hides():
     assert torch.exp is exp and torch.Tensor.exp is tensor_exp  # restored
 
 
-@pytest.mark.parametrize("strategy,chunk", [("autograd", None), ("blocks", None), ("forces", None), ("forces", 60)])
+@pytest.mark.parametrize("strategy,chunk", [("none", None), ("blocks", None), ("forces", None), ("forces", 60)])
 def test_bf16_step_under_cuda_autocast_rules(strategy, chunk):
     """A bf16 training step (forces with create_graph, loss.backward) with CUDA autocast's op lists:
     no dtype mix anywhere (forward, force graph, checkpoint recomputations), and within the stated
@@ -98,9 +98,9 @@ def test_bf16_step_under_cuda_autocast_rules(strategy, chunk):
     import numpy as np
 
     from helpers.cuda_autocast import cuda_autocast_policy
-    from scalable_equiformer.nn.forces import energy_and_forces
-    from scalable_equiformer.nn.precision import autocast
-    from scalable_equiformer.parallel import check as C
+    from scalable_equiformer.memory import ForceRunner, Levers
+    from scalable_equiformer.memory.precision import autocast
+    from helpers import partitions as C
     from scalable_equiformer.profiling.measured_step import make_batch
     from scalable_equiformer.data.dataset import PACKAGE_DIR
 
@@ -114,11 +114,10 @@ def test_bf16_step_under_cuda_autocast_rules(strategy, chunk):
 
     def step(precision, policy):
         model.zero_grad(set_to_none=True)
-        model.edge_chunk_size = chunk
+        levers = Levers(strategy, edge_chunk_size=chunk) if precision != "fp32" else Levers()
         with policy() as hits:
             with autocast(precision, "cpu"):
-                out = energy_and_forces(model, batch, training=True,
-                                        strategy=strategy if precision != "fp32" else "autograd")
+                out = ForceRunner(levers)(model, batch, training=True)
             loss = out["energy"].sum() + out["forces"].float().pow(2).sum()
             loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -149,14 +148,14 @@ def empty(*a, **k):
 torch.empty = empty
 from scalable_equiformer import runtime
 from scalable_equiformer.config import load_config
-from scalable_equiformer.parallel import check as C
+from helpers import partitions as C
 from scalable_equiformer.profiling import measured_step
 from scalable_equiformer.training.batches import BatchPlan
 from scalable_equiformer.training.engine import DeepSpeedEngine
 from scalable_equiformer.training.steps import compute_loss
 from scalable_equiformer.data.dataset import PACKAGE_DIR
 cfg = load_config(None, ["data.name=x", f"deepspeed.zero_stage={stage}", "train.batch_size=2", "train.device=cpu",
-                         f"model.dtype={dtype}"] + [f"model.{k}={v}" for k, v in C.TINY_MODEL.items()])
+                         f"model.dtype={dtype}"] + [f"model.{k}={v}" for k, v in C.tiny_model().items()])
 info, dev = runtime.init_distributed(True, "cpu")
 model, dtype = measured_step.build(cfg, dev, 21)
 eng = DeepSpeedEngine(model, cfg, BatchPlan.from_config(cfg, 1), 1)
@@ -177,6 +176,8 @@ def _zero_step(tmp_path, stage, dtype):
     import subprocess
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    tests = os.path.dirname(os.path.abspath(__file__))  # the script imports helpers.partitions (and this checkout)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(tests), tests, env.get("PYTHONPATH")]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-c", ZERO_STEP, str(stage), dtype],

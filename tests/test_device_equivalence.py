@@ -30,10 +30,10 @@ import pytest
 import torch
 
 from scalable_equiformer.config import load_config
-from scalable_equiformer.nn import force_checkpoint as fc
-from scalable_equiformer.nn.forces import energy_and_forces
-from scalable_equiformer.nn.precision import autocast
-from scalable_equiformer.parallel import check as C
+from scalable_equiformer.memory import force_checkpoint as fc
+from scalable_equiformer.memory import ForceRunner, Levers
+from scalable_equiformer.memory.precision import autocast
+from helpers import partitions as C
 from scalable_equiformer.profiling import measured_step
 from scalable_equiformer.data.dataset import PACKAGE_DIR
 
@@ -66,8 +66,7 @@ def _batch(frames, dtype, device, n=2, seed=1):
 
 def _step(model, batch, strategy, chunk=None, keep=0):
     model.zero_grad(set_to_none=True)
-    model.edge_chunk_size, model.keep_blocks = chunk, keep
-    out = energy_and_forces(model, batch, training=True, strategy=strategy)
+    out = ForceRunner(Levers(strategy, edge_chunk_size=chunk, keep_blocks=keep))(model, batch, training=True)
     f = out["forces"].to(batch.forces.dtype)
     loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(f - batch.forces, dim=-1).mean()
     loss.backward()
@@ -87,7 +86,7 @@ def test_lever_equals_plain_on_device(frames, device, strategy, chunk, keep):
     batch = _batch(frames, torch.float64, device)
     if chunk is not None:
         assert len(fc.edge_chunks(model.build_graph(batch.pos, batch.batch), batch.pos.shape[0], chunk)) > 3
-    e0, f0, g0 = _step(model, batch, "autograd")
+    e0, f0, g0 = _step(model, batch, "none")
     e1, f1, g1 = _step(model, batch, strategy, chunk, keep)
     torch.testing.assert_close(e1, e0, rtol=TOL64, atol=TOL64)
     torch.testing.assert_close(f1, f0, rtol=TOL64, atol=TOL64)
@@ -101,7 +100,7 @@ def test_training_steps_with_force_checkpointing_equal_plain_on_device(frames, d
     losses = {}
     for lever in ("none", "forces"):
         cfg = load_config(None, ["data.name=x", "model.dtype=float64", f"memory.checkpointing={lever}",
-                                 *(f"model.{k}={v}" for k, v in C.TINY_MODEL.items())])
+                                 *(f"model.{k}={v}" for k, v in C.tiny_model().items())])
         torch.manual_seed(0)
         model, dtype = measured_step.build(cfg, device, 21)
         step, _ = measured_step.make_step(model, cfg)
@@ -112,14 +111,14 @@ def test_training_steps_with_force_checkpointing_equal_plain_on_device(frames, d
     assert losses["none"][1] != losses["none"][0]  # the optimizer stepped
 
 
-@pytest.mark.parametrize("strategy", ["autograd", "forces"])
+@pytest.mark.parametrize("strategy", ["none", "forces"])
 def test_bf16_within_tolerance_of_fp32_on_device(frames, device, strategy):
     model = _tiny("float32", irreps_node="32x0e+16x1e+8x2e", irreps_head="8x0e+4x1e+2x2e",
                   irreps_feedforward="64x0e+32x1e+16x2e", irreps_feature="32x0e").to(device).train()
     batch = _batch(frames, torch.float32, device, n=4)
-    e32, f32, g32 = _step(model, batch, "autograd")
+    e32, f32, g32 = _step(model, batch, "none")
     with autocast("bf16", device):
-        out = energy_and_forces(model, batch, training=True, strategy=strategy)
+        out = ForceRunner(Levers(strategy))(model, batch, training=True)
     assert out["forces"].dtype == torch.float32 and out["energy"].dtype == torch.float64
     model.zero_grad(set_to_none=True)
     loss = (out["energy"] - batch.energy).abs().sum() \
@@ -141,7 +140,7 @@ def test_partitions_equal_one_process_on_device(frames, device):
     systems = [C.make_system("aspirin2", [(torch.as_tensor(R[0]), torch.as_tensor(z)),
                                           (torch.as_tensor(R[1]), torch.as_tensor(z))], eval=True),
                C.make_system("aspirin_forces", [(torch.as_tensor(R[2]), torch.as_tensor(z))])]
-    ranks = C.run_partitioned([(model, systems[:1]), (model, systems[1:], {"force_strategy": "forces"})], 2,
+    ranks = C.run_partitioned([(model, systems[:1]), (model, systems[1:], {"checkpointing": "forces"})], 2,
                               device=str(device))
     ref_model = copy.deepcopy(model).to(device)
     for system in systems:

@@ -2,8 +2,8 @@
 
 * ``nn/`` knows no config and no training: no module under it imports ``config``, ``model``,
   ``training`` or ``errors.ConfigError`` (user-facing rules are checked once, at config load).
-* ``nn/forces.py`` registers the strategies of ``nn/force_checkpoint.py``, which imports nothing
-  back (no cycle).
+* the lever runner (``memory/runner.py``) runs the sweep of ``memory/force_checkpoint.py``, which
+  imports nothing back (no cycle); ``nn/`` and ``parallel/`` import nothing from ``memory/``.
 * Inference does not need the trainer: importing the ASE calculator or ``inference`` loads no
   ``scalable_equiformer.training`` module.
 * No package module imports a higher layer (:data:`LAYERS`, issue 26), function-level imports
@@ -53,10 +53,18 @@ def test_nn_knows_no_config_and_no_training(path):
     assert "ConfigError" not in path.read_text(), f"{path.name} names ConfigError"
 
 
-def test_force_checkpoint_does_not_import_forces():
-    modules = {m for m, _ in _imports(PACKAGE / "nn" / "force_checkpoint.py")}
-    assert "scalable_equiformer.nn.forces" not in modules
-    assert "scalable_equiformer.nn.force_checkpoint" in {m for m, _ in _imports(PACKAGE / "nn" / "forces.py")}
+def test_force_checkpoint_does_not_import_the_runner():
+    modules = {m for m, _ in _imports(PACKAGE / "memory" / "force_checkpoint.py")}
+    assert "scalable_equiformer.memory.runner" not in modules
+    assert "scalable_equiformer.memory.force_checkpoint" in {m for m, _ in _imports(PACKAGE / "memory" / "runner.py")}
+
+
+@pytest.mark.parametrize("path", NN_MODULES + sorted((PACKAGE / "parallel").glob("*.py")), ids=lambda p: p.name)
+def test_blocks_and_partitions_import_no_lever(path):
+    """config -> memory -> nn / parallel: the levers are passed down (a runner), never looked up."""
+    for module, _ in _imports(path):
+        assert not module.startswith("scalable_equiformer.memory"), f"{path.name} imports {module}"
+        assert not module.startswith("scalable_equiformer.config"), f"{path.name} imports {module}"
 
 
 def test_relative_imports_resolve_as_expected():
@@ -86,7 +94,7 @@ LAYERS = [
     {"runtime", "config_text", "checkpoint_io", "presets"},
     {"nn"},
     {"memory"},
-    {"config", "data"},
+    {"config", "config_sections", "data"},
     {"model"},
     {"inference", "original"},
     {"parallel"},
@@ -98,9 +106,7 @@ LAYERS = [
 
 #: Imports up the layers that remain, each ``(importing module, imported module)``: to be removed,
 #: not added to (issue 26 items 1-3 move the partition harness out of the package).
-KNOWN_UPWARD = {
-    ("scalable_equiformer.parallel.check", "scalable_equiformer.profiling.profiler"),
-}
+KNOWN_UPWARD: set = set()  # the last one (parallel/check.py -> profiling) went with the harness
 
 
 def _layer(module: str) -> int:

@@ -8,6 +8,8 @@ a stated tolerance of fp32.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,10 +18,11 @@ from helpers import tiny_sets
 from helpers.equivariance import run_model_battery, single_thread  # noqa: F401 (fixture)
 from scalable_equiformer.config import load_config
 from scalable_equiformer.errors import ConfigError
-from scalable_equiformer.model import build_model, configure_model
-from scalable_equiformer.nn import force_checkpoint as fc
-from scalable_equiformer.nn.forces import energy_and_forces
-from scalable_equiformer.nn.precision import autocast, fp32_island
+from scalable_equiformer.memory import ForceRunner, LeveredModel, Levers
+from scalable_equiformer.memory import force_checkpoint as fc
+from scalable_equiformer.model import build_model
+from scalable_equiformer.memory.precision import autocast
+from scalable_equiformer.nn.precision import fp32_island
 from scalable_equiformer.profiling import systems
 from scalable_equiformer.profiling.measured_step import make_batch
 
@@ -49,9 +52,8 @@ def _batch(dtype=torch.float64, atoms=14):
 def _step(model, batch, strategy, chunk=None, seed=5, training=True, keep=0):
     """Energies, forces and parameter gradients of a loss with energies and forces."""
     model.zero_grad(set_to_none=True)
-    model.edge_chunk_size, model.keep_blocks = chunk, keep
     torch.manual_seed(seed)
-    out = energy_and_forces(model, batch, training=training, strategy=strategy)
+    out = ForceRunner(Levers(strategy, edge_chunk_size=chunk, keep_blocks=keep))(model, batch, training=training)
     if not training:
         return out["energy"], out["forces"], {}
     loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(out["forces"] - batch.forces, dim=-1).mean()
@@ -77,7 +79,7 @@ def _assert_same(a, b, tol=1e-10, what=""):
                               "forces+keep-all"])
 def test_lever_equals_plain_fp64(strategy, chunk, keep):
     model, batch = _model(), _batch()
-    ref = _step(model, batch, "autograd")
+    ref = _step(model, batch, "none")
     assert len(ref[2]) == sum(1 for p in model.parameters() if p.requires_grad)
     if chunk is not None:
         assert len(fc.edge_chunks(model.build_graph(batch.pos, batch.batch), batch.pos.shape[0], chunk)) > 3
@@ -89,8 +91,8 @@ def test_lever_equals_plain_with_dropout_and_drop_path(strategy, keep):
     """Recomputations draw the same random numbers as the first pass (and as the plain path)."""
     model = _model(extra=["model.drop_path=0.2", "model.alpha_drop=0.2", "model.proj_drop=0.1"])
     batch = _batch()
-    ref = _step(model, batch, "autograd")
-    assert not torch.equal(ref[1], _step(model, batch, "autograd", seed=6)[1])  # dropout is live
+    ref = _step(model, batch, "none")
+    assert not torch.equal(ref[1], _step(model, batch, "none", seed=6)[1])  # dropout is live
     _assert_same(_step(model, batch, strategy, keep=keep), ref, what=strategy)
 
 
@@ -109,7 +111,7 @@ def test_kept_blocks_are_not_recomputed():
 def test_forces_strategy_at_evaluation(chunk):
     model, batch = _model(), _batch()
     model.eval()
-    ref = _step(model, batch, "autograd", training=False)
+    ref = _step(model, batch, "none", training=False)
     e, f, _ = _step(model, batch, "forces", chunk, training=False)
     assert not e.requires_grad and not f.requires_grad
     torch.testing.assert_close(e, ref[0], rtol=1e-10, atol=1e-10)
@@ -157,9 +159,7 @@ def test_vjp_needs_fresh_aliases_of_shared_edge_features(alias, monkeypatch):
 
 def test_forces_lever_passes_the_model_battery():
     model = _model(extra=["model.smooth_cutoff=true"])  # the battery checks continuity at the cutoff
-    model.force_strategy = "forces"
-    model.edge_chunk_size = None
-    run_model_battery(model, torch.float64, cutoff=model.cutoff)
+    run_model_battery(LeveredModel(model, ForceRunner(Levers("forces"))), torch.float64, cutoff=model.cutoff)
 
 
 def test_edge_chunks_cover_every_edge_and_atom_once():
@@ -178,14 +178,13 @@ def test_edge_chunks_cover_every_edge_and_atom_once():
         fc.edge_chunks(ei.flip(1), n, 50)
 
 
-def test_configure_model_maps_config_and_rejects_chunks_without_forces():
-    model = _model()
+def test_config_levers_make_the_runner_and_reject_chunks_without_forces():
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100"])
-    configure_model(model, cfg.memory)
-    assert model.force_strategy == "forces" and model.edge_chunk_size == 100
+    runner = ForceRunner(cfg.memory)
+    assert runner.levers.checkpointing == "forces" and runner.levers.edge_chunk_size == 100
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=none"])
-    configure_model(model, cfg.memory)
-    assert model.force_strategy == "autograd" and model.edge_chunk_size is None
+    runner = ForceRunner(cfg.memory)
+    assert runner.levers.checkpointing == "none" and runner.levers.edge_chunk_size is None
     with pytest.raises(ConfigError, match=r"--set.*edge_chunk_size \(100\) needs memory.checkpointing=forces"):
         load_config(None, ["data.name=x", "memory.checkpointing=blocks", "memory.edge_chunk_size=100"])
     with pytest.raises(ConfigError, match="edge_chunk_size.*single-process only"):
@@ -196,12 +195,12 @@ def test_configure_model_maps_config_and_rejects_chunks_without_forces():
     with pytest.raises(ConfigError, match="keep_blocks \\(7\\) is more than model.num_blocks \\(6\\)"):
         load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.keep_blocks=7"])
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.keep_blocks=2"])
-    configure_model(model, cfg.memory)
-    assert model.keep_blocks == 2
+    assert ForceRunner(cfg.memory).levers.keep_blocks == 2
     cfg = load_config(None, ["data.name=x", "memory.checkpointing=forces", "memory.edge_chunk_size=100"])
-    cfg.memory.checkpointing = "blocks"  # set after loading: configure_model still refuses it
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.memory.checkpointing = "blocks"  # set after loading: the levers are frozen ...
     with pytest.raises(ConfigError, match="edge_chunk_size"):
-        configure_model(model, cfg.memory)
+        cfg.memory.replace(checkpointing="blocks")  # ... and a changed copy is refused
 
 
 # ---- mixed precision ---------------------------------------------------------------------------
@@ -215,11 +214,10 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def _precision_step(model, batch, precision, strategy="autograd"):
+def _precision_step(model, batch, precision, strategy="none"):
     model.zero_grad(set_to_none=True)
-    model.edge_chunk_size = None
     with autocast(precision, "cpu"):
-        out = energy_and_forces(model, batch, training=True, strategy=strategy)
+        out = ForceRunner(Levers(strategy))(model, batch, training=True)
     loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(out["forces"].float() - batch.forces, dim=-1).mean()
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -238,7 +236,7 @@ def lmax2_model():
     return model
 
 
-@pytest.mark.parametrize("precision,strategy", [("bf16", "autograd"), ("bf16", "forces"), ("fp16", "autograd")])
+@pytest.mark.parametrize("precision,strategy", [("bf16", "none"), ("bf16", "forces"), ("fp16", "none")])
 def test_16_bit_within_tolerance_of_fp32(lmax2_model, precision, strategy):
     batch = _batch(torch.float32, atoms=30)
     e32, f32, g32 = _precision_step(lmax2_model, batch, "fp32")

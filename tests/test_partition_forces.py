@@ -1,6 +1,6 @@
 """memory.checkpointing=forces inside the graph-partitioned model equals the plain single process.
 
-The force-aware recomputation (``nn/force_checkpoint.py``: stage inputs kept, block-by-block VJPs
+The force-aware recomputation (``memory/force_checkpoint.py``: stage inputs kept, block-by-block VJPs
 recomputed with create_graph inside ``loss.backward()``) runs over P gloo processes with stages
 that start with a halo exchange. In float64, P = 2 and P = 3: energies, forces and parameter
 gradients (summed over the group) of a training step (forces with create_graph, loss = energy +
@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from scalable_equiformer.errors import ConfigError
-from scalable_equiformer.nn.force_checkpoint import edge_chunks
-from scalable_equiformer.parallel import check as C
+from scalable_equiformer.memory import ForceRunner, Levers
+from scalable_equiformer.memory.force_checkpoint import edge_chunks
+from helpers import partitions as C
 from scalable_equiformer.parallel.launch import spawn_local
 from scalable_equiformer.parallel.partitioned import PartitionedModel
 
@@ -38,28 +39,25 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     job = torch.load(Path(workdir) / "job.pt", weights_only=False)
     out = {}
     model = C._build(job["model_config"], job["state_dict"])
-    model.force_strategy = "forces"
-    pmodel = PartitionedModel(model)
-    assert pmodel.force_aware
+    pmodel = PartitionedModel(model, runner=ForceRunner(Levers("forces")))
+    assert pmodel.runner.levers.checkpointing == "forces"
     for system in job["systems"]:
         out[system["name"]] = C.partitioned_step(pmodel, system)
-    model.keep_blocks = 1  # memory.keep_blocks: the last block keeps its graph, with halo exchanges in it
-    out["keep1"] = C.partitioned_step(PartitionedModel(model), job["systems"][0])
-    model.keep_blocks = 0
+    # memory.keep_blocks: the last block keeps its graph, with halo exchanges in it
+    out["keep1"] = C.partitioned_step(PartitionedModel(model, runner=ForceRunner(Levers("forces", keep_blocks=1))),
+                                      job["systems"][0])
     if job["dropout"] is not None:  # same seed per rank: forces path vs plain partitioned path
         cfg, state, system = job["dropout"]
         model = C._build(cfg, state)
         runs = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "dropout is on: masks per rank"
-            for key, strategy, seed in (("forces", "forces", 7), ("autograd", "autograd", 7), ("other_seed", "autograd", 8)):
-                model.force_strategy = strategy
+            for key, strategy, seed in (("forces", "forces", 7), ("autograd", "none", 7), ("other_seed", "none", 8)):
                 torch.manual_seed(seed + 100 * rank)
-                runs[key] = C.partitioned_step(PartitionedModel(model), system)
+                runs[key] = C.partitioned_step(PartitionedModel(model, runner=ForceRunner(Levers(strategy))), system)
         out["dropout"] = runs
-    model.force_strategy, model.edge_chunk_size = "forces", 64
     try:
-        PartitionedModel(model)
+        PartitionedModel(model, runner=ForceRunner(Levers("forces", edge_chunk_size=64)))
         out["chunk_error"] = None
     except ConfigError as e:
         out["chunk_error"] = str(e)
@@ -159,10 +157,9 @@ def test_forces_strategy_one_part_with_edge_chunks(setup):
     ref = _ref(setup, "atat_batch2")
     twin = C.build_checked_model(C._model_config_of(model))
     twin.load_state_dict(model.state_dict())
-    twin.force_strategy, twin.edge_chunk_size = "forces", 300
     pos = system["pos"]
     assert len(edge_chunks(twin.build_graph(pos, system["batch"]), pos.shape[0], 300)) > 3
-    got = C.partitioned_step(PartitionedModel(twin), system)
+    got = C.partitioned_step(PartitionedModel(twin, runner=ForceRunner(Levers("forces", edge_chunk_size=300))), system)
     errs = C.compare(ref, got)
     assert max(errs["energy"], errs["forces"], errs["grads"]) <= TOL, errs
     ev = C.compare(ref["eval"], {**got["eval"], "grads": None})

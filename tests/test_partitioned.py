@@ -7,7 +7,7 @@ exactly once; a 3-atom molecule over 4 ranks (a part with no atoms); per-block c
 (memory.checkpointing=blocks) inside the partitioned model; and D=2 x P=2 data
 parallelism with the loss scaled by gradient_scale and gradients averaged over the world (as
 DeepSpeed does). Tolerances: 1e-9 relative in fp64 (gradients also tensor by tensor), 1e-5 in
-fp32 (gradients as one vector; see scalable_equiformer.parallel.check for why).
+fp32 (gradients as one vector; see tests/helpers/partitions.py for why).
 """
 
 from pathlib import Path
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalable_equiformer.parallel.check import (
+from helpers.partitions import (
     TOLERANCE,
     build_checked_model,
     compare,
@@ -55,7 +55,7 @@ def setup():
         (m64, [systems["atat_batch2"][1], systems["three_atoms"][1]]),
         (m32, [systems["atat_fp32"][1]]),
         (m64_c3, [systems["tiled_1080"][1]]),
-        (m64, [systems["atat_checkpointed"][1]], {"checkpoint_blocks": True}),
+        (m64, [systems["atat_checkpointed"][1]], {"checkpointing": "blocks"}),
     ]
     dp_systems = [make_system("dp0", [(R[3], z)]), make_system("dp1", [(R[4], z)])]
     refs = {}

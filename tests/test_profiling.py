@@ -14,6 +14,7 @@ import torch
 
 from helpers import tiny_sets
 from scalable_equiformer.config import load_config
+from scalable_equiformer.memory import Levers
 from scalable_equiformer.nn.graph import radius_graph
 from scalable_equiformer.profiling import estimate as est
 from scalable_equiformer.profiling import planner, systems
@@ -82,7 +83,7 @@ def test_activation_estimate_follows_the_levers():
     prof = _fake_profile()
 
     def act(**kw):
-        return est.activation_bytes(prof, est.Levers(**kw), atoms=100, edges=3000, batch=4, calibration={
+        return est.activation_bytes(prof, Levers(**kw), atoms=100, edges=3000, batch=4, calibration={
             "none": 1.0, "blocks": 1.0, "forces": 1.0})[0]
 
     none = act()
@@ -97,14 +98,14 @@ def test_activation_estimate_follows_the_levers():
 
 
 def test_levers_overrides_and_labels():
-    lv = est.Levers("forces", 2, None, "bf16", 4, 1)
+    lv = Levers("forces", 2, None, "bf16", 4, 1)
     assert lv.overrides() == ["memory.checkpointing=forces", "memory.micro_batch_size=2",
                               "memory.edge_chunk_size=null", "memory.precision=bf16", "parallel.graph_partitions=4",
                               "memory.keep_blocks=1"]
-    assert lv.label() == "P=4+ckpt=forces+keep=1+micro=2+bf16" and est.Levers().label() == "none"
+    assert lv.label() == "P=4+ckpt=forces+keep=1+micro=2+bf16" and Levers().label() == "none"
     cfg = load_config(None, ["data.name=x", *[f"--set {o}".split()[1] for o in lv.overrides()]])
-    assert est.Levers.from_config(cfg.memory, cfg.parallel) == lv
-    assert est.Levers.from_config(cfg.memory).graph_partitions == 1
+    assert cfg.memory == lv
+    assert load_config(None, ["data.name=x"]).memory.graph_partitions == 1
 
 
 def test_kept_blocks_trade_memory_for_time():
@@ -112,11 +113,11 @@ def test_kept_blocks_trade_memory_for_time():
     cal = {"none": 1.0, "blocks": 1.0, "forces": 1.0}
 
     def act(**kw):
-        return est.activation_bytes(prof, est.Levers(checkpointing="forces", **kw), atoms=100, edges=3000, batch=1,
+        return est.activation_bytes(prof, Levers(checkpointing="forces", **kw), atoms=100, edges=3000, batch=1,
                                     calibration=cal)[0]
 
     assert act(keep_blocks=2) - act() == int(2 * (150 * 3000 + 80 * 100))  # two whole stage graphs
-    t = lambda k: planner.relative_time(est.Levers("forces", keep_blocks=k), batch=1, edges=3000, num_blocks=6)  # noqa: E731
+    t = lambda k: planner.relative_time(Levers("forces", keep_blocks=k), batch=1, edges=3000, num_blocks=6)  # noqa: E731
     assert t(0) == planner.CHECKPOINT_TIME["forces"] > t(2) > t(5) > 1.0
     assert t(6) == pytest.approx(1.0 + planner.FORCES_FIXED)  # every block kept: the plain cost + the machinery's
     gib = 2**30
@@ -127,7 +128,7 @@ def test_kept_blocks_trade_memory_for_time():
         return int({"none": 6.0, "blocks": 4.0, "forces": 0.6}[lv.checkpointing] * gib)
 
     pl = planner.plan(fake, 3.5 * gib, batch=1, edges=3000, device="cuda", reserve=0, headroom=0.0, num_blocks=6)
-    assert pl.best.levers == est.Levers("forces", keep_blocks=3)  # 3.4 GiB: the most kept blocks that fit
+    assert pl.best.levers == Levers("forces", keep_blocks=3)  # 3.4 GiB: the most kept blocks that fit
     assert "memory.keep_blocks=3" in pl.overrides()
     assert all(c.levers.keep_blocks == 0 for c in planner.plan(fake, 3.5 * gib, batch=1, edges=3000).candidates)
 
@@ -143,7 +144,7 @@ def test_partition_stats_and_per_rank_activations():
     cal = {"none": 1.0, "blocks": 1.0, "forces": 1.0}
 
     def act(parts, part=None, **kw):
-        return est.activation_bytes(prof, est.Levers(graph_partitions=parts, **kw), atoms=120, edges=edges, batch=1,
+        return est.activation_bytes(prof, Levers(graph_partitions=parts, **kw), atoms=120, edges=edges, batch=1,
                                     calibration=cal, part=part)[0]
 
     assert act(4, s4) == int(1000 * s4.edges + 500 * s4.local_atoms)  # the largest part's graph
@@ -179,9 +180,9 @@ def test_planner_picks_the_fastest_lever_set_that_fits():
 
     kw = dict(batch=8, edges=4000, device="cuda", reserve=0, headroom=0.0)
     big = planner.plan(fake, 200 * gib, **kw)
-    assert big.best.levers == est.Levers()  # everything fits: levers off is fastest
+    assert big.best.levers == Levers()  # everything fits: levers off is fastest
     mid = planner.plan(fake, 12 * gib, **kw)
-    assert mid.best.levers == est.Levers(micro_batch_size=1)  # micro-batching costs least time
+    assert mid.best.levers == Levers(micro_batch_size=1)  # micro-batching costs least time
     small = planner.plan(fake, 2.8 * gib, **kw)
     assert small.best.levers.checkpointing == "forces" and small.best.peak_bytes <= 2.8 * gib
     assert small.best.levers.edge_chunk_size is None  # chunks only when needed
@@ -191,7 +192,7 @@ def test_planner_picks_the_fastest_lever_set_that_fits():
     with_bf16 = planner.plan(fake, 12 * gib, precisions=("fp32", "bf16"), **kw)
     assert with_bf16.best.levers.precision == "bf16"  # faster on a GPU, when allowed
     assert all(c.levers.precision == "fp32" for c in mid.candidates)
-    assert mid.overrides() == est.Levers(micro_batch_size=1).overrides()
+    assert mid.overrides() == Levers(micro_batch_size=1).overrides()
     # the candidates are sorted: fitting first, then by expected time
     fits = [c for c in mid.candidates if c.fits]
     assert [c.relative_time for c in fits] == sorted(c.relative_time for c in fits)
@@ -207,13 +208,13 @@ def test_planner_uses_data_parallel_first_and_graph_partitions_when_one_molecule
 
     kw = dict(batch=4, edges=3000, device="cuda", reserve=0, headroom=0.0, gpus=4)
     dp = planner.plan(fake, 16 * gib, **kw)
-    assert dp.best.levers == est.Levers()  # one molecule per GPU fits: plain data parallel
+    assert dp.best.levers == Levers()  # one molecule per GPU fits: plain data parallel
     assert {c.levers.graph_partitions for c in dp.candidates} == {1, 2, 4}
     assert dp.best.relative_time == pytest.approx(0.25)
     split = planner.plan(fake, 4 * gib, batch=1, edges=3000, device="cuda", reserve=0, headroom=0.0, gpus=4,
                          edge_fractions={2: 0.52, 4: 0.27})
     # 12 GiB per molecule: P=4 fits without recomputation (3.5 GiB), faster than forces on one GPU
-    assert split.best.levers == est.Levers(graph_partitions=4)
+    assert split.best.levers == Levers(graph_partitions=4)
     assert split.best.relative_time == pytest.approx(0.27 * (1 + planner.PARTITION_OVERHEAD))
     assert "parallel.graph_partitions=4" in split.overrides()
     one = planner.plan(fake, 4 * gib, batch=1, edges=3000, device="cuda", reserve=0, headroom=0.0, gpus=1)
@@ -225,7 +226,7 @@ def test_planner_uses_data_parallel_first_and_graph_partitions_when_one_molecule
 
 
 def test_relative_time_orders_the_levers():
-    t = lambda **kw: planner.relative_time(est.Levers(**kw), batch=8, edges=3000, device="cuda")  # noqa: E731
+    t = lambda **kw: planner.relative_time(Levers(**kw), batch=8, edges=3000, device="cuda")  # noqa: E731
     assert t() == 1.0 < t(checkpointing="blocks") < t(checkpointing="forces")
     assert t(micro_batch_size=1) > t(micro_batch_size=4) > 1.0
     assert t(checkpointing="forces", micro_batch_size=1, edge_chunk_size=500) > t(checkpointing="forces", micro_batch_size=1)
@@ -256,7 +257,7 @@ def test_measurement_reports_the_step_and_forces_checkpointing_saves(census_and_
         assert np.isfinite(r["loss"])
     assert forces["activation_bytes"] < 0.6 * none["activation_bytes"]
     # the census estimate is in the right range (the ±20 % check on the paper's model is a benchmark)
-    e = est.activation_bytes(prof, est.Levers(), atoms=60, edges=none["edges"], batch=1)[0]
+    e = est.activation_bytes(prof, Levers(), atoms=60, edges=none["edges"], batch=1)[0]
     assert 0.5 < none["activation_bytes"] / e < 2.0
 
 
@@ -389,8 +390,8 @@ def test_cuda_factors_written_by_memory_tables_reach_the_planner(tmp_path, monke
     assert f.precision["bf16"] == 0.5 and f.checkpoint["forces"] == 1.6 and f.forces_fixed == pytest.approx(0.2)
     assert f.precision["fp16"] == planner.CUDA_ASSUMED.precision["fp16"]  # not measured: stays assumed
     assert f.micro_overhead == planner.CUDA_ASSUMED.micro_overhead and "measured on cuda" in f.source
-    assert planner.relative_time(est.Levers(precision="bf16"), batch=8, edges=1000, device="cuda") == 0.5
-    assert planner.relative_time(est.Levers(precision="bf16"), batch=8, edges=1000, device="cpu") == 1.0  # CPU's own
+    assert planner.relative_time(Levers(precision="bf16"), batch=8, edges=1000, device="cuda") == 0.5
+    assert planner.relative_time(Levers(precision="bf16"), batch=8, edges=1000, device="cpu") == 1.0  # CPU's own
     pl = planner.plan(lambda lv, b: 1, 2**30, batch=8, edges=1000, device="cuda", precisions=("fp32", "bf16"))
     assert pl.best.levers.precision == "bf16" and pl.factors.source == f.source
     # a CPU JSON is refused: its ratios are not CUDA figures

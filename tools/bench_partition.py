@@ -6,7 +6,7 @@ For each P, P gloo processes on this machine run, with the same weights:
   * a training step (energy, forces with create_graph, loss.backward) on a >= 1,000-atom system;
   * inference (energy and forces, no graph kept) on a >= 10,000-atom system;
 both tiles of the AT-AT frame (``--data``) on a grid, ``--gap`` Å apart, so neighbouring copies
-interact. Default model: the tiny model of ``scalable_equiformer.parallel.check`` (lmax 2, every
+interact. Default model: the tiny model of ``tests/helpers/partitions.py`` (lmax 2, every
 stage of the paper's model, a few thousand parameters) because the paper's model is slow on CPUs;
 ``--config NAME`` uses a config's model.
 
@@ -48,10 +48,11 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the partition harness: tests/helpers/partitions.py
 
 from scalable_equiformer.data import radius_graph  # noqa: E402
-from scalable_equiformer.model import STRATEGY_OF_CHECKPOINTING  # noqa: E402
-from scalable_equiformer.parallel import check as C  # noqa: E402
+from helpers import partitions as C  # noqa: E402
+from scalable_equiformer.memory import CHECKPOINTING, ForceRunner, Levers  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
 from scalable_equiformer.profiling.meter import PeakMemoryMeter  # noqa: E402
@@ -92,8 +93,7 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     job = torch.load(Path(workdir) / "job.pt", weights_only=False)
     device = torch.device("cpu")
     model = C._build(job["model_config"], job["state_dict"]).to(device)
-    model.force_strategy = STRATEGY_OF_CHECKPOINTING[job["checkpointing"]]
-    pmodel = PartitionedModel(model, check_inputs=False)
+    pmodel = PartitionedModel(model, check_inputs=False, runner=ForceRunner(Levers(job["checkpointing"])))
     out = {}
     # warm-up (lazy initialisation, allocator) on the small molecule
     model.train()
@@ -197,8 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--infer-tile", type=tile_spec, default="7x6x4", help="copies for the inference system (>= 10,000 atoms)")
     ap.add_argument("--gap", type=nonnegative_float, default=2.0, help="Å between copies")
     ap.add_argument("--repeats", type=positive_int, default=1)
-    ap.add_argument("--checkpointing", default="none", choices=sorted(STRATEGY_OF_CHECKPOINTING),
-                    help="memory.checkpointing of the partitioned model (force strategy)")
+    ap.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
+                    help="memory.checkpointing of the partitioned model")
     ap.add_argument("--skip-infer", action="store_true")
     ap.add_argument("--out", type=output_file, default="runs/bench_partition.json",
                     help="report JSON (default runs/bench_partition.json)")
@@ -232,7 +232,7 @@ def _main(args) -> int:
                     "device": "cpu", "backend": "gloo", "threads_per_rank": 1},
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype),
                   "irreps_node": str(model.irreps_node), "num_blocks": len(model.blocks),
-                  "cutoff": model.cutoff, "config": args.config or "tiny (scalable_equiformer.parallel.check.TINY_MODEL)",
+                  "cutoff": model.cutoff, "config": args.config or "tiny (tests/helpers/partitions.py tiny_model)",
                   "checkpointing": args.checkpointing},
         "systems": {k: {"atoms": int(s["pos"].shape[0]), "mode": k} for k, s in systems.items()},
         "runs": {},

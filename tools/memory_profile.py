@@ -26,11 +26,16 @@ a molecule's partitions on one node; the launch lines are then multi-node); with
 --one-process runs all measurements in one subprocess (on a GPU: seconds per measurement instead of
 a process start each; the CUDA peak is reset per measurement), --time-budget S records what is not
 measured within S seconds as such and still writes the JSON (benchmarks/gpu/run.sh uses both).
+
+:func:`run` is three steps over one :class:`_Session` (the config, device, batch and activation
+profiles): :func:`measure_jobs` (the table), :func:`plan_levers` (--plan) and :func:`report`
+(--json, --plot).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -39,10 +44,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scalable_equiformer.errors import ConfigError, UserError  # noqa: E402
+from scalable_equiformer.memory import Levers  # noqa: E402
 
 GiB = 2**30
-MEMORY_KEYS = ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision", "keep_blocks")
-LEVER_KEYS = MEMORY_KEYS + ("graph_partitions",)
+MEMORY_KEYS = Levers.keys("memory")
+LEVER_KEYS = MEMORY_KEYS + Levers.keys("parallel")
 #: the value a bare lever name turns on
 LEVER_ON = {"checkpointing": "forces", "micro_batch_size": 1, "edge_chunk_size": "auto", "precision": "bf16",
             "graph_partitions": 2, "keep_blocks": 1}
@@ -53,10 +59,8 @@ COMPARE = ["none", "checkpointing=blocks", "checkpointing=forces", "precision=bf
 
 def parse_levers(spec: str, cfg, batch: int) -> dict:
     """A ``--levers`` value -> memory.* values (``auto`` chunk resolved later per molecule)."""
-    base = {k: getattr(cfg.memory, k) for k in MEMORY_KEYS}
-    base["graph_partitions"] = cfg.parallel.graph_partitions
-    off = {"checkpointing": "none", "micro_batch_size": None, "edge_chunk_size": None, "precision": "fp32",
-           "graph_partitions": 1, "keep_blocks": 0}
+    base = cfg.memory.as_dict()
+    off = Levers().as_dict()
     spec = spec.strip()
     if spec == "config":
         return base
@@ -229,71 +233,117 @@ def main(argv=None) -> int:
     return exit_on_user_error(lambda: run(args))
 
 
+class _Session:
+    """What the measure, plan and report steps of one ``run`` share: the arguments, the config,
+    the device, the batch, the ZeRO stage, the parameter count and the activation profiles (one
+    census per precision, made on first use)."""
+
+    def __init__(self, args):
+        import time
+
+        import torch
+
+        self.t_start = time.monotonic()
+        self.args = args
+        self.cfg = load(args)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        self.batch = args.batch_size or self.cfg.train.batch_size
+        self.zero_stage = self.cfg.deepspeed.zero_stage if args.zero_stage is None else args.zero_stage
+        self.config_name = args.config or "defaults"
+        self.profiles = {}
+
+    @functools.cached_property
+    def model_cfg(self):
+        return _with_stats(self.cfg)
+
+    @functools.cached_property
+    def num_params(self) -> int:
+        """The parameter count for the estimate (the model is built on first use)."""
+        from scalable_equiformer.model import build_model
+
+        return sum(q.numel() for q in build_model(self.model_cfg).parameters())
+
+    def profile_for(self, precision):
+        from scalable_equiformer.profiling import estimate as est
+
+        if precision not in self.profiles:
+            # on the device measured: CUDA autocast keeps other tensors in fp32 than the CPU's, and
+            # a GPU takes seconds where a CPU's emulated bf16 takes minutes
+            self.profiles[precision] = est.activation_profile(self.model_cfg, precision, device=self.device)
+            if self.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+        return self.profiles[precision]
+
+    def estimate(self, levers: Levers, atoms: int, edges: int, batch: int, ranks: int, part):
+        from scalable_equiformer.profiling import estimate as est
+
+        return est.estimate(self.cfg, self.profile_for(levers.precision), levers, atoms=atoms, edges=edges, batch=batch,
+                            num_params=self.num_params, zero_stage=self.zero_stage, ranks=ranks,
+                            part=part(levers.graph_partitions))
+
+
 def run(args) -> int:
-    import time
-
-    t_start = time.monotonic()
-    import torch
-
-    from scalable_equiformer.profiling import estimate as est
+    """``--levers`` / ``--compare`` measured (or estimated) per molecule, then ``--plan``, then the files."""
     from scalable_equiformer.profiling import planner
-    from scalable_equiformer.profiling.profiler import ProfileError, Request, measure, measure_many
 
-    cfg = load(args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    batch = args.batch_size or cfg.train.batch_size
+    session = _Session(args)
     if args.plan and not args.gpu_memory:
         raise UserError("--plan needs --gpu-memory, e.g. --gpu-memory 40GB")
     if args.gpu_memory is not None:  # before anything is measured
         planner.check_budget(args.gpu_memory, f"{args.gpu_memory / GiB:g} GiB")
+    sources = _sources(args, session.cfg)
+    runs, jobs, plan_molecule = _jobs(session, sources, _lever_sets(args, session))
+    measure_jobs(session, jobs)
+    plan_out = plan_levers(session, plan_molecule) if args.plan else None
+    report(session, runs, plan_out)
+    return 0
+
+
+def _sources(args, cfg) -> list:
+    """``(data file or None, atoms or None)`` of each molecule measured."""
     if args.sweep == "atoms":
         if args.data:
             print("note: --sweep atoms uses synthetic molecules; --data is ignored")
-        sizes = list(args.sweep_atoms)
-        sources = [(None, n) for n in sizes]
-    else:
-        data, atoms, note = molecule_source(args, cfg)
-        if note:
-            print(f"note: {note}")
-        sources = [(data, atoms)]
+        return [(None, n) for n in args.sweep_atoms]
+    data, atoms, note = molecule_source(args, cfg)
+    if note:
+        print(f"note: {note}")
+    return [(data, atoms)]
+
+
+def _lever_sets(args, session) -> list[dict]:
+    """The lever sets asked for, in order, without duplicates (e.g. micro_batch_size=1 with a batch
+    of 1 is none), levers off first: the other sets' time ratios are relative to it."""
+    cfg, batch = session.cfg, session.batch
     specs = list(args.levers or [])
     if args.compare:
         specs += [s for s in COMPARE if s not in specs]
-    specs = specs or ["config"]
     lever_sets = []
-    for s in specs:  # in order, without duplicates (e.g. micro_batch_size=1 with a batch of 1 is none)
+    for s in specs or ["config"]:
         lv = parse_levers(s, cfg, batch)
         if lv not in lever_sets:
             lever_sets.append(lv)
-    # levers off first: the other sets' time ratios are relative to it
     lever_sets.sort(key=lambda lv: lv != parse_levers("none", cfg, batch))
-    zero_stage = cfg.deepspeed.zero_stage if args.zero_stage is None else args.zero_stage
+    return lever_sets
 
-    from scalable_equiformer.model import build_model  # parameter count for the estimate
 
-    model_cfg = _with_stats(cfg)
-    num_params = sum(q.numel() for q in build_model(model_cfg).parameters())
-    profiles = {}
+def _jobs(session, sources, lever_sets):
+    """Print the table's header; per molecule and lever set the record (with its estimate) and the
+    measurement request. Returns ``(records, jobs, plan molecule)``: --plan plans for the largest
+    molecule (the last, in a sweep of growing sizes)."""
+    from scalable_equiformer.profiling.profiler import Request
 
-    def profile_for(precision):
-        if precision not in profiles:
-            # on the device measured: CUDA autocast keeps other tensors in fp32 than the CPU's, and
-            # a GPU takes seconds where a CPU's emulated bf16 takes minutes
-            profiles[precision] = est.activation_profile(model_cfg, precision, device=device)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        return profiles[precision]
-
-    config_name = args.config or "defaults"
-    runs = []
-    jobs = []  # (record, request, levers) in the order of the table
-    print(f"config {config_name}  device {device}  batch {batch}  parameters {num_params / 1e6:.3f} M  "
-          f"ZeRO stage {zero_stage} x {args.ranks} rank(s)  sizes in GiB")
+    args, cfg, batch = session.args, session.cfg, session.batch
+    runs, jobs = [], []  # jobs: (record, request, levers, estimate) in the order of the table
+    print(f"config {session.config_name}  device {session.device}  batch {batch}  parameters "
+          f"{session.num_params / 1e6:.3f} M  ZeRO stage {session.zero_stage} x {args.ranks} rank(s)  sizes in GiB")
     header = (f"{'levers':<34} {'atoms':>6} {'edges':>7} {'peak':>8} {'activ.':>8} {'est.':>8} {'meas/est':>8} "
               f"{'KB/edge':>8} {'step s':>7} {'cpu s':>7} {'time x':>6}")
     print(header)
     print("-" * len(header))
-    plan_molecule = None  # --plan plans for the largest molecule (the last, in a sweep of growing sizes)
+    plan_molecule = None
     for data_i, atoms_i in sources:
         n_atoms, edges_max, edges_total, pos_max = molecule_stats(data_i, atoms_i, batch, cfg.model.cutoff)
         part_stats = _PartStats(pos_max, cfg.model.cutoff)
@@ -301,49 +351,66 @@ def run(args) -> int:
             plan_molecule = (n_atoms, edges_max, part_stats)
         for levers in lever_sets:
             lv = resolve_levers(levers, edges_max)
-            lev_obj = est.Levers(**lv)
-            e = est.estimate(cfg, profile_for(lv["precision"]), lev_obj, atoms=n_atoms, edges=edges_max, batch=batch,
-                             num_params=num_params, zero_stage=zero_stage, ranks=max(args.ranks, lev_obj.graph_partitions),
-                             part=part_stats(lev_obj.graph_partitions))
-            record = {"config": config_name, "atoms": n_atoms, "edges": edges_total, "batch": batch, "levers": lv,
-                      "lever_set": _set_label(levers), "data": data_i, "estimate": e.as_dict(),
+            lev_obj = Levers(**lv)
+            e = session.estimate(lev_obj, n_atoms, edges_max, batch, max(args.ranks, lev_obj.graph_partitions), part_stats)
+            record = {"config": session.config_name, "atoms": n_atoms, "edges": edges_total, "batch": batch,
+                      "levers": lv, "lever_set": _set_label(levers), "data": data_i, "estimate": e.as_dict(),
                       "estimated_peak_bytes": e.peak_bytes}
             req = None
             if not args.estimate_only:
-                req = Request(config=cfg.to_dict(), config_name=config_name, data=data_i, atoms=atoms_i, batch=batch,
-                              levers={k: lv[k] for k in MEMORY_KEYS}, partitions=lev_obj.graph_partitions,
-                              device=device, threads=args.threads, timing_steps=args.timing_steps, meter=args.meter)
+                req = Request(config=cfg.to_dict(), config_name=session.config_name, data=data_i, atoms=atoms_i,
+                              batch=batch, levers=lev_obj.section("memory"), partitions=lev_obj.graph_partitions,
+                              device=session.device, threads=args.threads, timing_steps=args.timing_steps,
+                              meter=args.meter)
             runs.append(record)
             jobs.append((record, req, lev_obj, e))
-    base_times = {}  # (data, atoms) -> levers-off step time, measured before the other sets (sorted first)
+    return runs, jobs, plan_molecule
+
+
+def _take(session, record: dict, lev_obj: Levers, e, m: dict, base_times: dict) -> None:
+    """One measurement ``m`` into its record (per-rank peak, measured / estimated, bytes per edge,
+    time over the levers-off step), then its table row."""
+    record.update({k: v for k, v in m.items() if k not in ("config", "levers", "batch", "atoms")})
+    if not (m.get("oom") or m.get("error") or m.get("not_measured")):
+        record["edges"] = m.get("edges", record["edges"])
+        # this process's model states replaced by the ZeRO stage's, per rank
+        states0 = m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"]
+        record["peak_bytes_per_rank"] = m["peak_bytes"] - states0 + e.states.total
+        record["ratio_measured_estimated"] = m["peak_bytes"] / max(e.peak_bytes - e.states.total + states0, 1)
+        # per edge that this rank computes (all edges of the step without partitions)
+        record["bytes_per_edge"] = m["activation_bytes"] / max(m.get("rank_edges", record["edges"]), 1)
+        t = m.get("step_cpu_seconds") if session.device == "cpu" else m.get("step_seconds")
+        key = (record["data"], record["atoms"])
+        if lev_obj.label() == "none":  # measured before the other sets (sorted first)
+            base_times[key] = t
+        base = base_times.get(key)
+        record["time_ratio"] = t / base if base else None
+    _print_row(record, lev_obj)
+
+
+def measure_jobs(session, jobs) -> None:
+    """Measure every job (one subprocess each, or all in one with --one-process) within the time
+    budget, or only print the estimates (--estimate-only); then the model states per rank."""
+    import time
+
+    from scalable_equiformer.profiling import estimate as est
+    from scalable_equiformer.profiling.profiler import ProfileError, measure, measure_many
+
+    args, cfg = session.args, session.cfg
+    base_times = {}  # (data, atoms) -> levers-off step time
 
     def take(i, m):
         record, _, lev_obj, e = jobs[i]
-        record.update({k: v for k, v in m.items() if k not in ("config", "levers", "batch", "atoms")})
-        if not (m.get("oom") or m.get("error") or m.get("not_measured")):
-            record["edges"] = m.get("edges", record["edges"])
-            # this process's model states replaced by the ZeRO stage's, per rank
-            states0 = m["params_bytes"] + m["grads_bytes"] + m["optimizer_bytes"]
-            record["peak_bytes_per_rank"] = m["peak_bytes"] - states0 + e.states.total
-            record["ratio_measured_estimated"] = m["peak_bytes"] / max(e.peak_bytes - e.states.total + states0, 1)
-            # per edge that this rank computes (all edges of the step without partitions)
-            record["bytes_per_edge"] = m["activation_bytes"] / max(m.get("rank_edges", record["edges"]), 1)
-            t = m.get("step_cpu_seconds") if device == "cpu" else m.get("step_seconds")
-            key = (record["data"], record["atoms"])
-            if lev_obj.label() == "none":
-                base_times[key] = t
-            base = base_times.get(key)
-            record["time_ratio"] = t / base if base else None
-        _print_row(record, lev_obj)
+        _take(session, record, lev_obj, e, m, base_times)
 
     if args.estimate_only:
-        for i, (record, _, lev_obj, _) in enumerate(jobs):
+        for record, _, lev_obj, _ in jobs:
             _print_row(record, lev_obj)
     elif args.one_process:
-        left = None if args.time_budget is None else max(t_start + args.time_budget - time.monotonic(), 0.0)
+        left = None if args.time_budget is None else max(session.t_start + args.time_budget - time.monotonic(), 0.0)
         measure_many([j[1] for j in jobs], timeout=left, on_result=take)
     else:
-        deadline = None if args.time_budget is None else t_start + args.time_budget
+        deadline = None if args.time_budget is None else session.t_start + args.time_budget
         for i, (record, req, _, _) in enumerate(jobs):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -359,60 +426,72 @@ def run(args) -> int:
     if not args.estimate_only:
         print("peak: whole step (model states + activations); activ.: peak minus parameters, gradients and AdamW state; "
               "cpu s: process CPU time (CPU runs, contention-free); time x: step time / levers-off step time")
-    states = est.model_states(num_params, param_bytes=8 if cfg.model.dtype == "float64" else 4,
-                              zero_stage=zero_stage, ranks=args.ranks)
-    print(f"model states per rank (ZeRO {zero_stage}, {args.ranks} rank(s)): parameters {fmt_gib(states.params)}  "
+    states = est.model_states(session.num_params, param_bytes=8 if cfg.model.dtype == "float64" else 4,
+                              zero_stage=session.zero_stage, ranks=args.ranks)
+    print(f"model states per rank (ZeRO {session.zero_stage}, {args.ranks} rank(s)): parameters {fmt_gib(states.params)}  "
           f"gradients {fmt_gib(states.grads)}  optimizer {fmt_gib(states.optimizer)} GiB")
 
-    plan_out = None
-    if args.plan:
-        budget = args.gpu_memory
-        gpus = args.gpus or args.ranks
-        if gpus < 1:
-            raise UserError(f"--gpus {gpus}: must be >= 1")
-        n_atoms, edges_max, part_stats = plan_molecule
-        precisions = ["fp32", "bf16"] if args.allow_bf16 else [cfg.memory.precision]
 
-        def estimator(lv, per_group):
-            return est.estimate(cfg, profile_for(lv.precision), lv, atoms=n_atoms, edges=edges_max, batch=per_group,
-                                num_params=num_params, zero_stage=zero_stage, ranks=gpus,
-                                part=part_stats(lv.graph_partitions)).peak_bytes
+def plan_levers(session, plan_molecule) -> dict:
+    """--plan: the fastest lever set whose estimated peak fits --gpu-memory on each of --gpus,
+    printed with its ``--set`` overrides and launch lines; returns the plan's JSON part."""
+    from scalable_equiformer.profiling import planner
 
-        partitions = planner.node_partitions(gpus, batch, args.gpus_per_node)
-        fractions = {p: part_stats(p).edge_fraction for p in partitions if p > 1}
-        pl = planner.plan(estimator, budget, batch=batch, edges=edges_max, device="cuda", precisions=precisions,
-                          gpus=gpus, partitions=partitions, edge_fractions=fractions, num_blocks=cfg.model.num_blocks)
-        nodes = gpus // (args.gpus_per_node or gpus)
-        where = f" on {nodes} nodes of {args.gpus_per_node}" if nodes > 1 else ""
-        print(f"\nplan for {gpus} GPU(s){where} of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
-              f"each), {n_atoms} atoms, {edges_max} edges per molecule, batch {batch}, ZeRO stage {zero_stage}:")
-        print(f"time factors: {pl.factors.source}")
-        for c in pl.candidates[:6]:
-            mark = "fits" if c.fits else "too big"
-            print(f"  {c.levers.label():<40} est. peak {fmt_gib(c.peak_bytes)} GiB  time x{c.relative_time:.2f}  {mark}")
-        if pl.best is None:
-            more = "more GPUs (--gpus, for graph partitions)" if gpus == 1 else "more GPUs"
-            print(f"nothing fits: use {more} or a larger GPU")
-        else:
-            print("use: " + " ".join(f"--set {o}" for o in pl.overrides()))
-            if gpus > 1:
-                cfg_arg = f"--config {args.config} " if args.config else ""
-                for line in planner.launch_lines(gpus, args.gpus_per_node,
-                                                 cfg_arg + " ".join(f"--set {o}" for o in pl.overrides())):
-                    print(f"launch: {line}")
-        plan_out = {"budget_bytes": budget, "usable_bytes": pl.usable_bytes, "gpus": gpus,
-                    "gpus_per_node": args.gpus_per_node or gpus, "partitions_tried": partitions,
-                    "best": pl.best.as_dict() if pl.best else None, "overrides": pl.overrides(),
-                    "atoms": n_atoms, "edges_per_molecule": edges_max, "batch": batch,
-                    "time_factors": pl.factors.as_dict(),
-                    "candidates": [c.as_dict() for c in pl.candidates]}
+    args, cfg, batch = session.args, session.cfg, session.batch
+    budget = args.gpu_memory
+    gpus = args.gpus or args.ranks
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be >= 1")
+    n_atoms, edges_max, part_stats = plan_molecule
+    precisions = ["fp32", "bf16"] if args.allow_bf16 else [cfg.memory.precision]
 
+    def estimator(lv, per_group):
+        return session.estimate(lv, n_atoms, edges_max, per_group, gpus, part_stats).peak_bytes
+
+    partitions = planner.node_partitions(gpus, batch, args.gpus_per_node)
+    fractions = {p: part_stats(p).edge_fraction for p in partitions if p > 1}
+    pl = planner.plan(estimator, budget, batch=batch, edges=edges_max, device="cuda", precisions=precisions,
+                      gpus=gpus, partitions=partitions, edge_fractions=fractions, num_blocks=cfg.model.num_blocks)
+    _print_plan(args, pl, gpus, budget, n_atoms, edges_max, batch, session.zero_stage)
+    return {"budget_bytes": budget, "usable_bytes": pl.usable_bytes, "gpus": gpus,
+            "gpus_per_node": args.gpus_per_node or gpus, "partitions_tried": partitions,
+            "best": pl.best.as_dict() if pl.best else None, "overrides": pl.overrides(),
+            "atoms": n_atoms, "edges_per_molecule": edges_max, "batch": batch,
+            "time_factors": pl.factors.as_dict(),
+            "candidates": [c.as_dict() for c in pl.candidates]}
+
+
+def _print_plan(args, pl, gpus, budget, n_atoms, edges_max, batch, zero_stage) -> None:
+    from scalable_equiformer.profiling import planner
+
+    nodes = gpus // (args.gpus_per_node or gpus)
+    where = f" on {nodes} nodes of {args.gpus_per_node}" if nodes > 1 else ""
+    print(f"\nplan for {gpus} GPU(s){where} of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
+          f"each), {n_atoms} atoms, {edges_max} edges per molecule, batch {batch}, ZeRO stage {zero_stage}:")
+    print(f"time factors: {pl.factors.source}")
+    for c in pl.candidates[:6]:
+        mark = "fits" if c.fits else "too big"
+        print(f"  {c.levers.label():<40} est. peak {fmt_gib(c.peak_bytes)} GiB  time x{c.relative_time:.2f}  {mark}")
+    if pl.best is None:
+        more = "more GPUs (--gpus, for graph partitions)" if gpus == 1 else "more GPUs"
+        print(f"nothing fits: use {more} or a larger GPU")
+        return
+    print("use: " + " ".join(f"--set {o}" for o in pl.overrides()))
+    if gpus > 1:
+        cfg_arg = f"--config {args.config} " if args.config else ""
+        for line in planner.launch_lines(gpus, args.gpus_per_node, cfg_arg + " ".join(f"--set {o}" for o in pl.overrides())):
+            print(f"launch: {line}")
+
+
+def report(session, runs: list, plan_out) -> None:
+    """--json (the runs, the activation profiles, the plan) and --plot."""
+    args, cfg = session.args, session.cfg
     if args.json:
-        dev = runs[0].get("device") if runs and runs[0].get("device") else device
-        doc = {"device": dev, "config": config_name, "num_params": num_params, "num_blocks": cfg.model.num_blocks,
-               "model": cfg.to_dict()["model"], "census_device": device,
-               "batch": batch, "one_process": bool(args.one_process), "runs": runs,
-               "activation_profiles": {k: v.as_dict() for k, v in profiles.items()}}
+        dev = runs[0].get("device") if runs and runs[0].get("device") else session.device
+        doc = {"device": dev, "config": session.config_name, "num_params": session.num_params,
+               "num_blocks": cfg.model.num_blocks, "model": cfg.to_dict()["model"], "census_device": session.device,
+               "batch": session.batch, "one_process": bool(args.one_process), "runs": runs,
+               "activation_profiles": {k: v.as_dict() for k, v in session.profiles.items()}}
         if plan_out:
             doc["plan"] = plan_out
         from scalable_equiformer.training.checkpoint import atomic_write_text
@@ -422,7 +501,6 @@ def run(args) -> int:
     if args.plot:
         _plot(runs, args.plot, sweep=args.sweep == "atoms", measured=not args.estimate_only)
         print(f"wrote {args.plot}")
-    return 0
 
 
 def _with_stats(cfg):
@@ -438,14 +516,16 @@ def _with_stats(cfg):
 
 def _set_label(levers: dict) -> str:
     """The lever set as asked for (an ``auto`` chunk size stays ``auto``), for grouping runs."""
-    from scalable_equiformer.profiling.estimate import Levers
-
     lv = dict(levers)
     auto = lv.get("edge_chunk_size") == "auto"
     if auto:
-        lv["edge_chunk_size"] = 0
+        lv["edge_chunk_size"] = _AUTO_CHUNK
     label = Levers(**lv).label()
-    return label.replace("chunk=0", "chunk=auto") if auto else label
+    return label.replace(f"chunk={_AUTO_CHUNK}", "chunk=auto") if auto else label
+
+
+#: stands for ``edge_chunk_size=auto`` in a label (a Levers holds numbers only)
+_AUTO_CHUNK = 2**31 - 1
 
 
 def _print_row(r, lev):

@@ -46,7 +46,7 @@ def _on_cuda(doc: dict) -> bool:
 
 
 def table(doc: dict) -> str:
-    from scalable_equiformer.profiling.estimate import Levers
+    from scalable_equiformer.memory import Levers
 
     cuda = _on_cuda(doc)
     time_key, time_head = ("step_seconds", "step s (GPU)") if cuda else ("step_cpu_seconds", "step CPU s")
@@ -78,7 +78,7 @@ def table(doc: dict) -> str:
 
 def fit_table(doc: dict) -> str:
     """Per lever set, whether the largest molecule's step fits in the device's memory."""
-    from scalable_equiformer.profiling.estimate import Levers
+    from scalable_equiformer.memory import Levers
 
     runs = doc["runs"]
     if not runs:

@@ -69,7 +69,7 @@ LEVER_SETS = ["none", "checkpointing=forces", "checkpointing=forces,edge_chunk_s
 SHARES = {"tests": 70, "memory": 190, "train": 170, "compile": 110}
 PHASES = ["env", "tests", "memory", "train", "compile", "report"]
 
-#: the tiny model of --device cpu (parallel/check.py's TINY_MODEL)
+#: the tiny model of --device cpu (tests/helpers/partitions.py's tiny_model)
 TINY = {"irreps_node": "8x0e+4x1e+2x2e", "num_blocks": 2, "num_heads": 2, "irreps_head": "4x0e+2x1e+1x2e",
         "irreps_feedforward": "16x0e+8x1e+4x2e", "irreps_feature": "16x0e", "num_radial": 8, "radial_hidden": "[16]"}
 
@@ -516,7 +516,7 @@ def estimate_training(spec: dict, out_path: str) -> int:
         num_params = sum(p.numel() for p in build_model(mcfg).parameters())
         z, frames = systems.load_frames(run["data"], run["batch"])
         edges = max(systems.count_edges(f, cfg.model.cutoff) for f in frames)
-        lev = est.Levers.from_config(cfg.memory, cfg.parallel)
+        lev = cfg.memory
         e = est.estimate(cfg, profiles[key], lev, atoms=len(z), edges=edges, batch=run["batch"], num_params=num_params,
                          zero_stage=cfg.deepspeed.zero_stage, ranks=1)
         out[run["name"]] = {"estimated_peak_bytes": int(e.peak_bytes), "levers": lev.label(), "atoms": int(len(z)),

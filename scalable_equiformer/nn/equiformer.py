@@ -165,7 +165,6 @@ class Equiformer(torch.nn.Module):
         self.attention = attention
         self.message = message
         self.smooth_cutoff = smooth_cutoff
-        self.force_strategy = "autograd"  # see nn/forces.py
 
         radial_channels = [num_radial] + list(radial_hidden)
         self.radial = RadialEmbedding(num_radial, cutoff, radial_basis)
@@ -275,7 +274,8 @@ class Equiformer(torch.nn.Module):
         return self.readout(x, z, batch, num_graphs)
 
     def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
-        """``{"energy": [B] eV (float64), "forces": [N, 3] eV/Å (model dtype)}``."""
+        """``{"energy": [B] eV (float64), "forces": [N, 3] eV/Å (model dtype)}`` by plain autograd:
+        the oracle of the memory levers (``memory.ForceRunner`` runs them)."""
         return energy_and_forces(self, batch, training=self.training, compute_forces=compute_forces)
 
     def extra_repr(self) -> str:

@@ -1,27 +1,20 @@
-"""Energy and forces, F = -dE/dpos, behind one strategy switch.
+"""Energy and forces, F = -dE/dpos, by plain autograd: the path every memory lever is tested against.
 
-``energy_and_forces(model, batch, training, compute_forces=True, strategy=None)`` returns
-``{"energy": [B] eV (float64), "forces": [N, 3] eV/Å (model dtype)}``.
-
-Strategies (``strategy`` argument, else ``model.force_strategy``):
-  * ``"autograd"`` — the plain path and the oracle: run the stages, then
-    ``torch.autograd.grad(E.sum(), pos, create_graph=training)``. In training the graph is kept
-    for ``loss.backward()``; at evaluation nothing is kept (energy and forces are detached).
-  * ``"blocks"`` — the same with every block in a non-reentrant checkpoint
-    (``memory.checkpointing=blocks``).
-  * ``"forces"`` — force-aware block-by-block recomputation with explicit VJPs
-    (``memory.checkpointing=forces``; ``nn/force_checkpoint.py``).
-
-A new strategy goes into ``_STRATEGIES`` with the signature and result of ``_autograd``.
+``energy_and_forces(model, batch, training, compute_forces=True)`` returns
+``{"energy": [B] eV (float64), "forces": [N, 3] eV/Å (model dtype)}``: the model's stages, then
+``torch.autograd.grad(E.sum(), pos, create_graph=training)``. In training the graph is kept for
+``loss.backward()``; at evaluation nothing is kept (energy and forces are detached). This is
+``Equiformer.forward``. The levers that compute the same numbers with less memory (per-block
+checkpointing, force-aware recomputation, edge chunks, kept blocks) are run by
+``scalable_equiformer.memory.ForceRunner``; this package knows no lever (:func:`node_attr_once` is
+a stage helper the runner's chains share with the graph-partitioned model).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
-
-from .force_checkpoint import blockwise_forces, checkpointed_call
 
 
 def centred_positions(pos: torch.Tensor, batch_vec: torch.Tensor, num_graphs: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,32 +48,54 @@ def prepare_inputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return pos, z, vec, num_graphs
 
 
-def _autograd(model, pos, z, batch_vec, num_graphs, training: bool, run_block=None) -> dict[str, torch.Tensor]:
-    with torch.enable_grad():
-        if not pos.requires_grad:
-            pos = pos.detach().requires_grad_(True)
-        energy = model.energy(pos, z, batch_vec, num_graphs, run_block=run_block)
-        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
-    forces = -grad
+def node_attr_once(model):
+    """``attr(x)``: ``model.node_attr`` of the first ``x`` it is given, that same tensor afterwards.
+
+    The stage chains of the force-aware sweep (``memory.force_checkpoint``) call it with each block's input; the first is the embedding's output,
+    from which the plain path computes the node attributes once (``Equiformer.energy``).
+    """
+    cache = []
+
+    def attr(x):
+        if not cache:
+            cache.append(model.node_attr(x))
+        return cache[0]
+
+    return attr
+
+
+def finish(energy: torch.Tensor, forces: torch.Tensor, training: bool) -> dict[str, torch.Tensor]:
+    """The result dict; at evaluation (``training`` False) energy and forces are detached."""
     if not training:
         energy, forces = energy.detach(), forces.detach()
     return {"energy": energy, "forces": forces}
 
 
-def _checkpointed_blocks(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
-    """The plain path with each block in a non-reentrant checkpoint."""
-    return _autograd(model, pos, z, batch_vec, num_graphs, training, run_block=checkpointed_call)
+def requiring_grad(pos: torch.Tensor) -> torch.Tensor:
+    """``pos`` itself when it requires grad (its gradient path is kept), else a leaf that does."""
+    return pos if pos.requires_grad else pos.detach().requires_grad_(True)
 
 
-_STRATEGIES: dict[str, Callable] = {"autograd": _autograd, "blocks": _checkpointed_blocks, "forces": blockwise_forces}
+def autograd_forces(energy_fn: Callable[[torch.Tensor], torch.Tensor], pos: torch.Tensor, training: bool,
+                    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """``energy_fn(pos)`` [B] and ``-dE/dpos`` by ``autograd.grad`` (``create_graph=training``).
+
+    ``reduce(grad)`` combines partial gradients (the graph-partitioned model sums its ranks' shares);
+    ``None`` takes the gradient as it is."""
+    with torch.enable_grad():
+        pos = requiring_grad(pos)
+        energy = energy_fn(pos)
+        (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+        forces = -(grad if reduce is None else reduce(grad))
+    return finish(energy, forces, training)
 
 
-def energy_and_forces(model, batch, training: bool, compute_forces: bool = True, strategy: str | None = None) -> dict[str, torch.Tensor]:
+def energy_and_forces(model, batch, training: bool, compute_forces: bool = True) -> dict[str, torch.Tensor]:
     pos, z, batch_vec, num_graphs = prepare_inputs(model, batch)
-    if not compute_forces:
-        return {"energy": model.energy(pos, z, batch_vec, num_graphs)}
-    name = strategy or getattr(model, "force_strategy", "autograd")
-    if name not in _STRATEGIES:
-        raise ValueError(f"unknown force strategy {name!r}; known: {sorted(_STRATEGIES)}")
-    return _STRATEGIES[name](model, pos, z, batch_vec, num_graphs, training)
 
+    def energy_fn(p):
+        return model.energy(p, z, batch_vec, num_graphs)
+
+    if not compute_forces:
+        return {"energy": energy_fn(pos)}
+    return autograd_forces(energy_fn, pos, training)

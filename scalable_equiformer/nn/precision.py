@@ -1,6 +1,7 @@
-"""Mixed precision (``memory.precision``): low-precision tensor products, fp32 islands.
+"""The fp32 islands of mixed precision (``memory.precision``; the switch itself is
+``memory.precision.autocast``, this package knows no lever).
 
-``bf16`` and ``fp16`` run the model under ``torch.autocast`` (:func:`autocast`): matrix products
+``bf16`` and ``fp16`` run the model under ``torch.autocast``: matrix products
 (the tensor products, linear layers and radial MLPs) run in 16 bits; parameters, their gradients
 and the optimizer state stay fp32, so the saving is in activations only. Some parts run as
 *fp32 islands* (:func:`fp32_island`): the equivariant layer norms (means of squares) and the
@@ -22,25 +23,6 @@ import contextlib
 import functools
 
 import torch
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def low_dtype(precision: str):
-    """The autocast dtype of a precision, or None for fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return _DTYPES.get(precision)
-
-
-def autocast(precision: str, device) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for bf16 / fp16 on ``device``; a no-op context for fp32."""
-    dtype = low_dtype(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    device_type = torch.device(device).type if not isinstance(device, str) else torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def _autocast_on() -> bool:
@@ -83,4 +65,4 @@ def fp32_island(fn=None, *, only=None):
     return wrapper
 
 
-__all__ = ["PRECISIONS", "low_dtype", "autocast", "fp32_island"]
+__all__ = ["fp32_island"]

@@ -10,9 +10,9 @@ gradients to the owners and adds them there, so forces and parameter gradients a
 Modules: :mod:`.partition` (recursive coordinate bisection balanced by incoming-edge count, halo
 and send/receive maps), :mod:`.halo` (differentiable exchange and replicated sums over
 ``torch.distributed``), :mod:`.partitioned` (the model wrapper and group helpers), :mod:`.launch`
-(:func:`spawn_local`: P local gloo processes, the one spawner of the package), :mod:`.check`
-(the comparison harness of partitioned vs single process; its command line is
-``tools/check_partitions.py``).
+(:func:`spawn_local`: P local gloo processes, the one spawner of the package). The comparison
+harness of partitioned vs single process is a test helper (``tests/helpers/partitions.py``; its
+command line is ``tools/check_partitions.py``).
 
 Use in training (world = D data-parallel groups x P partitions)::
 
@@ -22,7 +22,7 @@ Use in training (world = D data-parallel groups x P partitions)::
     dp_group, part_group = make_groups(dist.get_world_size(), P)   # every rank calls it
     # data: the sampler's replica index is dist.get_rank() // P and its replica count
     # world_size // P: all P ranks of a partition group must get the SAME batch
-    pmodel = PartitionedModel(model, group=part_group)
+    pmodel = PartitionedModel(model, group=part_group, runner=ForceRunner(config.memory))  # levers
     out = pmodel(batch, compute_forces=True)      # {"energy": [B] float64, "forces": [N, 3]}
     loss = loss_fn(out, batch)                    # identical on the P ranks of the group
     # gradients: each rank holds a partial gradient (its own edges and atoms)
@@ -44,11 +44,12 @@ Notes for integration:
     ZeRO-3's per-module hooks gather what each stage uses.
   * Dropout / drop-path draw their masks per rank: a partitioned step then differs from the
     single-process one (a warning says so); the equality tests run with them off.
-  * Force strategy: the model's (``memory.checkpointing``): plain autograd
-    (``torch.autograd.grad`` of the all-reduced energy), ``blocks`` (each block recomputed in
-    the backward), or ``forces`` (the force-aware block-wise recomputation of
-    ``nn/force_checkpoint.py`` over partitioned stages that begin with the halo exchange).
-    ``memory.edge_chunk_size`` is single-process only.
+  * Memory levers: the ``runner`` passed in (``memory.ForceRunner``, from ``config.memory``;
+    this package imports nothing from ``memory/``): none is plain autograd (``torch.autograd.grad``
+    of the all-reduced energy); ``memory.checkpointing=blocks`` recomputes each block in the
+    backward; ``forces`` runs the force-aware block-wise recomputation of
+    ``memory/force_checkpoint.py`` over partitioned stages that begin with the halo exchange
+    (:class:`~.partitioned.PartitionStages`). ``memory.edge_chunk_size`` is single-process only.
   * Batches of several molecules are partitioned molecule by molecule (each molecule cut into
     P pieces, part p owning every p-th piece), so every rank works on every molecule.
 """

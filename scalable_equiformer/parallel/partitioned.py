@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-import types
 import warnings
 
 import torch
 import torch.distributed as dist
 
-from ..config import check_memory_levers
-from ..nn.force_checkpoint import blockwise_sweep, checkpointed_call, edge_chunks, node_attr_once
-from ..nn.forces import prepare_inputs
+from ..nn.forces import autograd_forces, node_attr_once, prepare_inputs
 from .halo import halo_exchange, sum_replicated
 from .partition import GraphPartition, LocalPart, partition_graph
 
 __all__ = [
     "PartitionedModel",
+    "PartitionStages",
     "make_groups",
     "check_layout",
     "allreduce_gradients",
@@ -108,35 +105,25 @@ class PartitionedModel(torch.nn.Module):
     Every rank of the group must call ``forward`` with the same batch (``check_inputs`` verifies
     it with one small all-reduce).
 
-    Force strategy: by default ``model.force_strategy`` (``memory.checkpointing``) at
-    construction. ``autograd``: ``autograd.grad`` of the all-reduced energy. ``blocks``: the same
-    with each block in a non-reentrant checkpoint (the block only; the halo exchange is not
-    repeated). ``forces``: the force-aware recomputation of ``nn/force_checkpoint.py``
-    (:func:`~scalable_equiformer.nn.force_checkpoint.blockwise_sweep`) over the partitioned
-    stages ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``; each stage's checkpoint and
-    recomputed VJP repeat its halo exchange (forward and backward), on every rank alike.
-    ``memory.edge_chunk_size`` is not partitioned: with P > 1 it is a ``ConfigError`` (at
-    construction, and at the call if it was set later); with P = 1 it chunks as in one process.
-    Passing ``checkpoint_blocks`` (True / False) overrides the model's strategy: plain autograd
-    with or without per-block checkpointing.
+    Memory levers: ``runner`` (a ``memory.ForceRunner``, built from the config's ``Levers``) runs
+    the forces over the partitioned stages (:class:`PartitionStages`); None is plain autograd of
+    the all-reduced energy. ``blocks`` checkpoints each block (the block only; the halo exchange
+    is not repeated); ``forces`` runs the force-aware sweep over the stages
+    ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``, each stage's checkpoint and recomputed
+    VJP repeating its halo exchange (forward and backward), on every rank alike.
+    ``memory.edge_chunk_size`` is not partitioned: with P > 1 the runner refuses it here
+    (``runner.for_partitions(P)``: each rank would cut its own number of chunks, and the halo
+    exchanges in them would no longer pair up); with P = 1 it chunks as in one process.
     After each call, ``last_partition`` holds the :class:`GraphPartition` and
     ``last_partition_seconds`` the time spent building it (graph excluded).
     """
 
-    def __init__(self, model, group=None, check_inputs: bool = True, checkpoint_blocks: bool | None = None):
+    def __init__(self, model, group=None, check_inputs: bool = True, runner=None):
         super().__init__()
         self.model = model
         self.group = group
         self.check_inputs = check_inputs
-        #: force-aware recomputation (memory.checkpointing=forces) instead of plain autograd
-        self.force_aware = False
-        if checkpoint_blocks is None:  # follow the model's force strategy (memory.checkpointing)
-            strategy = getattr(model, "force_strategy", "autograd")
-            checkpoint_blocks = strategy in ("blocks", "forces")  # energy-only calls: per block
-            self.force_aware = strategy == "forces"
-        if self.force_aware:
-            self._edge_chunk_size(self.num_parts)
-        self.checkpoint_blocks = bool(checkpoint_blocks)
+        self.runner = runner.for_partitions(self.num_parts) if runner is not None else None
         self.last_partition: GraphPartition | None = None
         self.last_partition_seconds = 0.0
         self._warned_dropout = False
@@ -159,27 +146,18 @@ class PartitionedModel(torch.nn.Module):
         self.last_partition = gp
         return gp, part
 
-    def local_energy(self, pos, z, batch_vec, num_graphs, part: LocalPart) -> torch.Tensor:
+    def local_energy(self, pos, z, batch_vec, num_graphs, part: LocalPart, run_block=None) -> torch.Tensor:
         """This rank's share of the energy per graph [num_graphs] (float64): the stages on the
-        local nodes, with a halo exchange before each block."""
+        local nodes, with a halo exchange before each block (``run_block``: see ``Equiformer.energy``)."""
         model, group = self.model, self.group
         n_own = part.num_owned
         z_l, b_l, edges = self._local_inputs(pos, z, batch_vec, part)
         x = model.embed(z_l, edges, z_l.shape[0])  # halo rows incomplete: replaced below
         node_attr = model.node_attr(x)
         for block in model.blocks:
-            x = self._block(block, halo_exchange(x[:n_own], part, group), node_attr, edges, b_l)  # [n_local, irreps.dim]
+            x_l = halo_exchange(x[:n_own], part, group)  # [n_local, irreps.dim]
+            x = block(x_l, node_attr, edges, b_l) if run_block is None else run_block(block, x_l, node_attr, edges, b_l)
         return model.readout(x[:n_own], z_l[:n_own], b_l[:n_own], num_graphs)
-
-    def _edge_chunk_size(self, num_parts: int):
-        """``model.edge_chunk_size``, refused with P > 1 (each rank would cut its own number of
-        chunks, and the halo exchanges in them would no longer pair up) by the config's own rule
-        (:func:`~scalable_equiformer.config.check_memory_levers`): it is checked here again because
-        the group size is known only now, and a model's levers can be set without a config."""
-        chunk = getattr(self.model, "edge_chunk_size", None)
-        levers = types.SimpleNamespace(checkpointing="forces", edge_chunk_size=chunk, keep_blocks=0)
-        check_memory_levers(levers, graph_partitions=num_parts, where=lambda key: "PartitionedModel")
-        return chunk
 
     def _local_inputs(self, pos, z, batch_vec, part: LocalPart):
         """Atomic numbers and molecule of the local nodes (owned, then halo) [n_local], and the
@@ -189,56 +167,20 @@ class PartitionedModel(torch.nn.Module):
         z_l, b_l = z.index_select(0, nodes), batch_vec.index_select(0, nodes)
         return z_l, b_l, self.model.edge_features(pos_l, part.edge_index)  # [2, E_p] edges
 
-    def force_aware_step(self, pos, z, batch_vec, num_graphs, part: LocalPart, training: bool):
-        """``(energy [num_graphs] replicated, this rank's dE/dpos [N, 3])`` by the force-aware
-        recomputation: the single-process sweep over stages ``x_owned [n_own, d] -> rows
-        [n_own, d]`` that start with the halo exchange (embedding: the owned rows of ``embed``)."""
-        model, group = self.model, self.group
-        n_own = part.num_owned
-        z_l, b_l, edges = self._local_inputs(pos, z, batch_vec, part)
-        attr = node_attr_once(model)
-
-        def stage(s, x, e):
-            if s == 0:
-                return model.embed(z_l, e, z_l.shape[0])[:n_own]
-            x_l = halo_exchange(x, part, group)  # [n_local, d]: every rank, every call
-            return model.blocks[s - 1](x_l, attr(x_l), e, b_l)[:n_own]
-
-        chunk = self._edge_chunk_size(part.num_parts)  # P = 1: local numbering = global
-        energy, grad = blockwise_sweep(
-            model, stage, edges, pos, pos.new_zeros(n_own, 1),
-            lambda x: model.readout(x, z_l[:n_own], b_l[:n_own], num_graphs), training,
-            chunks=edge_chunks(part.edge_index, n_own, chunk), keep=getattr(model, "keep_blocks", 0),
-        )
-        return sum_replicated(energy, group), grad
-
-    def _block(self, block, x, node_attr, edges, b_l):
-        if self.checkpoint_blocks and torch.is_grad_enabled():
-            return checkpointed_call(block, x, node_attr, edges, b_l)
-        return block(x, node_attr, edges, b_l)
-
     def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
-        model, group = self.model, self.group
+        model = self.model
         training = model.training
         self._check_dropout(training)
         pos, z, batch_vec, num_graphs = prepare_inputs(model, batch)
         if self.check_inputs and self.num_parts > 1:
             self._check_same_inputs(pos, z)
         _, part = self.partition(pos, batch_vec)
-        with torch.enable_grad() if compute_forces else contextlib.nullcontext():
-            if compute_forces and not pos.requires_grad:
-                pos = pos.detach().requires_grad_(True)
-            if compute_forces and self.force_aware:
-                energy, grad = self.force_aware_step(pos, z, batch_vec, num_graphs, part, training)
-            else:
-                energy = sum_replicated(self.local_energy(pos, z, batch_vec, num_graphs, part), group)
-                if not compute_forces:
-                    return {"energy": energy}
-                (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
-            forces = -sum_replicated(grad, group)  # each rank's grad covers its own edges
-        if not training:
-            energy, forces = energy.detach(), forces.detach()
-        return {"energy": energy, "forces": forces}
+        stages = PartitionStages(self, z, batch_vec, num_graphs, part)
+        if self.runner is not None:
+            return self.runner.run(stages, pos, training, compute_forces)
+        if not compute_forces:
+            return {"energy": stages.energy(pos)}
+        return autograd_forces(stages.energy, pos, training, reduce=stages.total)
 
     def _check_same_inputs(self, pos, z) -> None:
         n = pos.shape[0]
@@ -270,3 +212,41 @@ class PartitionedModel(torch.nn.Module):
                 "so a partitioned training step is not the single-process step", stacklevel=3
             )
             self._warned_dropout = True
+
+
+class PartitionStages:
+    """The partitioned model's stages on this rank for one call, in the form a force runner takes
+    (``memory.runner``: ``energy``, ``sweep``, ``total``)."""
+
+    def __init__(self, pmodel: PartitionedModel, z, batch_vec, num_graphs: int, part: LocalPart):
+        self.pmodel, self.model, self.part = pmodel, pmodel.model, part
+        self.z, self.batch_vec, self.num_graphs = z, batch_vec, num_graphs
+
+    def energy(self, pos, run_block=None) -> torch.Tensor:
+        """The energy per graph, all-reduced over the group (replicated)."""
+        local = self.pmodel.local_energy(pos, self.z, self.batch_vec, self.num_graphs, self.part, run_block)
+        return self.total(local)
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of the ranks' shares (energy, or each rank's dE/dpos over its own edges)."""
+        return sum_replicated(t, self.pmodel.group)
+
+    def sweep(self, pos):
+        """The force-aware chain over stages ``x_owned [n_own, d] -> rows [n_own, d]`` that start
+        with the halo exchange (embedding: the owned rows of ``embed``). P = 1: local numbering =
+        global, so edge chunks cut as in one process."""
+        model, group, part = self.model, self.pmodel.group, self.part
+        n_own = part.num_owned
+        z_l, b_l, edges = self.pmodel._local_inputs(pos, self.z, self.batch_vec, part)
+        attr = node_attr_once(model)
+
+        def stage(s, x, e):
+            if s == 0:
+                return model.embed(z_l, e, z_l.shape[0])[:n_own]
+            x_l = halo_exchange(x, part, group)  # [n_local, d]: every rank, every call
+            return model.blocks[s - 1](x_l, attr(x_l), e, b_l)[:n_own]
+
+        def readout(x):
+            return model.readout(x, z_l[:n_own], b_l[:n_own], self.num_graphs)
+
+        return stage, edges, pos.new_zeros(n_own, 1), readout, part.edge_index

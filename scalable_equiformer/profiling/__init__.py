@@ -6,7 +6,8 @@ The profiler sits above training: it runs the trainer's own step (``measured_ste
 synthetic molecules (``systems``).
 """
 
-from .estimate import Estimate, Levers, activation_profile, model_states
+from ..memory.levers import Levers
+from .estimate import Estimate, activation_profile, model_states
 from .planner import Plan, parse_bytes, plan
 from .profiler import ProfileError, Request, measure
 

@@ -124,6 +124,6 @@ def model_census(model, batch) -> Census:
     from ..nn.forces import energy_and_forces
 
     exclude = list(model.parameters()) + list(model.buffers())
-    out = energy_and_forces(model, batch, training=True, strategy="autograd")
+    out = energy_and_forces(model, batch, training=True)
     num_edges = int(model.build_graph(batch.pos.to(model.dtype), batch.batch).shape[1])
     return saved_census(out["energy"], out["forces"], num_edges, int(batch.pos.shape[0]), exclude)

@@ -31,6 +31,8 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from ..memory.levers import Levers
+
 ADAM_STATE_PER_PARAM = 2  # exp_avg and exp_avg_sq
 
 
@@ -77,51 +79,6 @@ def model_states(num_params: int, *, param_bytes: int = 4, zero_stage: int = 0, 
     if zero_stage >= 3:
         params = -(-params // r) + largest_layer * param_bytes
     return ModelStates(params=params, grads=grads, optimizer=opt, zero_stage=zero_stage, ranks=r)
-
-
-@dataclass
-class Levers:
-    """The ``memory.*`` keys of the config and ``parallel.graph_partitions``, as one value object."""
-
-    checkpointing: str = "none"
-    micro_batch_size: Optional[int] = None
-    edge_chunk_size: Optional[int] = None
-    precision: str = "fp32"
-    graph_partitions: int = 1
-    keep_blocks: int = 0
-
-    @classmethod
-    def from_config(cls, memory, parallel=None) -> "Levers":
-        parts = int(getattr(parallel, "graph_partitions", 1) or 1) if parallel is not None else 1
-        return cls(memory.checkpointing, memory.micro_batch_size, memory.edge_chunk_size, memory.precision, parts,
-                   int(getattr(memory, "keep_blocks", 0) or 0))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def overrides(self) -> list[str]:
-        """``--set`` arguments that select these levers."""
-        def fmt(v):
-            return "null" if v is None else str(v)
-
-        section = {"graph_partitions": "parallel"}
-        return [f"{section.get(k, 'memory')}.{k}={fmt(v)}" for k, v in self.as_dict().items()]
-
-    def label(self) -> str:
-        parts = []
-        if self.graph_partitions != 1:
-            parts.append(f"P={self.graph_partitions}")
-        if self.checkpointing != "none":
-            parts.append(f"ckpt={self.checkpointing}")
-        if self.keep_blocks:
-            parts.append(f"keep={self.keep_blocks}")
-        if self.micro_batch_size is not None:
-            parts.append(f"micro={self.micro_batch_size}")
-        if self.edge_chunk_size is not None:
-            parts.append(f"chunk={self.edge_chunk_size}")
-        if self.precision != "fp32":
-            parts.append(self.precision)
-        return "+".join(parts) or "none"
 
 
 @dataclass
@@ -229,14 +186,12 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
 
     import torch
 
-    from ..nn import force_checkpoint as fc
-    from ..nn.forces import energy_and_forces
-    from ..nn.precision import autocast
+    from ..memory import ForceRunner, autocast
+    from ..memory import force_checkpoint as fc
     from . import measured_step, systems
 
     precision = precision or cfg.memory.precision
     cfg = copy.deepcopy(cfg)
-    cfg.memory.edge_chunk_size = None
     model, dtype = measured_step.build(cfg, torch.device(device), 20)
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
     exclude |= {b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -250,10 +205,11 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
             model.cutoff = cutoff
             batch = measured_step.make_batch(z[:n], pos[None, :n], dtype, device)
             num_edges = systems.count_edges(pos[:n], cutoff)
-            for name, strategy in (("plain", "autograd"), ("blocks", "blocks"), ("forces", "forces")):
+            for name, checkpointing in (("plain", "none"), ("blocks", "blocks"), ("forces", "forces")):
                 census = _Census(exclude)
+                runner = ForceRunner(Levers(checkpointing))  # no edge chunks, no kept blocks: the census of each path
                 with autocast(precision, device), torch.autograd.graph.saved_tensors_hooks(census.pack, census.unpack):
-                    out = energy_and_forces(model, batch, training=True, strategy=strategy)
+                    out = runner(model, batch)
                 results[name].append((num_edges, n, census.bytes))  # while `out` holds the graph
                 del out
             # the largest single stage: forward + VJP with create_graph (what `forces` recomputes)

@@ -3,7 +3,7 @@
 
 ``make_step(model, cfg)`` returns ``(step, engine)``; ``step(batch) -> dict`` is the trainer's
 step, :func:`scalable_equiformer.training.steps.optimizer_step` with the trainer's
-``PlainEngine``: the force strategy of ``memory.checkpointing`` set on the model, each micro-batch
+``PlainEngine``: the model run under the config's levers (``memory.with_levers``), each micro-batch
 of ``memory.micro_batch_size`` molecules through ``model_call`` (forward, forces with
 ``create_graph=True``, under ``memory.precision``), its share of the loss, backward, the finite-loss
 check, then the optimizer step (gradient sum over ranks, clipping, AdamW). Only data loading is
@@ -57,14 +57,17 @@ def split(batch, size):
 
 def make_step(model, cfg, world: int = 1, loss_scale: float = 1.0):
     """``world`` > 1: ``model`` is a PartitionedModel over the ``world`` ranks of the default
-    group (one partition group; the engine sums the ranks' partial gradients). ``loss_scale``:
-    the loss divisor (the trainer's is the model's energy scale; 1 without statistics)."""
+    group (one partition group, its runner built from ``cfg.memory``; the engine sums the ranks'
+    partial gradients); else the bare model, run here under ``cfg.memory``. ``loss_scale``: the
+    loss divisor (the trainer's is the model's energy scale; 1 without statistics)."""
     from .. import runtime
+    from ..memory import with_levers
     from ..training.batches import BatchPlan
     from ..training.engine import PlainEngine
-    from ..training.steps import configure_model, optimizer_step
+    from ..training.steps import optimizer_step
 
-    configure_model(model, cfg)
+    if world == 1:
+        model = with_levers(model, cfg.memory)
     plan = BatchPlan.from_config(cfg, 1)
     engine = PlainEngine(model, cfg, plan, group=None, world=world)
     info = runtime.current_dist_info()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..errors import UserError
-from .estimate import Levers
+from ..memory.levers import Levers
 
 #: step time of each checkpointing mode relative to none (CPU, Lmax 2, hand-written tensor
 #: product; benchmarks/memory.md: blocks 1.31-1.35, forces 1.9-2.2 at 21-180 atoms)
@@ -154,7 +154,6 @@ def factors_from_profile(doc: dict, name: str = "") -> dict:
     molecules. On CUDA the step time is the synchronised wall time (``step_seconds``), on the CPU
     the process CPU time. Returns ``{"factors", "source", "samples"}`` for
     :data:`CUDA_FACTORS_FILE`; only what was measured is in ``factors``."""
-    from .estimate import Levers
 
     device = str(doc.get("device", "?"))
     key_t = "step_seconds" if device.startswith("cuda") else "step_cpu_seconds"

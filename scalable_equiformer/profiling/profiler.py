@@ -113,16 +113,6 @@ def _rank_entry(rank: int, world: int, req_json: str, out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def cuda_index(local_rank: int, device_count: int) -> int:
-    """The GPU of local rank ``local_rank``: ranks share the GPUs round robin (P partitions on
-    fewer GPUs, e.g. one, share them).
-
-    >>> [cuda_index(r, 1) for r in range(3)], [cuda_index(r, 2) for r in range(3)]
-    ([0, 0, 0], [0, 1, 0])
-    """
-    return int(local_rank) % max(int(device_count), 1)
-
-
 def _init_cuda_libraries(device) -> None:
     """cuBLAS handles and workspaces (fp32 and 16-bit matrix products, forward and backward):
     allocated once per process and kept, so they are outside every measurement alike."""
@@ -140,7 +130,6 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     import torch
 
     from ..config import config_from_dict
-    from ..training.steps import configure_model
     from . import measured_step, systems
 
     torch.manual_seed(req.seed)
@@ -153,6 +142,8 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     cfg = config_from_dict(cfg_dict, origin=req.config_name or "profile request")
     device = torch.device(req.device)
     if partitioned and device.type == "cuda":
+        from ..runtime import cuda_index
+
         device = torch.device("cuda", cuda_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     if device.type == "cuda":
         if device.index is None:
@@ -176,10 +167,10 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     model, dtype = measured_step.build(cfg, device, atoms)
     module = model
     if partitioned:
+        from ..memory import ForceRunner
         from ..parallel.partitioned import PartitionedModel
 
-        configure_model(model, cfg)  # the wrapper reads the force strategy when it is made
-        module = PartitionedModel(model)
+        module = PartitionedModel(model, runner=ForceRunner(cfg.memory))
     batch = measured_step.make_batch(z, frames, dtype, device)
     small = min(atoms, 8)
     warm = measured_step.make_batch(z[:small], np.repeat(frames[:1, :small], req.batch, axis=0), dtype, device)
@@ -226,7 +217,7 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
         "atoms": atoms,
         "edges": int(edges),
         "batch": req.batch,
-        "levers": {**asdict_levers(cfg.memory), "graph_partitions": int(req.partitions)},
+        "levers": cfg.memory.as_dict(),
         "peak_bytes": int(peak),
         "activation_bytes": int(activation),
         "step_growth_bytes": int(growth),
@@ -248,10 +239,6 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
         "device_total_memory_bytes": (int(torch.cuda.get_device_properties(device).total_memory)
                                       if device.type == "cuda" else None),
     }
-
-
-def asdict_levers(memory) -> dict:
-    return {k: getattr(memory, k) for k in ("checkpointing", "micro_batch_size", "edge_chunk_size", "precision", "keep_blocks")}
 
 
 def _device_name(device) -> str:

@@ -1,9 +1,8 @@
 """The one place where training calls the model, computes the loss and takes an optimizer step.
 
 ``model_call(model, batch, cfg)`` runs the model (or a DeepSpeed engine / partitioned wrapper
-around it) on a batch with forces, under the memory levers of ``cfg.memory``: the force strategy
-(``memory.checkpointing``, set on the model by :func:`configure_model`) and mixed precision
-(``memory.precision``). ``compute_loss(out, batch, cfg, ...)`` is :func:`.loss.loss_terms` with the
+around it) on a batch with forces, under mixed precision (``memory.precision``); the other levers
+are the wrapper's (a ``memory.LeveredModel`` or ``PartitionedModel`` holding a ``memory.ForceRunner``). ``compute_loss(out, batch, cfg, ...)`` is :func:`.loss.loss_terms` with the
 config's weights.
 
 :func:`optimizer_step` is the whole optimizer step over one rank's micro-batches: forward with
@@ -23,25 +22,19 @@ import torch
 
 from .. import runtime
 from ..errors import ConfigError, TrainingError
-from ..model import configure_model as _configure
+from ..memory.runner import LeveredModel
 from ..parallel.partitioned import PartitionedModel
 from .loss import LossTerms, loss_terms
 
 
 def base_model(model):
-    """The Equiformer inside a DeepSpeed engine or DDP (``.module``) or a :class:`PartitionedModel`
-    (``.model``)."""
+    """The Equiformer inside a DeepSpeed engine or DDP (``.module``) or a :class:`PartitionedModel` /
+    :class:`~..memory.LeveredModel` (``.model``)."""
     while True:
-        inner = model.model if isinstance(model, PartitionedModel) else getattr(model, "module", None)
+        inner = model.model if isinstance(model, (PartitionedModel, LeveredModel)) else getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
-
-
-def configure_model(model, cfg) -> None:
-    """Apply ``cfg.memory`` levers that live on the model (:func:`..model.configure_model`) to the
-    Equiformer inside ``model`` (a DeepSpeed engine or partitioned wrapper, or the model itself)."""
-    _configure(base_model(model), cfg)
 
 
 def loss_scaler(precision: str, device):
@@ -57,7 +50,7 @@ def model_call(model, batch, cfg) -> dict:
     With ``train.compile: true`` a training call (``model.training``) runs the compiled
     energy-and-forces function of :mod:`.compiled` instead of the eager model; evaluation stays eager.
     """
-    precision = getattr(cfg.memory, "precision", "fp32")
+    precision = cfg.memory.precision
     if getattr(cfg.train, "compile", False) and model.training:
         if base_model(model) is not model:
             raise ConfigError(f"train.compile=true runs on the plain model only, not inside {type(model).__name__} "
@@ -67,7 +60,7 @@ def model_call(model, batch, cfg) -> dict:
         return compiled_energy_and_forces(model, batch)
     if precision == "fp32":
         return model(batch, compute_forces=True)
-    from ..nn.precision import autocast
+    from ..memory.precision import autocast
 
     with autocast(precision, batch.pos.device):
         return model(batch, compute_forces=True)
@@ -128,5 +121,5 @@ def optimizer_step(engine, micro_batches: Sequence, cfg, lr: float, *, n_molecul
     return float(t[0]) / (partitions if partitions > 1 else 1)
 
 
-__all__ = ["NonFiniteLoss", "base_model", "configure_model", "loss_scaler", "model_call", "compute_loss", "loss_parts",
+__all__ = ["NonFiniteLoss", "base_model", "loss_scaler", "model_call", "compute_loss", "loss_parts",
            "optimizer_step"]

@@ -1,18 +1,18 @@
-"""Memory-saving force strategies: per-block checkpointing and block-wise force recomputation.
+"""The memory-saving force paths that :class:`.runner.ForceRunner` runs: per-block checkpointing
+and block-wise force recomputation.
 
 Both give the same energies, forces and parameter gradients as the plain path
-(``nn/forces.py``, strategy ``"autograd"``, the oracle); ``tests/test_memory_levers.py`` checks
-it to 1e-10 in fp64. ``model.force_strategy`` picks one (``model.configure_model`` sets it from
-the config key ``memory.checkpointing``; this package knows no config):
+(``nn/forces.py``, ``memory.checkpointing=none``, the oracle); ``tests/test_memory_levers.py``
+checks it to 1e-10 in fp64. ``memory.checkpointing`` (a :class:`.levers.Levers` field) picks one:
 
-``"blocks"`` (``nn/forces.py``'s ``_checkpointed_blocks``, with :func:`checkpointed_call`)
+``blocks`` (:func:`checkpointed_call` around each block of the plain path)
     The plain path with every transformer block in a non-reentrant
     ``torch.utils.checkpoint`` (the reentrant form does not support ``autograd.grad``). Forces
     come from ``autograd.grad(E, pos, create_graph=True)``, which recomputes each block; the
     double-backward graph captures the recomputed activations and keeps them alive, so only the
     forward half of the memory is saved.
 
-``"forces"`` (:func:`blockwise_forces`), the force-aware design of ``shared/DESIGN.md``
+``forces`` (:func:`blockwise_sweep`), the force-aware design of ``shared/DESIGN.md``
     1. edge features (spherical harmonics, radial basis, envelope) with their small graph in pos;
     2. forward: embedding and blocks, each in a non-reentrant checkpoint, so only each block's
        input node features ``x_k`` are kept;
@@ -35,10 +35,13 @@ the config key ``memory.checkpointing``; this package knows no config):
     ``autograd.grad``: under a checkpoint the inner ``autograd.grad`` would unpack the packed
     activations and trigger a second recomputation during the forward pass.
 
-    Steps 2-5 are :func:`blockwise_sweep`, which takes the stages as a callable: the graph-
-    partitioned model (``parallel/partitioned.py``) runs the same sweep with stages that start
-    with a halo exchange, ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``; the exchange's
-    backward (itself differentiable) moves the cotangents between ranks inside each VJP.
+    Steps 2-5 are :func:`blockwise_sweep`, which takes the stages as a callable (the runner gets
+    them from the model, or from the graph-partitioned model, ``parallel/partitioned.py``, whose
+    stages start with a halo exchange, ``x_owned -> block(halo_exchange(x_owned))[:n_owned]``;
+    the exchange's backward, itself differentiable, moves the cotangents between ranks inside
+    each VJP). ``memory.edge_chunk_size`` cuts every stage into chunks of receiving atoms
+    (:func:`edge_chunks`): a stage's output for an atom depends on that atom's incoming edges
+    only, so each chunk's rows are exact, and one chunk's graph is alive at a time.
 
 Cost (counted in forward passes of a block): the plain step runs each block's forward once, its
 VJP (~2) and the double backward (~6): ~9. ``"forces"`` runs each block's forward four times (the
@@ -190,8 +193,8 @@ class _BlockVJP:
 
 
 # ---------------------------------------------------------------------------------------------
-# the force-aware strategy (signature and result as nn/forces.py's ``_autograd``); this module
-# imports nothing from nn/forces.py, which registers it
+# the force-aware sweep over a chain of stages; this module imports nothing from .runner, which
+# runs it
 
 
 def edge_chunks(edge_index: torch.Tensor, num_nodes: int, chunk_size) -> list[tuple[int, int, int, int]]:
@@ -221,22 +224,6 @@ def edge_chunks(edge_index: torch.Tensor, num_nodes: int, chunk_size) -> list[tu
         chunks.append((n0, n1, starts[n0], starts[n1]))
         n0 = n1
     return chunks
-
-
-def node_attr_once(model):
-    """``attr(x)``: ``model.node_attr`` of the first ``x`` it is given, that same tensor afterwards.
-
-    The stage chains below call it with each block's input; the first is the embedding's output,
-    from which the plain path computes the node attributes once (``Equiformer.energy``).
-    """
-    cache = []
-
-    def attr(x):
-        if not cache:
-            cache.append(model.node_attr(x))
-        return cache[0]
-
-    return attr
 
 
 class _Chain:
@@ -382,7 +369,7 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
     Three parts: :func:`_forward_pass` (step 2), the energy head (step 3), :func:`_backward_sweep`
     (steps 4-5 up to the edge features), then one VJP of the edge features to pos.
 
-    Shared by :func:`blockwise_forces` and the graph-partitioned model
+    Run by :class:`.runner.ForceRunner` for one process and for the graph-partitioned model
     (``parallel/partitioned.py``, whose stages run a halo exchange: collectives). Every branch
     here depends on structure only (stage count, chunk count, which features require grad),
     never on data, so every rank of a partition group runs the same collectives in the same
@@ -403,37 +390,4 @@ def blockwise_sweep(model, stage, edges, pos, x0, readout, training: bool, chunk
     return energy, grad
 
 
-def blockwise_forces(model, pos, z, batch_vec, num_graphs, training: bool) -> dict[str, torch.Tensor]:
-    """Force-aware checkpointing: block-by-block VJPs, one block's double-backward graph at a time.
-
-    With ``model.edge_chunk_size`` (``memory.edge_chunk_size``) every stage also runs in chunks
-    of receiving atoms (:func:`edge_chunks`): chunk ``c`` calls the stage with only the edges into
-    its atoms and keeps its rows, which are exact because a stage's output for an atom depends on
-    that atom's incoming edges only. Each chunk has its own checkpoint and VJP, so one chunk's
-    graph is alive at a time; node-level work is repeated per chunk.
-    """
-    num_nodes = pos.shape[0]
-    with torch.enable_grad():
-        if not pos.requires_grad:
-            pos = pos.detach().requires_grad_(True)
-        edge_index = model.build_graph(pos, batch_vec)
-        edges = model.edge_features(pos, edge_index)  # small graph in pos, kept
-        attr = node_attr_once(model)
-
-        def stage(s, x, e):
-            return model.embed(z, e, num_nodes) if s == 0 else model.blocks[s - 1](x, attr(x), e, batch_vec)
-
-        energy, grad = blockwise_sweep(
-            model, stage, edges, pos, pos.new_zeros(num_nodes, 1),
-            lambda x: model.readout(x, z, batch_vec, num_graphs), training,
-            chunks=edge_chunks(edge_index, num_nodes, getattr(model, "edge_chunk_size", None)),
-            keep=getattr(model, "keep_blocks", 0),
-        )
-    forces = -grad
-    if not training:
-        energy, forces = energy.detach(), forces.detach()
-    return {"energy": energy, "forces": forces}
-
-
-__all__ = ["edge_chunks", "checkpointed_call", "blockwise_forces",
-           "blockwise_sweep", "node_attr_once"]
+__all__ = ["edge_chunks", "checkpointed_call", "blockwise_sweep"]

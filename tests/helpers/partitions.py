@@ -1,4 +1,5 @@
-"""Check that the partitioned model equals the single-process model: the comparison harness.
+"""Check that the partitioned model equals the single-process model: the comparison harness (a
+test helper, not part of the package: no I/O at import, bad input is a ValueError).
 
 Its command line is ``tools/check_partitions.py``:
 
@@ -22,12 +23,14 @@ a tensor whose gradient is a sum with cancellations is at the level of float32 r
 Loss of the step: ``sum_b E_b + 0.5 * sum F^2`` (its gradient exercises the force graph).
 
 The same machinery (:func:`run_partitioned`, :func:`reference_step`, :func:`compare`) is used by
-``tests/test_partition*.py``, ``tools/check_partitions.py`` and ``tools/bench_partition.py``.
+``tests/test_partition*.py``, ``tools/check_partitions.py`` and ``tools/bench_partition.py``
+(the tools put ``tests/`` on ``sys.path`` and import ``helpers.partitions``). A case's options
+(:func:`run_partitioned`) are ``PartitionedModel`` keyword arguments and lever values
+(``checkpointing="forces"``, ...): those make the partitioned model's ``memory.ForceRunner``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 import time
@@ -37,13 +40,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import load_dataset
-from ..presets import tiny_model_dict
-from .launch import spawn_local
+from scalable_equiformer.config import ModelConfig
+from scalable_equiformer.data import load_dataset
+from scalable_equiformer.memory import ForceRunner, Levers
+from scalable_equiformer.model import build_model
+from scalable_equiformer.parallel.launch import spawn_local
+from scalable_equiformer.parallel.partitioned import PartitionedModel, allreduce_gradients, gradient_scale, make_groups
+from scalable_equiformer.presets import tiny_model_dict
+from scalable_equiformer.runtime import cuda_index
 
 __all__ = [
-    "TINY_MODEL",
-    "tiny_model_dict",
+    "tiny_model",
     "tiny_model_config",
     "tile_system",
     "parse_tile",
@@ -64,16 +71,15 @@ __all__ = [
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
-#: The check's tiny model: ``configs/tiny.yaml`` with the normalisation constants fixed (no data
-#: statistics needed; about those of the AT-AT frames).
-TINY_MODEL = {**tiny_model_dict(), "avg_num_neighbors": 20.0, "avg_num_atoms": 60.0}
+def tiny_model() -> dict:
+    """The check's tiny model: ``configs/tiny.yaml`` with the normalisation constants fixed (no
+    data statistics needed; about those of the AT-AT frames)."""
+    return {**tiny_model_dict(), "avg_num_neighbors": 20.0, "avg_num_atoms": 60.0}
 
 
 def tiny_model_config(**overrides):
     """A :class:`~scalable_equiformer.config.ModelConfig` of the tiny model (overrides win)."""
-    from ..config import ModelConfig  # noqa: PLC0415
-
-    return ModelConfig(**{**TINY_MODEL, **overrides})
+    return ModelConfig(**{**tiny_model(), **overrides})
 
 
 # --- systems ------------------------------------------------------------------------------------
@@ -107,7 +113,7 @@ def parse_tile(text: str | None) -> tuple[int, int, int] | None:
         reps = tuple(int(v) for v in text.lower().split("x"))
         assert len(reps) == 3 and all(r >= 1 for r in reps)
     except (ValueError, AssertionError):
-        raise SystemExit(f"error: --tile: expected AxBxC (e.g. 3x3x2), got {text!r}") from None
+        raise ValueError(f"--tile: expected AxBxC (e.g. 3x3x2), got {text!r}") from None
     return reps
 
 
@@ -183,7 +189,6 @@ def reference_step(model, system) -> dict:
 
 def partitioned_step(pmodel, system, loss_scale: float = 1.0, reduce_grads: bool = True) -> dict:
     """The same step through a :class:`PartitionedModel`; gradients summed over its group."""
-    from .partitioned import allreduce_gradients  # noqa: PLC0415
 
     model = pmodel.model
     model.train()
@@ -220,9 +225,6 @@ def partitioned_step(pmodel, system, loss_scale: float = 1.0, reduce_grads: bool
 
 
 def _build(model_config: dict, state_dict, device="cpu"):
-    from ..config import ModelConfig  # noqa: PLC0415
-    from ..model import build_model  # noqa: PLC0415
-
     model = build_model(ModelConfig(**model_config))
     model.load_state_dict(state_dict)
     return model.to(device)
@@ -233,8 +235,6 @@ def rank_device(rank: int, device: str = "cpu") -> torch.device:
     ``rank % device_count`` (several ranks share one GPU; gloo moves CUDA tensors too)."""
     if torch.device(device).type != "cuda":
         return torch.device("cpu")
-    from ..profiling.profiler import cuda_index  # noqa: PLC0415
-
     d = torch.device("cuda", cuda_index(rank, torch.cuda.device_count()))
     torch.cuda.set_device(d)
     return d
@@ -244,15 +244,14 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     """One rank of :func:`run_partitioned` (started by :func:`.launch.spawn_local`: the gloo
     group is initialised, one thread)."""
     job = torch.load(Path(workdir) / "job.pt", weights_only=False)
-    from .partitioned import PartitionedModel, gradient_scale, make_groups  # noqa: PLC0415
 
     device = rank_device(rank, job.get("device", "cpu"))
     results = {}
     for case in job["cases"]:  # one partition group of all ranks
         options = dict(case["options"])
         model = _build(case["model_config"], case["state_dict"], device)
-        model.force_strategy = options.pop("force_strategy", getattr(model, "force_strategy", "autograd"))
-        pmodel = PartitionedModel(model, **options)
+        runner = _runner(options)
+        pmodel = PartitionedModel(model, runner=runner, **options)
         for system in case["systems"]:
             results[system["name"]] = partitioned_step(pmodel, system)
     dp = job.get("data_parallel")
@@ -272,6 +271,12 @@ def _worker(rank: int, world: int, workdir: str) -> None:
     torch.save(results, Path(workdir) / f"rank{rank}.pt")
 
 
+def _runner(options: dict):
+    """The ``memory.ForceRunner`` of a case's lever options (taken out of ``options``), or None."""
+    levers = {k: options.pop(k) for k in list(options) if k in Levers.__dataclass_fields__}
+    return ForceRunner(Levers(**levers)) if levers else None
+
+
 def _case(model, systems, options=None) -> dict:
     return {
         "model_config": dataclasses.asdict(_model_config_of(model)),
@@ -286,8 +291,8 @@ def run_partitioned(cases, world: int, data_parallel=None, workdir=None, start_m
     """Spawn ``world`` gloo processes; return each rank's results by system name.
 
     ``cases``: ``[(model, systems), ...]`` or ``(model, systems, options)`` with ``options`` the
-    keyword arguments of :class:`PartitionedModel` (and ``force_strategy``: ``"forces"`` for the
-    force-aware recomputation, ``memory.checkpointing``): each system runs partitioned over all
+    keyword arguments of :class:`PartitionedModel` and lever values (``checkpointing="forces"``
+    for the force-aware recomputation: the model's ``memory.ForceRunner``): each system runs partitioned over all
     ``world`` ranks (one partition group); system names must be unique.
     ``data_parallel``: ``(model, systems, P)`` with ``len(systems) = world / P``: ranks form
     D x P groups (:func:`make_groups`), data-parallel group ``d`` takes
@@ -321,7 +326,6 @@ def _model_config_of(model):
 
 def build_checked_model(model_config, seed: int = 0):
     """``build_model(model_config)`` with its config remembered (workers rebuild it from that)."""
-    from ..model import build_model  # noqa: PLC0415
 
     torch.manual_seed(seed)
     model = build_model(model_config)
