@@ -4,9 +4,9 @@ Precedence is ``dataclass defaults < config file < --set overrides``. Every fina
 where it came from (:attr:`Config.sources`), and the resolved config is written into each run folder
 with the units of every physical quantity as comments.
 
->>> cfg = load_config(None, ["train.max_epochs=3", "model.cutoff=4.5"])
->>> cfg.train.max_epochs, cfg.model.cutoff
-(3, 4.5)
+>>> cfg = load_config("md17_aspirin", ["train.max_epochs=3", "model.cutoff=4.5"])
+>>> cfg.train.max_epochs, cfg.model.cutoff, cfg.data.name
+(3, 4.5, 'md17_aspirin')
 
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key and the
 file (or ``--set``) they came from. Keys that were removed (:data:`REMOVED`) raise one saying so and

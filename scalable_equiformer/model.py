@@ -112,7 +112,8 @@ def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
         n_params, n_params / 1e6, cfg.dtype, cfg.lmax, cfg.num_blocks, cfg.attention, cfg.message, cfg.cutoff,
     )
     log.info(
-        "normalisation %s: energy shift %.6f eV/atom, scale %.6f eV (%s); avg_num_neighbors %.4f (%s); avg_num_atoms %.4f (%s); smooth cutoff %s",
+        "normalisation %s: energy shift %.6f eV/atom, scale %.6f eV (%s); avg_num_neighbors %.4f (%s); "
+        "avg_num_atoms %.4f (%s); smooth cutoff %s",
         getattr(cfg, "energy_normalization", "per_atom_mean_force_rms"), shift, scale,
         "training split" if stats is not None else "defaults, no statistics given", avg_nb, source_nb, avg_at, source_at,
         "on" if cfg.smooth_cutoff else "off (the original)",

@@ -13,13 +13,14 @@ Each launch takes ~15-25 s (process start, imports), so the runs are shared by m
 
 from __future__ import annotations
 
-import shutil
 import textwrap
 
 import pytest
 import torch
 
-from test_train_common import PY, REPO, empty_config, epoch_rows, free_port, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, train_in_process
+from test_train_common import (
+    PY, REPO, empty_config, epoch_rows, free_port, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_in_process,
+)
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [PY, "-m", "torch.distributed.run"]

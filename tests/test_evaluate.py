@@ -152,7 +152,6 @@ def test_load_model_weights_and_errors(trained, tmp_path):
 
 def _evaluate_main(argv, capsys):
     import importlib.util
-    import sys
 
     spec = importlib.util.spec_from_file_location("evaluate_tool", EVALUATE)
     mod = importlib.util.module_from_spec(spec)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Batch
 
 from helpers import tiny_sets
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)

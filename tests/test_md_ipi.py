@@ -26,7 +26,6 @@ import ase.io  # noqa: E402
 
 from scalable_equiformer.calculator import EquiformerCalculator  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
-from scalable_equiformer.md import Potential  # noqa: E402
 from scalable_equiformer.md import ipi  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -119,7 +119,8 @@ def test_forward_is_the_stages_composed_and_shift_scale_apply():
     # E = scale * raw / sqrt(avg_atoms) + n_atoms * shift
     raw = model.head(x).double()
     n = torch.bincount(batch.batch).double()
-    expected = torch.zeros(2, dtype=torch.float64).index_add(0, batch.batch, raw) * 0.8 / math.sqrt(5.0) - 3.25 * n  # avg_num_atoms 5 from the config
+    # avg_num_atoms 5 from the config
+    expected = torch.zeros(2, dtype=torch.float64).index_add(0, batch.batch, raw) * 0.8 / math.sqrt(5.0) - 3.25 * n
     assert_close(energy, expected, torch.float64, "shift and scale")
 
 

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from test_deepspeed import RESUME_SCRIPT, _same_trajectory
-from test_train_common import PY, REPO, empty_config, env, epoch_rows, free_port, results, sets, tiny_config, tiny_overrides, train_in_process
+from test_train_common import (
+    PY, REPO, empty_config, env, epoch_rows, free_port, results, sets, tiny_config, tiny_overrides, train_in_process,
+)
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 300

@@ -174,7 +174,8 @@ def test_scatter_softmax():
     logits = torch.randn(7, 3, dtype=torch.float64) * 10
     index = torch.tensor([0, 0, 1, 1, 1, 3, 3])
     a = scatter_softmax(logits, index, 4)
-    assert_close(torch.zeros(4, 3, dtype=torch.float64).index_add(0, index, a)[[0, 1, 3]], torch.ones(3, 3, dtype=torch.float64), torch.float64, "sums")
+    sums = torch.zeros(4, 3, dtype=torch.float64).index_add(0, index, a)[[0, 1, 3]]
+    assert_close(sums, torch.ones(3, 3, dtype=torch.float64), torch.float64, "sums")
     w = torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 0.0], dtype=torch.float64)
     aw = scatter_softmax(logits, index, 4, weight=w)
     assert float(aw[1].abs().max()) == 0.0 and float(aw[5:].abs().max()) == 0.0  # zero weight: no attention, no NaN

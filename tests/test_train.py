@@ -11,12 +11,11 @@ import math
 import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)
-from test_train_common import DEMO_DATA, epoch_rows, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, REPO
+from test_train_common import epoch_rows, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, REPO
 from test_train_common import train_in_process as _run
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, DataError, TrainingError

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -98,7 +97,8 @@ def set_tp_implementation(model, implementation: str) -> None:
 
 
 def mode_step(model, batch, mode: str, optimizer, compiled=None):
-    """One timed unit of ``mode`` (forward, forces, train_step: this tool's own L1 loss and optimizer step). ``compiled``: a ``training.compiled.CompiledEnergyForces`` for the train_step (else eager)."""
+    """One timed unit of ``mode`` (forward, forces, train_step: this tool's own L1 loss and optimizer
+    step). ``compiled``: a ``training.compiled.CompiledEnergyForces`` for the train_step (else eager)."""
 
     def step():
         if mode == "forward":
@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     from scalable_equiformer.cli import ArgumentParser, output_file, positive_int
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA, help="sGDML npz files (default: shipped aspirin and AT-AT xTB data)")
+    p.add_argument("--data", nargs="+", type=Path, default=DEFAULT_DATA,
+                   help="sGDML npz files (default: shipped aspirin and AT-AT xTB data)")
     p.add_argument("--tiny", action="store_true", help="a tiny model instead of the paper's")
     p.add_argument("--lmax", type=int, choices=(2, 3), default=2, help="paper model at Lmax 2 (3.50 M) or 3 (5.50 M)")
     p.add_argument("--attention", choices=("mlp", "dot"), default="mlp")

@@ -184,7 +184,9 @@ def partition_figures(system, cutoff: float, P: int, node_dim: int, itemsize: in
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, nonnegative_float, output_file, positive_float, positive_int, tile_spec
+    from scalable_equiformer.cli import (
+        ArgumentParser, exit_on_user_error, nonnegative_float, output_file, positive_float, positive_int, tile_spec,
+    )
 
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA),

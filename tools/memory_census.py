@@ -74,7 +74,8 @@ def _run(args) -> int:
         print(f"{r.graph:5s} {r.op:32s} {r.floats_per_edge:11.1f} {r.count:5d} {r.bytes / MiB:9.2f} {r.bytes / census.bytes:6.1%}")
     if len(census.rows) > args.top:
         rest = sum(r.bytes for r in census.rows[args.top:])
-        print(f"{'':5s} {'(' + str(len(census.rows) - args.top) + ' more rows)':32s} {'':11s} {'':5s} {rest / MiB:9.2f} {rest / census.bytes:6.1%}")
+        more = "(" + str(len(census.rows) - args.top) + " more rows)"
+        print(f"{'':5s} {more:32s} {'':11s} {'':5s} {rest / MiB:9.2f} {rest / census.bytes:6.1%}")
     print("by op: " + ", ".join(f"{k} {v / MiB:.1f}" for k, v in list(census.by_op().items())[:8]))
     est_bytes = estimate.activation_profile(cfg).plain(e, n)
     print(f"census {census.bytes / MiB:.1f} MiB = {census.bytes / e / MiB:.3f} MiB/edge;  "

@@ -50,7 +50,8 @@ def table(doc: dict) -> str:
 
     cuda = _on_cuda(doc)
     time_key, time_head = ("step_seconds", "step s (GPU)") if cuda else ("step_cpu_seconds", "step CPU s")
-    rows = [f"| levers | atoms | edges (per rank) | batch | peak GiB | activations per edge | {time_head} | time x | peak cut | estimate GiB | meas/est |",
+    rows = [f"| levers | atoms | edges (per rank) | batch | peak GiB | activations per edge | {time_head} | time x | peak cut | "
+            "estimate GiB | meas/est |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in doc["runs"]:

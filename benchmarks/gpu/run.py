@@ -46,7 +46,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -644,7 +643,8 @@ def write_markdown(r: Runner) -> None:
                   "| run | model | backend | atoms | eager s | compiled s | compiled/eager | cold compile s | "
                   "other sizes: graphs compiled | status |", "|---|---|---|---|---|---|---|---|---|---|"]
         for x in comp["runs"]:
-            f = (lambda k, fmt: fmt.format(x[k]) if x.get(k) is not None else "-")
+            def f(k, fmt, x=x):
+                return fmt.format(x[k]) if x.get(k) is not None else "-"
             probe = ", ".join(f"{p['atoms']} atoms: {p['graphs_compiled']}" for p in x.get("size_probe", [])) or "-"
             lines.append(f"| {x['name']} | {x.get('model', '-')} | {x.get('backend', '-')} | {x.get('atoms', '-')} | "
                          f"{f('eager_s', '{:.4f}')} | {f('compiled_s', '{:.4f}')} | {f('compiled_over_eager', '{:.3f}')} | "

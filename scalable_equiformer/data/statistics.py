@@ -91,7 +91,8 @@ def _bulk(dataset):
         indices, base = list(dataset.indices), dataset.dataset
     if not all(hasattr(base, a) for a in ("positions", "energies", "forces", "z")):
         return None
-    pos, energies, forces, z = (torch.as_tensor(np.asarray(getattr(base, a))) if not torch.is_tensor(getattr(base, a)) else getattr(base, a) for a in ("positions", "energies", "forces", "z"))
+    arrays = (getattr(base, a) for a in ("positions", "energies", "forces", "z"))
+    pos, energies, forces, z = (t if torch.is_tensor(t) else torch.as_tensor(np.asarray(t)) for t in arrays)
     if indices is not None:
         idx = torch.as_tensor(indices, dtype=torch.long)
         pos, energies, forces = pos[idx], energies[idx], forces[idx]

@@ -336,7 +336,9 @@ def input_xml(structure: Union[str, Path], *, socket_name: str = "equiformer", m
     return f"""<!-- i-PI input written by scalable_equiformer.md.ipi.input_xml: {mode.upper()}, {nbeads} bead(s) -->
 <simulation verbosity='low' safe_stride='{max(1, int(steps))}'>
   <output prefix='{prefix}'>
-    <properties stride='{properties_stride}' filename='out' flush='1'> [ step, time{{picosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, potential{{electronvolt}} ] </properties>
+    <properties stride='{properties_stride}' filename='out' flush='1'>
+      [ step, time{{picosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, potential{{electronvolt}} ]
+    </properties>
     <trajectory filename='pos' stride='{stride}' format='xyz' cell_units='angstrom'> x_centroid{{angstrom}} </trajectory>{extra_output}
   </output>
   <total_steps>{int(steps)}</total_steps>

@@ -67,7 +67,8 @@ class Vec2Heads(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        return torch.cat([c.reshape(n, self.num_heads, size // self.num_heads) for c, size in zip(x.split(self._chunks, dim=1), self._chunks)], dim=2)
+        parts = zip(x.split(self._chunks, dim=1), self._chunks)
+        return torch.cat([c.reshape(n, self.num_heads, size // self.num_heads) for c, size in parts], dim=2)
 
 
 class Heads2Vec(torch.nn.Module):
@@ -136,7 +137,8 @@ class GraphAttention(torch.nn.Module):
             self.mul_alpha_head = mul_alpha // num_heads
             irreps_alpha = o3.Irreps(f"{mul_alpha}x0e")
             if message == "nonlinear":
-                self.sep_act = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True)
+                self.sep_act = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels,
+                                             use_activation=True)
                 self.sep_alpha = EquivariantLinear(self.sep_act.dtp.irreps_out, irreps_alpha)
                 self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_heads, None)
                 self.vec2heads_alpha = Vec2Heads(f"{self.mul_alpha_head}x0e", num_heads)
@@ -153,7 +155,8 @@ class GraphAttention(torch.nn.Module):
             irreps_kv = sort_irreps_even_first(self.irreps_head * (2 * num_heads))[0].simplify()
             self.query = EquivariantLinear(self.irreps_in, irreps_heads)
             if message == "nonlinear":
-                self.sep_act = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True)
+                self.sep_act = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels,
+                                             use_activation=True)
                 self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, None)
             else:
                 self.key_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, radial_channels)

@@ -14,7 +14,8 @@ class EquivariantDropout(torch.nn.Module):
         self.irreps_in = o3.Irreps(irreps)
         self.irreps_out = self.irreps_in
         self.p = float(p)
-        idx = torch.cat([torch.arange(mul).repeat_interleave(ir.dim) + off for (mul, ir), off in zip(self.irreps_in, _offsets(self.irreps_in))])
+        blocks = zip(self.irreps_in, _offsets(self.irreps_in))
+        idx = torch.cat([torch.arange(mul).repeat_interleave(ir.dim) + off for (mul, ir), off in blocks])
         self.register_buffer("component_to_irrep", idx, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -241,7 +241,8 @@ class Equiformer(torch.nn.Module):
     def check_atomic_numbers(self, z: torch.Tensor) -> None:
         """ValueError unless every atomic number lies in [0, max_atomic_number) (reads values)."""
         if z.numel() and (int(z.min()) < 0 or int(z.max()) >= self.max_atomic_number):
-            raise ValueError(f"atomic numbers must lie in [0, {self.max_atomic_number}) (model.max_atomic_number); got {int(z.min())}..{int(z.max())}")
+            raise ValueError(f"atomic numbers must lie in [0, {self.max_atomic_number}) (model.max_atomic_number); "
+                             f"got {int(z.min())}..{int(z.max())}")
 
     def embed(self, z: torch.Tensor, edges: EdgeFeatures, num_nodes: int, check: bool = True) -> torch.Tensor:
         """Atom embedding + edge-degree embedding, [num_nodes, irreps_node.dim]. Exact for every
@@ -257,8 +258,8 @@ class Equiformer(torch.nn.Module):
         e_atom = h * (self.energy_scale / self.avg_num_atoms.sqrt()) + self.energy_shift
         return torch.zeros(num_graphs, dtype=torch.float64, device=x.device).index_add(0, batch, e_atom)
 
-    def energy(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, num_graphs: int, edge_index: torch.Tensor | None = None, run_block=None,
-               check: bool = True) -> torch.Tensor:
+    def energy(self, pos: torch.Tensor, z: torch.Tensor, batch: torch.Tensor, num_graphs: int,
+               edge_index: torch.Tensor | None = None, run_block=None, check: bool = True) -> torch.Tensor:
         """All stages composed: energy per graph [num_graphs] eV (float64).
 
         ``run_block(block, x, node_attr, edges, batch)`` runs each block (default: a plain call);
@@ -279,4 +280,5 @@ class Equiformer(torch.nn.Module):
         return energy_and_forces(self, batch, training=self.training, compute_forces=compute_forces)
 
     def extra_repr(self) -> str:
-        return f"cutoff={self.cutoff}, lmax={self.lmax}, attention={self.attention}, message={self.message}, smooth_cutoff={self.smooth_cutoff}"
+        return (f"cutoff={self.cutoff}, lmax={self.lmax}, attention={self.attention}, message={self.message}, "
+                f"smooth_cutoff={self.smooth_cutoff}")

@@ -51,8 +51,9 @@ def prepare_inputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def node_attr_once(model):
     """``attr(x)``: ``model.node_attr`` of the first ``x`` it is given, that same tensor afterwards.
 
-    The stage chains of the force-aware sweep (``memory.force_checkpoint``) call it with each block's input; the first is the embedding's output,
-    from which the plain path computes the node attributes once (``Equiformer.energy``).
+    The stage chains of the force-aware sweep (``memory.force_checkpoint``) call it with each block's
+    input; the first is the embedding's output, from which the plain path computes the node
+    attributes once (``Equiformer.energy``).
     """
     cache = []
 

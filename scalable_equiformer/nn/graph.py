@@ -16,8 +16,9 @@ filtered with the exact rule above), else an exact pure-torch cell list: atoms a
 into cubic cells slightly larger than r and compared with the atoms of the 27 surrounding cells, in
 chunks of at most ``_PAIR_BUDGET`` candidate pairs, so memory stays bounded for any number of atoms
 (20 000 atoms at liquid density, r = 5 Å: about 1-2 s on one CPU core). Distances are exact
-differences, never ``torch.cdist``'s matmul expansion, which misclassifies pairs near r. Everything runs under ``torch.no_grad`` on pos's device: the model
-recomputes edge vectors with gradients from ``pos[edge_index]``.
+differences, never ``torch.cdist``'s matmul expansion, which misclassifies pairs near r.
+Everything runs under ``torch.no_grad`` on pos's device: the model recomputes edge vectors with
+gradients from ``pos[edge_index]``.
 """
 
 from __future__ import annotations

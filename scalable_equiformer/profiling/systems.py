@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.statistics import count_edges  # the one neighbour counter; callers use systems.count_edges
+from ..data.statistics import count_edges  # the one neighbour counter; callers use systems.count_edges  # noqa: F401
 from ..errors import DataError
 
 #: Data shipped inside the package (GFN2-xTB MD made for this project; see demo_data/README.md).

@@ -60,7 +60,8 @@ class ProgressLog:
                  self.steps_per_epoch, cfg.train.max_epochs, self.total_steps)
         log.info("loss: %s, energy weight %g, force weight %g, divided by the model's energy scale %.4f eV (%s); "
                  "AdamW lr %g (warm-up %g epochs from %g, %s to %g), weight decay %g%s",
-                 cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale, cfg.model.energy_normalization, cfg.optim.lr,
+                 cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale, cfg.model.energy_normalization,
+                 cfg.optim.lr,
                  cfg.optim.warmup_epochs, cfg.optim.warmup_lr, cfg.optim.scheduler, cfg.optim.min_lr,
                  cfg.optim.weight_decay, f", EMA {cfg.train.ema_decay}" if self.ema else "")
         log.info("best.pt: %s", BEST_RULE if len(self.val_idx) else BEST_RULE_NO_VAL)

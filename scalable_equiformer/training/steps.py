@@ -2,8 +2,9 @@
 
 ``model_call(model, batch, cfg)`` runs the model (or a DeepSpeed engine / partitioned wrapper
 around it) on a batch with forces, under mixed precision (``memory.precision``); the other levers
-are the wrapper's (a ``memory.LeveredModel`` or ``PartitionedModel`` holding a ``memory.ForceRunner``). ``compute_loss(out, batch, cfg, ...)`` is :func:`.loss.loss_terms` with the
-config's weights.
+are the wrapper's (a ``memory.LeveredModel`` or ``PartitionedModel`` holding a
+``memory.ForceRunner``). ``compute_loss(out, batch, cfg, ...)`` is :func:`.loss.loss_terms` with
+the config's weights.
 
 :func:`optimizer_step` is the whole optimizer step over one rank's micro-batches: forward with
 forces, loss share, backward (loss scaling is the engine's), the engine's hook between

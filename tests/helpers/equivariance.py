@@ -15,7 +15,6 @@ The MD17 models use even-parity irreps for every l, so only proper rotations are
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import pytest
