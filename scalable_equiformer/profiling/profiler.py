@@ -124,22 +124,21 @@ def _init_cuda_libraries(device) -> None:
     torch.cuda.synchronize(device)
 
 
-def _measure_rank(req: Request, partitioned: bool = False) -> dict:
-    """One process's measurement; with ``partitioned`` it is one rank of the partition group."""
-    import numpy as np
-    import torch
-
+def _request_config(req: Request):
+    """The Config of a request: its config with the request's levers, batch and partitions."""
     from ..config import config_from_dict
-    from . import measured_step, systems
 
-    torch.manual_seed(req.seed)
-    if req.threads:
-        torch.set_num_threads(req.threads)
     cfg_dict = json.loads(json.dumps(req.config))
     cfg_dict.setdefault("memory", {}).update(req.levers)
     cfg_dict.setdefault("train", {})["batch_size"] = req.batch
     cfg_dict.setdefault("parallel", {})["graph_partitions"] = int(req.partitions)
-    cfg = config_from_dict(cfg_dict, origin=req.config_name or "profile request")
+    return config_from_dict(cfg_dict, origin=req.config_name or "profile request")
+
+
+def _measurement_device(req: Request, partitioned: bool):
+    """(device, bytes already allocated on it): a partition rank's own GPU; CUDA initialised and emptied."""
+    import torch
+
     device = torch.device(req.device)
     if partitioned and device.type == "cuda":
         from ..runtime import cuda_index
@@ -154,13 +153,49 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
         torch.cuda.empty_cache()
     # allocated before this measurement's model exists (a previous measurement's leftovers in
     # measure_many): not this step's
-    start_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    return device, (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+
+
+def _request_frames(req: Request):
+    """(z, frames [batch, atoms, 3]) of a request: its data file's first frames, or a synthetic molecule."""
+    import numpy as np
+
+    from . import systems
 
     if req.data is not None:
-        z, frames = systems.load_frames(req.data, req.batch)
-    else:
-        z, pos = systems.synthetic_molecule(int(req.atoms), seed=req.seed)
-        frames = np.repeat(pos[None], req.batch, axis=0)
+        return systems.load_frames(req.data, req.batch)
+    z, pos = systems.synthetic_molecule(int(req.atoms), seed=req.seed)
+    return z, np.repeat(pos[None], req.batch, axis=0)
+
+
+def _timed_steps(step, batch, device, n: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of ``n`` steps on ``batch``."""
+    import torch
+
+    times, cpu_times = [], []
+    for _ in range(n):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    return times, cpu_times
+
+
+def _measure_rank(req: Request, partitioned: bool = False) -> dict:
+    """One process's measurement; with ``partitioned`` it is one rank of the partition group."""
+    import numpy as np
+    import torch
+
+    from . import measured_step, systems
+
+    torch.manual_seed(req.seed)
+    if req.threads:
+        torch.set_num_threads(req.threads)
+    cfg = _request_config(req)
+    device, start_allocated = _measurement_device(req, partitioned)
+    z, frames = _request_frames(req)
     atoms = len(z)
     edges = sum(systems.count_edges(f, cfg.model.cutoff) for f in frames)
 
@@ -193,14 +228,7 @@ def _measure_rank(req: Request, partitioned: bool = False) -> dict:
     first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     growth = meter.stop()
 
-    times, cpu_times = [], []
-    for _ in range(req.timing_steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
+    times, cpu_times = _timed_steps(step, batch, device, req.timing_steps)
 
     if device.type == "cuda":
         peak = meter.base + growth - start_allocated  # this measurement's tensors on the device at the peak
