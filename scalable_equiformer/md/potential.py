@@ -167,23 +167,37 @@ class Potential:
         keep = (diff * diff).sum(-1).sqrt() < self.cutoff
         return self._candidates[:, keep]
 
-    def compute(self, positions) -> tuple[float, np.ndarray]:
-        """``(energy eV, forces [N, 3] eV/Å)`` at ``positions`` ([N, 3] Å) of the system of
-        :meth:`set_numbers`; float64 whatever the model's dtype."""
+    def evaluate(self, positions, batch: Optional[torch.Tensor] = None, num_graphs: int = 1,
+                 forces: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(energy [num_graphs] eV float64, forces [N, 3] eV/Å in the model dtype or None)`` as
+        tensors on the model's device: the step of :meth:`compute`, for molecules of the system of
+        :meth:`set_numbers` given by ``batch`` (the molecule of each atom; None = one molecule).
+        Each molecule is centred in float64; the edges come from the Verlet list."""
         from ..nn.forces import centred_positions
 
         pos64 = self._positions(positions)
         self.steps += 1
-        if self.partitioned is not None:
-            return self._compute_partitioned(pos64)
-        batch = torch.zeros(self.num_atoms, dtype=torch.long, device=self.device)
-        pos = centred_positions(pos64, batch, 1, self.dtype)
-        edge_index = self.edges(pos)
+        if batch is None:
+            batch = torch.zeros(self.num_atoms, dtype=torch.long, device=self.device)
+        pos = centred_positions(pos64, batch, num_graphs, self.dtype)
+        edge_index = self.edges(pos, batch)
+        if not forces:
+            with torch.no_grad():
+                return self.model.energy(pos, self._z, batch, num_graphs, edge_index=edge_index, check=False), None
         with torch.enable_grad():
             pos = pos.detach().requires_grad_(True)
-            energy = self.model.energy(pos, self._z, batch, 1, edge_index=edge_index, check=False)
+            energy = self.model.energy(pos, self._z, batch, num_graphs, edge_index=edge_index, check=False)
             (grad,) = torch.autograd.grad(energy.sum(), pos)
-        return float(energy.detach()[0]), (-grad).detach().to("cpu", torch.float64).numpy()
+        return energy.detach(), (-grad).detach()
+
+    def compute(self, positions) -> tuple[float, np.ndarray]:
+        """``(energy eV, forces [N, 3] eV/Å)`` at ``positions`` ([N, 3] Å) of the system of
+        :meth:`set_numbers`; float64 whatever the model's dtype."""
+        if self.partitioned is not None:
+            self.steps += 1
+            return self._compute_partitioned(self._positions(positions))
+        energy, forces = self.evaluate(positions)
+        return float(energy[0]), forces.to("cpu", torch.float64).numpy()
 
     def _compute_partitioned(self, pos64: torch.Tensor) -> tuple[float, np.ndarray]:
         from torch_geometric.data import Batch, Data

@@ -107,8 +107,6 @@ class EquiformerModel(ModelInterface):
     def forward(self, state: Union["ts.SimState", dict], **_) -> dict[str, torch.Tensor]:
         """``{"energy": [n_systems] eV, "forces": [n_atoms, 3] eV/Å}`` of all the molecules of
         ``state``, in the model's dtype; ``state`` is not modified."""
-        from ..nn.forces import centred_positions
-
         if isinstance(state, dict):  # a StateDict: positions, atomic_numbers, system_idx (+ cell, pbc, masses)
             state, pos = dict(state), state["positions"]
             n_systems = int(state["system_idx"].max()) + 1 if state.get("system_idx") is not None else 1
@@ -124,19 +122,10 @@ class EquiformerModel(ModelInterface):
         if (self._system_idx is None or z.shape[0] != pot.num_atoms or not torch.equal(system_idx, self._system_idx)
                 or not torch.equal(z.to(pot._z.device, torch.long), pot._z)):
             self._set_systems(z, system_idx)
-        batch, n = self._system_idx, self._n_systems
-        pos = centred_positions(pot._positions(state.positions.detach()), batch, n, pot.dtype)
-        edge_index = pot.edges(pos, batch)
-        pot.steps += 1
-        if not self._compute_forces:
-            with torch.no_grad():
-                energy = self.model.energy(pos, pot._z, batch, n, edge_index=edge_index, check=False)
+        energy, forces = pot.evaluate(state.positions.detach(), self._system_idx, self._n_systems,
+                                      forces=self._compute_forces)
+        if forces is None:
             return {"energy": energy.to(self._dtype)}
-        with torch.enable_grad():
-            pos = pos.requires_grad_(True)
-            energy = self.model.energy(pos, pot._z, batch, n, edge_index=edge_index, check=False)
-            (grad,) = torch.autograd.grad(energy.sum(), pos)
-        return {"energy": energy.detach().to(self._dtype), "forces": (-grad).detach().to(self._dtype)}
-
+        return {"energy": energy.to(self._dtype), "forces": forces.to(self._dtype)}
 
 __all__ = ["EquiformerModel"]
