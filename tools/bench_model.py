@@ -7,11 +7,32 @@
     python tools/bench_model.py --tp compare          # hand-written vs e3nn depth-wise TP, alternated
     python tools/bench_model.py --compile compare --modes train_step --batch-size 8   # train.compile vs eager
 
+Default rows: the paper's Lmax-2 model (``presets.paper_model_dict``), aspirin in batches of 8
+and AT-AT in batches of 1 (``--batch-size`` gives one size for every file or one per file).
+
 Modes (each: one warm-up, then ``--repeats`` timed runs; the median is reported):
   forward        eval, energy only, under no_grad
-  forces         eval, energy and forces (autograd, no graph kept)
-  train_step     train: forces with create_graph, loss = mean|dE| + mean|dF| (eV, eV/Å),
-                 loss.backward() and an AdamW step
+  forces         the inference step: eval, energy and forces, no graph kept (``training.steps.model_call``,
+                 what evaluation runs)
+  train_step     the trainer's step: ``training.steps.optimizer_step`` with the trainer's ``PlainEngine``
+                 (forward, forces with create_graph, the config's loss, by default the paper's L2MAE
+                 1:80, backward, AdamW with the paper's settings), as ``Trainer._train_step`` runs it
+                 (data loading aside)
+
+Counters (per data file, after the timed modes; ``--no-counters`` skips them), for the training
+step and the inference step, each from one extra, untimed run:
+  aten_calls     ATen operator calls, counted with ``torch.profiler`` (CPU activity): every
+                 ``aten::`` event the dispatcher records, nested calls included (``aten::linear``
+                 -> ``aten::matmul`` -> ``aten::mm`` counts 3), forward and backward (the autograd
+                 engine's calls, also double backward); ``aten_calls_top``: those with no ``aten::``
+                 caller (what Python and the autograd engine call); ``aten_calls_leaf``: those
+                 calling no other ``aten::`` op (about the kernels a GPU would launch)
+  matmul FLOPs   ``torch.utils.flop_counter.FlopCounterMode``: the matmul family (mm, addmm, bmm,
+                 baddbmm, convolutions, attention kernels; einsums count through the bmm/mm they
+                 become), ``matmul_gflop``; ``matmul_gflops_per_s`` = that over the step's median
+                 time (the timed mode's, else ``--repeats`` runs timed here); ``gemm_gflops_per_s``:
+                 a plain 1024x1024 matmul in the model's dtype (sgemm in fp32) timed in the same
+                 process and threads, and ``fraction_of_gemm`` = the step's rate over it
 Peak memory per mode: CUDA ``max_memory_allocated`` on a GPU; on the CPU the process's resident
 high-water mark (VmHWM, reset before each mode through /proc/self/clear_refs where the kernel
 allows, else the lifetime peak), reported as the peak and its growth over the RSS at the start of
@@ -49,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scalable_equiformer import build_model, runtime  # noqa: E402
-from scalable_equiformer.config import ModelConfig  # noqa: E402
+from scalable_equiformer.config import Config, ModelConfig  # noqa: E402
 from scalable_equiformer.data.dataset import load_dataset  # noqa: E402
 from scalable_equiformer.data.statistics import compute_statistics  # noqa: E402
 from scalable_equiformer.errors import UserError  # noqa: E402
@@ -57,8 +78,11 @@ from scalable_equiformer.nn import tensor_product  # noqa: E402
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct  # noqa: E402
 from scalable_equiformer.presets import paper_model_dict, tiny_model_dict  # noqa: E402
 from scalable_equiformer.profiling.meter import PeakMemoryMeter  # noqa: E402
-from scalable_equiformer.training.compiled import (  # noqa: E402
-    CompiledEnergyForces, compile_count, compiled_energy_and_forces)
+from scalable_equiformer.training import compiled as compiled_module  # noqa: E402
+from scalable_equiformer.training.batches import BatchPlan  # noqa: E402
+from scalable_equiformer.training.compiled import CompiledEnergyForces, compile_count  # noqa: E402
+from scalable_equiformer.training.engine import PlainEngine  # noqa: E402
+from scalable_equiformer.training.steps import model_call, optimizer_step  # noqa: E402
 
 DEMO = ROOT / "scalable_equiformer" / "demo_data"  # shipped GFN2-xTB frames (made for this project)
 DEFAULT_DATA = [DEMO / "aspirin_xtb_500K.npz", DEMO / "AT-AT_xtb_500K_20frames.npz"]
@@ -96,9 +120,28 @@ def set_tp_implementation(model, implementation: str) -> None:
             m.implementation = implementation
 
 
-def mode_step(model, batch, mode: str, optimizer, compiled=None):
-    """One timed unit of ``mode`` (forward, forces, train_step: this tool's own L1 loss and optimizer
-    step). ``compiled``: a ``training.compiled.CompiledEnergyForces`` for the train_step (else eager)."""
+def full_config(model_cfg: ModelConfig, compile: bool = False) -> Config:
+    """The trainer's config around ``model_cfg``: the default train, optim and memory sections
+    (the paper's L2MAE loss 1:80 and AdamW; every memory lever off), ``train.compile`` as given."""
+    cfg = Config(model=model_cfg)
+    cfg.train.compile = compile
+    return cfg
+
+
+def make_engine(model, cfg: Config) -> PlainEngine:
+    """The trainer's engine on one process (``training.engine.PlainEngine``: AdamW of ``cfg.optim``)."""
+    return PlainEngine(model, cfg, BatchPlan.from_config(cfg, 1))
+
+
+def mode_step(model, batch, mode: str, engine: PlainEngine, compiled=None):
+    """One timed unit of ``mode``: forward; forces (the inference step, ``model_call`` in eval
+    mode); train_step (the trainer's ``optimizer_step`` on ``engine``). ``compiled``: a
+    ``training.compiled.CompiledEnergyForces``: the train_step of ``train.compile: true`` with it
+    (else eager)."""
+    if compiled is not None:  # an engine of its own: the engine's config decides (model_call)
+        engine = make_engine(model, full_config(engine.cfg.model, compile=True))
+        compiled_module._CACHE[model] = compiled  # model_call's compiled path takes the model's function from here
+    cfg = engine.cfg
 
     def step():
         if mode == "forward":
@@ -107,21 +150,94 @@ def mode_step(model, batch, mode: str, optimizer, compiled=None):
                 model(batch, compute_forces=False)
         elif mode == "forces":
             model.eval()
-            model(batch)
+            model_call(model, batch, cfg)
         else:
             model.train()
-            out = model(batch) if compiled is None else compiled_energy_and_forces(model, batch, fn=compiled)
-            loss = (out["energy"] - batch.energy.reshape(-1).to(out["energy"].dtype)).abs().mean() + (
-                out["forces"] - batch.forces.to(out["forces"].dtype)
-            ).abs().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(engine, [batch], cfg, cfg.optim.lr, n_molecules=float(batch.num_graphs),
+                           n_atoms=float(batch.num_nodes))
 
     return step
 
 
+# -- counters: ATen calls and the matmul FLOP rate ----------------------------------------------
+
+
+def count_aten_calls(step) -> dict:
+    """ATen calls of one ``step()`` from ``torch.profiler`` (see the module docstring)."""
+    prof = torch.profiler
+    with prof.profile(activities=[prof.ProfilerActivity.CPU]) as p:
+        step()
+    events = [e for e in p.events() if e.name.startswith("aten::")]
+
+    def has_aten_parent(e):
+        q = e.cpu_parent
+        while q is not None:
+            if q.name.startswith("aten::"):
+                return True
+            q = q.cpu_parent
+        return False
+
+    top = sum(1 for e in events if not has_aten_parent(e))
+    leaf = sum(1 for e in events if not any(c.name.startswith("aten::") for c in e.cpu_children))
+    by_op: dict = {}
+    for e in events:
+        by_op[e.name] = by_op.get(e.name, 0) + 1
+    return {"aten_calls": len(events), "aten_calls_top": top, "aten_calls_leaf": leaf,
+            "aten_calls_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:30])}
+
+
+def count_matmul_flops(step) -> int:
+    """Matmul-family FLOPs of one ``step()`` (``torch.utils.flop_counter.FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 10) -> float:
+    """GFLOP/s of a plain ``n x n @ n x n`` matmul in ``dtype`` (best of ``repeats`` after a warm-up)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_counters(model, batch, engine: PlainEngine, device: torch.device, repeats: int, gemm: float,
+                  times: dict) -> dict:
+    """The counters of the training step (``train_step``) and the inference step (``forces``):
+    ``times``: {mode: median seconds} already measured (else timed here)."""
+    out = {}
+    for mode, name in (("train_step", "train_step"), ("forces", "inference_step")):
+        step = mode_step(model, batch, mode, engine)
+        step()  # warm-up (also: the mode may not have run yet)
+        _sync(device)
+        seconds = times.get(mode)
+        if seconds is None:
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                ts.append(time.perf_counter() - t0)
+            seconds = statistics.median(ts)
+        flops = count_matmul_flops(step)
+        out[name] = {**count_aten_calls(step), "matmul_gflop": flops / 1e9, "step_s": seconds,
+                     "matmul_gflops_per_s": flops / 1e9 / seconds, "gemm_gflops_per_s": gemm,
+                     "fraction_of_gemm": flops / 1e9 / seconds / gemm}
+    engine.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimizer) -> dict:
+    """``optimizer``: the trainer's engine (:func:`make_engine`)."""
     step = mode_step(model, batch, mode, optimizer)
     meter = PeakMemoryMeter(device)
     meter.start()
@@ -134,7 +250,7 @@ def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimi
         _sync(device)
         times.append(time.perf_counter() - t0)
     mem = _peak(meter)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.optimizer.zero_grad(set_to_none=True)
     return {"median_s": statistics.median(times), "times_s": times, **mem}
 
 
@@ -162,7 +278,7 @@ def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device
         return run
 
     _alternate({impl: with_impl(impl) for impl in impls}, repeats, device, res)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.optimizer.zero_grad(set_to_none=True)
     return res
 
 
@@ -223,7 +339,8 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
         print(f"    size probe: {probe[-1]}", flush=True)
     res["size_probe"] = probe
     res["traces"] = fn.traces
-    optimizer.zero_grad(set_to_none=True)
+    compiled_module._CACHE.pop(model, None)
+    optimizer.optimizer.zero_grad(set_to_none=True)
     return res
 
 
@@ -238,7 +355,11 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=("mlp", "dot"), default="mlp")
     p.add_argument("--message", choices=("nonlinear", "linear"), default="nonlinear")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="frames per batch (default 1)")
+    p.add_argument("--batch-size", type=positive_int, nargs="+", default=None,
+                   help="frames per batch: one size for every --data file or one per file (default: 8 for the "
+                        "shipped aspirin, 1 otherwise)")
+    p.add_argument("--no-counters", action="store_true",
+                   help="skip the ATen-call and matmul FLOP-rate counters (see the module docstring)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per mode after one warm-up (default 5)")
     p.add_argument("--modes", nargs="+", choices=("forward", "forces", "train_step"), default=["forward", "forces", "train_step"])
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
@@ -261,6 +382,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.compile == "compare" and args.tp == "compare":
         p.error("--compile compare and --tp compare: one comparison at a time")
+    if args.batch_size is None:
+        sizes = [8 if Path(d).resolve() == DEFAULT_DATA[0].resolve() else 1 for d in args.data]
+    elif len(args.batch_size) in (1, len(args.data)):
+        sizes = args.batch_size * len(args.data) if len(args.batch_size) == 1 else list(args.batch_size)
+    else:
+        p.error(f"--batch-size: one size or one per --data file ({len(args.data)}), not {len(args.batch_size)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -275,7 +402,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
-        "batch_size": args.batch_size,
+        "batch_size": sizes[0] if len(set(sizes)) == 1 else sizes,
         "repeats": args.repeats,
         "tp": args.tp,
         "tp_default": tensor_product.DEPTHWISE_TP_IMPLEMENTATION,
@@ -285,24 +412,24 @@ def main(argv=None) -> int:
         "datasets": [],
     }
     try:
-        for path in args.data:
+        gemm = None
+        for path, batch_size in zip(args.data, sizes):
             ds = load_dataset(path)
             stats = compute_statistics(ds, cutoff=5.0)
-            kw = dict(attention=args.attention, message=args.message, dtype=args.dtype)
-            kw.update(TINY if args.tiny else (LMAX3 if args.lmax == 3 else {}))
-            if args.lmax == 3:
-                kw["lmax"] = 3
+            kw = dict(TINY) if args.tiny else paper_model_dict(args.lmax)
+            kw.update(attention=args.attention, message=args.message, dtype=args.dtype)
             cfg = ModelConfig(**kw)
             model = build_model(cfg, stats=stats).to(device)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            optimizer = make_engine(model, full_config(cfg))
             if args.tp in ("fast", "e3nn"):
                 set_tp_implementation(model, args.tp)
-            batch = _make_batch(ds, args.batch_size, device)
+            batch = _make_batch(ds, batch_size, device)
             edges = int(model.build_graph(batch.pos.to(model.dtype), batch.batch).shape[1])
             entry = {
                 "data": str(path),
                 "atoms_per_frame": ds.num_atoms,
                 "atoms": int(batch.num_nodes),
+                "batch_size": int(batch.num_graphs),
                 "edges": edges,
                 "parameters": sum(q.numel() for q in model.parameters()),
                 "model": "tiny" if args.tiny else f"paper lmax {args.lmax}",
@@ -315,7 +442,7 @@ def main(argv=None) -> int:
                     if mode != "train_step":
                         continue
                     probe_sizes = args.size_probe if args.size_probe is not None else sorted(
-                        {(args.batch_size + 1) // 2, 1} - {args.batch_size}, reverse=True)
+                        {(batch_size + 1) // 2, 1} - {batch_size}, reverse=True)
                     others = [_make_batch(ds, n, device) for n in probe_sizes]
                     entry["modes"][mode] = r = run_compile_compare(model, batch, args.repeats, device, optimizer, others,
                                                                       args.compile_backend)
@@ -353,6 +480,20 @@ def main(argv=None) -> int:
                     f"peak {r['peak_bytes'] / 2**20:8.1f} MiB  (+{r['peak_growth_bytes'] / 2**20:7.1f} MiB)",
                     flush=True,
                 )
+            if not args.no_counters:
+                if gemm is None:
+                    gemm = gemm_rate(model.dtype, device)
+                times = {} if args.tp == "compare" or args.compile == "compare" else {
+                    m: r["median_s"] for m, r in entry["modes"].items()}
+                entry["counters"] = c = step_counters(model, batch, optimizer, device, args.repeats, gemm, times)
+                for name, r in c.items():
+                    print(
+                        f"{path.name:28s} {name:14s} ATen calls {r['aten_calls']:7d} (top-level {r['aten_calls_top']:6d}, "
+                        f"leaf {r['aten_calls_leaf']:6d})  matmul {r['matmul_gflop']:8.2f} GFLOP in {r['step_s']:.3f} s: "
+                        f"{r['matmul_gflops_per_s']:6.1f} GFLOP/s, {100 * r['fraction_of_gemm']:5.1f} % of the "
+                        f"{r['gemm_gflops_per_s']:.1f} GFLOP/s of a 1024x1024 gemm",
+                        flush=True,
+                    )
             results["datasets"].append(entry)
             del model, optimizer
     except UserError as e:

@@ -166,7 +166,6 @@ def speed(args, make, mols) -> int:
             run[f"{mode}_cpu_s"], run[f"{mode}_wall_s"] = cpu, wall
         print(json.dumps(run), flush=True)
         runs.append(run)
-        del model, opt
     Path(args.json).write_text(json.dumps({"implementation": "original", "repo": str(args.repo), "threads": args.threads,
                                            "torch": torch.__version__, "runs": runs}, indent=1))
     return 0

@@ -79,7 +79,6 @@ def main() -> int:
             run[f"{mode}_cpu_s"], run[f"{mode}_wall_s"] = cpu, wall
         print(json.dumps(run), flush=True)
         runs.append(run)
-        del model, train_step, _engine, evaluator
     impl = "this, levers off" if args.checkpointing == "none" else f"this, checkpointing={args.checkpointing}"
     Path(args.json).write_text(json.dumps({"implementation": impl, "checkpointing": args.checkpointing,
                                            "threads": args.threads, "torch": torch.__version__, "runs": runs}, indent=1))
