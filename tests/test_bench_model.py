@@ -31,10 +31,12 @@ def test_counters_are_positive_and_written(tmp_path):
         assert c["matmul_gflop"] > 0 and c["step_s"] > 0 and c["gemm_gflops_per_s"] > 0
         assert c["matmul_gflops_per_s"] > 0 and 0 < c["fraction_of_gemm"]
         assert c["aten_calls_by_op"] and all(k.startswith("aten::") for k in c["aten_calls_by_op"])
+        shares = [v["self_share"] for v in c["aten_self_time_by_op"].values()]
+        assert shares and all(0 <= x <= 1 for x in shares) and sum(shares) <= 1 + 1e-9
     # the training step (create_graph, double backward, AdamW) does more than the inference step
     assert train["aten_calls"] > infer["aten_calls"] and train["matmul_gflop"] > infer["matmul_gflop"]
     # the train_step's time is the timed mode's median
-    assert train["step_s"] == entry["modes"]["train_step"]["median_s"]
+    assert train["step_s"] == entry["modes"]["train_step"]["median_cpu_s"]  # CPU time on the CPU
 
 
 def test_train_step_is_the_trainers_optimizer_step(monkeypatch):

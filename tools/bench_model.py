@@ -27,10 +27,14 @@ step and the inference step, each from one extra, untimed run:
                  engine's calls, also double backward); ``aten_calls_top``: those with no ``aten::``
                  caller (what Python and the autograd engine call); ``aten_calls_leaf``: those
                  calling no other ``aten::`` op (about the kernels a GPU would launch)
+                 (``aten_calls_by_op``: the 30 most called ops); ``aten_self_time_by_op``: the 30 ops of
+                 most self CPU time in that profiled run (``self_share``: of all events' self time;
+                 under the profiler's overhead: where the time goes, not the step's time)
   matmul FLOPs   ``torch.utils.flop_counter.FlopCounterMode``: the matmul family (mm, addmm, bmm,
                  baddbmm, convolutions, attention kernels; einsums count through the bmm/mm they
                  become), ``matmul_gflop``; ``matmul_gflops_per_s`` = that over the step's median
-                 time (the timed mode's, else ``--repeats`` runs timed here); ``gemm_gflops_per_s``:
+                 time ``step_s`` (the timed mode's, else ``--repeats`` runs timed here; process CPU time
+                 on the CPU, where other processes share the cores, wall time on a GPU); ``gemm_gflops_per_s``:
                  a plain 1024x1024 matmul in the model's dtype (sgemm in fp32) timed in the same
                  process and threads, and ``fraction_of_gemm`` = the step's rate over it
 Peak memory per mode: CUDA ``max_memory_allocated`` on a GPU; on the CPU the process's resident
@@ -182,8 +186,15 @@ def count_aten_calls(step) -> dict:
     by_op: dict = {}
     for e in events:
         by_op[e.name] = by_op.get(e.name, 0) + 1
+    # where the time goes: self CPU time per op (under the profiler's overhead), as a share of all events' self time
+    avg = p.key_averages()
+    total = sum(a.self_cpu_time_total for a in avg) or 1.0
+    self_time = sorted(((a.key, a.count, a.self_cpu_time_total) for a in avg if a.key.startswith("aten::")),
+                       key=lambda t: -t[2])[:30]
     return {"aten_calls": len(events), "aten_calls_top": top, "aten_calls_leaf": leaf,
-            "aten_calls_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:30])}
+            "aten_calls_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:30]),
+            "profiled_self_s": total / 1e6,
+            "aten_self_time_by_op": {k: {"calls": n, "self_s": t / 1e6, "self_share": t / total} for k, n, t in self_time}}
 
 
 def count_matmul_flops(step) -> int:
@@ -195,38 +206,47 @@ def count_matmul_flops(step) -> int:
     return int(counter.get_total_flops())
 
 
+def _clock(device: torch.device):
+    """The clock of the rates: process CPU time on the CPU (a shared machine's other processes
+    barely move it), wall time on a GPU."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
 def gemm_rate(dtype: torch.dtype, device: torch.device, n: int = 1024, repeats: int = 10) -> float:
-    """GFLOP/s of a plain ``n x n @ n x n`` matmul in ``dtype`` (best of ``repeats`` after a warm-up)."""
+    """GFLOP/s of a plain ``n x n @ n x n`` matmul in ``dtype`` (best of ``repeats`` after a warm-up;
+    :func:`_clock`)."""
+    clock = _clock(device)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     _sync(device)
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2 * n**3 / best / 1e9
 
 
 def step_counters(model, batch, engine: PlainEngine, device: torch.device, repeats: int, gemm: float,
                   times: dict) -> dict:
     """The counters of the training step (``train_step``) and the inference step (``forces``):
-    ``times``: {mode: median seconds} already measured (else timed here)."""
+    ``times``: {mode: median seconds} already measured (by :func:`_clock`; else timed here)."""
+    clock = _clock(device)
     out = {}
     for mode, name in (("train_step", "train_step"), ("forces", "inference_step")):
         step = mode_step(model, batch, mode, engine)
-        step()  # warm-up (also: the mode may not have run yet)
-        _sync(device)
         seconds = times.get(mode)
-        if seconds is None:
+        if seconds is None:  # the mode has not run: a warm-up, then timed here
+            step()
+            _sync(device)
             ts = []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0 = clock()
                 step()
                 _sync(device)
-                ts.append(time.perf_counter() - t0)
+                ts.append(clock() - t0)
             seconds = statistics.median(ts)
         flops = count_matmul_flops(step)
         out[name] = {**count_aten_calls(step), "matmul_gflop": flops / 1e9, "step_s": seconds,
@@ -243,15 +263,17 @@ def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimi
     meter.start()
     step()  # warm-up (also part of the peak: same work)
     _sync(device)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)  # CPU time: less hit by other processes
     mem = _peak(meter)
     optimizer.optimizer.zero_grad(set_to_none=True)
-    return {"median_s": statistics.median(times), "times_s": times, **mem}
+    return {"median_s": statistics.median(times), "times_s": times, "median_cpu_s": statistics.median(cpu),
+            "cpu_times_s": cpu, **mem}
 
 
 def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device, optimizer, impls=("e3nn", "fast")) -> dict:
@@ -342,6 +364,28 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
     compiled_module._CACHE.pop(model, None)
     optimizer.optimizer.zero_grad(set_to_none=True)
     return res
+
+
+def counters_markdown(results: dict) -> str:
+    """The counters of ``results`` (this tool's JSON) as a markdown table, one row per file and step."""
+    rows = ["| data | atoms | step | ATen calls (all / top-level / leaf) | matmul GFLOP | step s (CPU time on a CPU) | matmul GFLOP/s | "
+            "gemm GFLOP/s | % of gemm |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in results["datasets"]:
+        for name, c in e.get("counters", {}).items():
+            rows.append(f"| {Path(e['data']).stem} x{e['batch_size']} | {e['atoms']} | {name.replace('_', ' ')} | "
+                        f"{c['aten_calls']:,} / {c['aten_calls_top']:,} / {c['aten_calls_leaf']:,} | {c['matmul_gflop']:.2f} | "
+                        f"{c['step_s']:.3f} | {c['matmul_gflops_per_s']:.1f} | {c['gemm_gflops_per_s']:.1f} | "
+                        f"{100 * c['fraction_of_gemm']:.1f} |")
+    return "\n".join(rows)
+
+
+def profile_markdown(results: dict, data: int = 0, step: str = "train_step", top: int = 10) -> str:
+    """The ``top`` ATen ops of most self CPU time in the profiled ``step`` of ``results["datasets"][data]``."""
+    c = results["datasets"][data]["counters"][step]
+    rows = ["| op | calls | self s (profiled) | share of self time |", "|---|---|---|---|"]
+    for k, v in list(c["aten_self_time_by_op"].items())[:top]:
+        rows.append(f"| `{k}` | {v['calls']:,} | {v['self_s']:.3f} | {100 * v['self_share']:.1f} % |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -483,8 +527,9 @@ def main(argv=None) -> int:
             if not args.no_counters:
                 if gemm is None:
                     gemm = gemm_rate(model.dtype, device)
+                key = "median_cpu_s" if device.type == "cpu" else "median_s"
                 times = {} if args.tp == "compare" or args.compile == "compare" else {
-                    m: r["median_s"] for m, r in entry["modes"].items()}
+                    m: r[key] for m, r in entry["modes"].items()}
                 entry["counters"] = c = step_counters(model, batch, optimizer, device, args.repeats, gemm, times)
                 for name, r in c.items():
                     print(
@@ -499,6 +544,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if any("counters" in e for e in results["datasets"]):
+        print("\n" + counters_markdown(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
