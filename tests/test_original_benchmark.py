@@ -44,3 +44,24 @@ def test_compare_table_matches_runs_by_atoms_and_edges(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(tmp_path / "o.json"), str(tmp_path / "t.json")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no original run with 21 atoms and 319 edges" in proc.stderr
+
+
+def test_speed_table_medians_over_rounds_and_ratios_against_the_original(tmp_path):
+    def write(name, impl, train, infer):
+        run = {"molecule": "aspirin", "atoms": 21, "edges": 318, "train_cpu_s": train, "train_wall_s": train,
+               "infer_cpu_s": infer, "infer_wall_s": infer}
+        (tmp_path / name).write_text(json.dumps({"implementation": impl, "runs": [run]}))
+        return str(tmp_path / name)
+
+    files = [write("r1_o.json", "original", [1.0, 1.2], [0.4, 0.4]), write("r2_o.json", "original", [1.4, 5.0], [0.4, 0.4]),
+             write("r1_n.json", "this, levers off", [0.5, 0.6], [0.2, 0.2]), write("r2_n.json", "this, levers off", [0.7, 9.0], [0.1, 0.1]),
+             write("r1_f.json", "this, checkpointing=forces", [1.3, 1.3], [0.3, 0.3])]
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--speed", *files, "--json", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # medians over all timed steps of all rounds: original 1.3, levers off 0.65, forces 1.3
+    assert "| aspirin | 21 | 318 | 1.300 s | 0.650 s (2.00x) | 1.300 s (1.00x) | 4/4/2 |" in proc.stdout
+    assert "| aspirin | 21 | 318 | 0.400 s | 0.150 s (2.67x) | 0.300 s (1.33x) | 4/4/2 |" in proc.stdout
+    s = json.loads(out.read_text())["molecules"]["aspirin"]
+    assert abs(s["original"]["train"]["median_cpu_s"] - 1.3) < 1e-12 and s["this, levers off"]["infer"]["cpu_s"] == [0.2, 0.2, 0.1, 0.1]
