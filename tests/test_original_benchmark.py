@@ -65,3 +65,17 @@ def test_speed_table_medians_over_rounds_and_ratios_against_the_original(tmp_pat
     assert "| aspirin | 21 | 318 | 0.400 s | 0.150 s (2.67x) | 0.300 s (1.33x) | 4/4/2 |" in proc.stdout
     s = json.loads(out.read_text())["molecules"]["aspirin"]
     assert abs(s["original"]["train"]["median_cpu_s"] - 1.3) < 1e-12 and s["this, levers off"]["infer"]["cpu_s"] == [0.2, 0.2, 0.1, 0.1]
+
+
+def test_speed_table_has_a_before_column_when_given(tmp_path):
+    files = []
+    for impl, t in (("original", 2.0), ("before, levers off", 1.0), ("this, levers off", 0.5)):
+        run = {"molecule": "aspirin", "atoms": 21, "edges": 318, "train_cpu_s": [t], "train_wall_s": [t],
+               "infer_cpu_s": [t], "infer_wall_s": [t]}
+        files.append(tmp_path / f"{len(files)}.json")
+        files[-1].write_text(json.dumps({"implementation": impl, "runs": [run]}))
+    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--speed", *map(str, files)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "| molecule | atoms | edges | original | before, levers off | this, levers off | samples |" in proc.stdout
+    assert "| aspirin | 21 | 318 | 2.000 s | 1.000 s (2.00x) | 0.500 s (4.00x) | 1/1/1 |" in proc.stdout

@@ -8,14 +8,15 @@ Speed: the files of ``step.py --speed`` and ``this_step.py`` (one per process); 
 implementation, the median over every timed step of every round (process CPU time: less hit by
 the other processes of a shared machine than wall time, which is kept in the JSON), the training
 and the inference step, and each one's ratio original / this ("2.00x": twice as fast as the
-original).
+original). A "before, levers off" column (run.sh's ``BEFORE``: another checkout, measured in the
+same run) appears when its files are given.
 """
 import json
 import statistics
 import sys
 
 MiB = 2**20
-IMPLS = ("original", "this, levers off", "this, checkpointing=forces")
+IMPLS = ("original", "before, levers off", "this, levers off", "this, checkpointing=forces")
 
 
 def memory(argv) -> int:
@@ -62,15 +63,17 @@ def speed(paths, json_out=None) -> int:
     names = {"train": "training step", "infer": "inference step"}
     for mode in ("train", "infer"):
         print(f"\n{names[mode]}, median process CPU seconds (original / this: how many times faster than the original)\n")
-        print("| molecule | atoms | edges | original | this, levers off | this, `checkpointing=forces` | samples |")
-        print("|---|---|---|---|---|---|---|")
+        shown = [i for i in IMPLS[1:] if any(i in m for m in s.values())]
+        print("| molecule | atoms | edges | original | " + " | ".join(i.replace("checkpointing=forces", "`checkpointing=forces`")
+                                                             for i in shown) + " | samples |")
+        print("|---|---|---|---|" + "---|" * len(shown) + "---|")
         for name, m in sorted(s.items(), key=lambda kv: kv[1]["atoms"]):
             if "original" not in m:
                 print(f"no original run of {name}", file=sys.stderr)
                 return 1
             ref = m["original"][mode]["median_cpu_s"]
             cells = [f"{ref:.3f} s"]
-            for impl in IMPLS[1:]:
+            for impl in shown:
                 t = m.get(impl, {}).get(mode)
                 cells.append("-" if t is None else f"{t['median_cpu_s']:.3f} s ({ref / t['median_cpu_s']:.2f}x)")
             n = "/".join(str(len(m[i][mode]["cpu_s"])) for i in IMPLS if i in m)

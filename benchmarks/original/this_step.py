@@ -12,6 +12,10 @@ force-aware checkpointing) and every other lever off. Training step: the trainer
 evaluation's call, ``training.steps.model_call`` on the model under its levers in eval mode
 (energy and forces, no ``create_graph``). One warm-up of each on the molecule's first 8 atoms, then
 ``--steps`` timed steps of each: process CPU time and wall time, one thread.
+
+``--package-root DIR``: import ``scalable_equiformer`` from another checkout (run.sh's ``BEFORE``:
+the code before a change, measured in the same run as the code after it); ``--label``: the
+implementation's name in the JSON (default: "this, levers off" / "this, checkpointing=forces").
 """
 import argparse
 import json
@@ -22,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> int:
@@ -33,7 +36,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per mode (default 2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--package-root", default=str(Path(__file__).resolve().parents[2]),
+                    help="the checkout whose scalable_equiformer is measured (default: this one)")
+    ap.add_argument("--label", default=None, help="the implementation's name in the JSON")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(args.package_root).resolve()))
     torch.set_num_threads(args.threads)
 
     from scalable_equiformer.config import load_config
@@ -79,8 +86,11 @@ def main() -> int:
             run[f"{mode}_cpu_s"], run[f"{mode}_wall_s"] = cpu, wall
         print(json.dumps(run), flush=True)
         runs.append(run)
-    impl = "this, levers off" if args.checkpointing == "none" else f"this, checkpointing={args.checkpointing}"
+    impl = args.label or ("this, levers off" if args.checkpointing == "none" else f"this, checkpointing={args.checkpointing}")
+    import scalable_equiformer
+
     Path(args.json).write_text(json.dumps({"implementation": impl, "checkpointing": args.checkpointing,
+                                           "package": str(Path(scalable_equiformer.__file__).parent),
                                            "threads": args.threads, "torch": torch.__version__, "runs": runs}, indent=1))
     return 0
 
