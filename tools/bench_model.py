@@ -527,6 +527,8 @@ def main(argv=None) -> int:
             if not args.no_counters:
                 if gemm is None:
                     gemm = gemm_rate(model.dtype, device)
+                if args.tp == "compare":  # the counters of the library's default implementation (eager under --compile)
+                    set_tp_implementation(model, tensor_product.DEPTHWISE_TP_IMPLEMENTATION)
                 key = "median_cpu_s" if device.type == "cpu" else "median_s"
                 times = {} if args.tp == "compare" or args.compile == "compare" else {
                     m: r[key] for m, r in entry["modes"].items()}
