@@ -134,3 +134,26 @@ def test_dim_major_round_trip():
     assert [tuple(p.shape) for p in parts] == [(4, 1, 3), (4, 3, 2), (4, 5, 1)]
     assert parts[1][0, 2, 1] == x[0, 3 + 1 * 3 + 2]  # channel 1, component 2 of the 1e block
     assert torch.equal(from_dim_major(parts), x)
+
+
+@pytest.mark.parametrize("attention,message", list(itertools.product(["mlp", "dot"], ["nonlinear", "linear"])))
+@pytest.mark.parametrize("atoms", [0, 3])
+def test_fused_blocks_with_no_edges(attention, message, atoms):
+    """A graph part with no edges (and no atoms: a rank of the partitioned model may hold none)
+    runs through the fused stages and gives the module path's features."""
+    model = _model(attention, message)
+    pos = torch.randn(atoms, 3, dtype=torch.float64, requires_grad=True)
+    z = torch.ones(atoms, dtype=torch.long)
+    edges = model.edge_features(pos, torch.zeros(2, 0, dtype=torch.long))
+
+    def features():
+        x = model.embed(z, edges, atoms)
+        for block in model.blocks:
+            x = block(x, model.node_attr(x), edges)
+        return x
+
+    fused = features()
+    _set_implementation(model, "e3nn")
+    plain = features()
+    assert fused.shape == plain.shape == (atoms, model.irreps_feature.dim)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)

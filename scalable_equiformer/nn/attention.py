@@ -25,10 +25,12 @@ cutoff (also for an atom's last neighbour). ``smooth=False`` is the original's p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from e3nn import o3
 
-from .dim_major import cat, extra_scalar_columns, to_dim_major
+from .dim_major import cat, extra_scalar_columns, flat, to_dim_major
 from .drop import EquivariantDropout
 from .gate import NormalizedActivation
 from .scatter import gather, scatter_sum
@@ -222,10 +224,10 @@ class GraphAttention(torch.nn.Module):
             sizes = [mul * ir.dim for mul, ir in self.irreps_head]
             q = [p.view(num_nodes, heads, mul, ir.dim).permute(0, 3, 1, 2)
                  for p, (mul, ir) in zip(q.split(sizes, dim=2), self.irreps_head)]  # [N, d, H, m]
-            q_edges = gather(cat([p.reshape(num_nodes, -1) for p in q], dim=1), dst)  # [E, sum d H m]
+            q_edges = gather(cat([flat(p) for p in q], dim=1), dst)  # [E, sum d H m]
             logits = None
-            for qe, p, k in zip(q_edges.split([p[0].numel() for p in q], dim=1), q, kv):
-                term = (qe.view(-1, *p.shape[1:]) * k[:, :, :heads]).sum((1, 3))  # [E, H]
+            for qe, p, k in zip(q_edges.split([math.prod(p.shape[1:]) for p in q], dim=1), q, kv):
+                term = (qe.view(qe.shape[0], *p.shape[1:]) * k[:, :, :heads]).sum((1, 3))  # [E, H]
                 logits = term if logits is None else logits + term
             value = [p[:, :, heads:] for p in kv]
         return self._aggregate(logits, value, dst, num_nodes, edges)
@@ -240,7 +242,7 @@ class GraphAttention(torch.nn.Module):
         if env is not None:
             alpha = alpha * env.unsqueeze(-1)
         alpha = alpha.unsqueeze(1).unsqueeze(-1)  # [E, 1, H, 1]
-        out = [scatter_sum(v * alpha, dst, num_nodes).permute(0, 2, 3, 1).reshape(num_nodes, -1) for v in value]
+        out = [flat(scatter_sum(v * alpha, dst, num_nodes).permute(0, 2, 3, 1)) for v in value]
         out = self.proj(cat(out, dim=1))
         if self.proj_drop is not None:
             out = self.proj_drop(out)

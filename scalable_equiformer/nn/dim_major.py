@@ -25,6 +25,7 @@ the two in float64).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +59,15 @@ def to_dim_major(x: torch.Tensor, irreps: o3.Irreps) -> list[torch.Tensor]:
     return [c.reshape(*lead, mul, ir.dim).transpose(-1, -2) for c, (mul, ir) in zip(chunks, irreps)]
 
 
+def flat(x: torch.Tensor, lead: int = 1) -> torch.Tensor:
+    """``x`` with every dim after the first ``lead`` merged (``reshape(n, -1)``, which fails for 0 rows)."""
+    return x.reshape(*x.shape[:lead], math.prod(x.shape[lead:]))
+
+
 def from_dim_major(parts: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`to_dim_major`: ``[..., d, mul]`` parts -> ``[..., sum mul * d]`` (mul-major)."""
-    lead = parts[0].shape[:-2]
-    return cat([p.transpose(-1, -2).reshape(*lead, -1) for p in parts], dim=-1)
+    lead = parts[0].dim() - 2
+    return cat([flat(p.transpose(-1, -2), lead) for p in parts], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ def _matrix(lin, tp: _Type, weights: list | None, extra) -> tuple[torch.Tensor, 
     return mat, bias
 
 
-def _block_products(dtp, xs: list[torch.Tensor], edge_sh: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+def _block_products(dtp, xs: list[torch.Tensor], edge_sh: torch.Tensor, shared_input: bool) -> list[tuple[torch.Tensor, ...]]:
     """Per input block with paths: its paths' products ``[E, 2 l_out + 1, u]`` (unweighted), one
     batched matmul (an outer product for scalar inputs) per block."""
     n = edge_sh.shape[0]
@@ -170,7 +176,7 @@ def _block_products(dtp, xs: list[torch.Tensor], edge_sh: torch.Tensor) -> list[
         x = xs[i]  # [E, d1, u]
         if d1 == 1:
             y = tt * x  # [E, Ktot, 1] * [E, 1, u]
-        elif x.stride(0) == 0:  # the same input on every edge (the edge-degree embedding)
+        elif shared_input:  # one input [1, d1, u] for every edge (the edge-degree embedding)
             y = tt @ x[0]
         else:
             y = torch.bmm(tt, x)  # [E, Ktot, u]
@@ -179,16 +185,17 @@ def _block_products(dtp, xs: list[torch.Tensor], edge_sh: torch.Tensor) -> list[
 
 
 def fused_tp_linear(plan: FusedPlan, dtp, lin, xs: list[torch.Tensor], edge_sh: torch.Tensor, weight: torch.Tensor | None,
-                    weight_perm: torch.Tensor, extra=None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+                    weight_perm: torch.Tensor, extra=None, shared_input: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """``lin(dtp(x, sh, weight))`` in dim-major layout.
 
-    ``xs``: one ``[E, d, mul]`` tensor per entry of ``dtp.irreps_in``; ``weight``: per-edge weights
+    ``xs``: one ``[E, d, mul]`` tensor per entry of ``dtp.irreps_in`` (``[1, d, mul]`` with
+    ``shared_input``: the same input on every edge); ``weight``: per-edge weights
     [E, dtp.weight_numel] in e3nn's layout, or None for the tensor product's internal weights;
     ``weight_perm``: ``plan.weight_perm`` as a long tensor on the device. Returns one ``[E, d, mul]``
     view per entry of ``lin.irreps_out``, and ``extra``'s output [E, mul] (None without ``extra``).
     """
     n = edge_sh.shape[0]
-    products = _block_products(dtp, xs, edge_sh)
+    products = _block_products(dtp, xs, edge_sh, shared_input)
     shared = dtp.tp.weight if dtp.internal_weights else None
     if shared is not None:
         w_types = shared.index_select(0, weight_perm).split([tp.fan_in for tp in plan.types])

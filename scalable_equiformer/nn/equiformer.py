@@ -36,7 +36,7 @@ from .gate import ScalarActivation
 from .norm import EquivariantLayerNorm
 from .precision import fp32_island
 from .radial import RadialEmbedding, RadialProfile
-from .dim_major import cat, fused_plan, fused_tp_linear, to_dim_major
+from .dim_major import cat, flat, fused_plan, fused_tp_linear, to_dim_major
 from .scatter import scatter_sum
 from .tensor_product import DepthwiseTensorProduct, EquivariantLinear
 
@@ -98,11 +98,11 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         feat = self.exp(edges.sh.new_ones(1, 1))  # [1, irreps_node.dim]: the same on every edge
         scale = avg_num_neighbors.to(feat.dtype).sqrt()
         if self._plan is not None and self.dw.implementation == "fast":  # dim-major, summed into the atoms per irrep
-            xs = [p.expand(num_edges, -1, -1) for p in to_dim_major(feat, self.irreps_out)]
-            parts, _ = fused_tp_linear(self._plan, self.dw, self.proj, xs, edges.sh, self.rad(edges.radial), self._weight_perm)
+            parts, _ = fused_tp_linear(self._plan, self.dw, self.proj, to_dim_major(feat, self.irreps_out), edges.sh,
+                                       self.rad(edges.radial), self._weight_perm, shared_input=True)
             if self.smooth:
                 parts = [p * edges.envelope.view(-1, 1, 1) for p in parts]
-            agg = [scatter_sum(p, edges.index[1], num_nodes).transpose(1, 2).reshape(num_nodes, -1) for p in parts]
+            agg = [flat(scatter_sum(p, edges.index[1], num_nodes).transpose(1, 2)) for p in parts]
             return cat(agg, dim=1) / scale
         out = self.proj(self.dw(feat.expand(num_edges, -1), edges.sh, self.rad(edges.radial)))
         if self.smooth:
