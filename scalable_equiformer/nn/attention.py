@@ -25,9 +25,12 @@ cutoff (also for an atom's last neighbour). ``smooth=False`` is the original's p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from e3nn import o3
 
+from .dim_major import cat, extra_scalar_columns, flat, to_dim_major
 from .drop import EquivariantDropout
 from .gate import NormalizedActivation
 from .scatter import gather, scatter_sum
@@ -171,9 +174,82 @@ class GraphAttention(torch.nn.Module):
         self.alpha_dropout = torch.nn.Dropout(alpha_drop) if alpha_drop > 0 else None
         self.proj = EquivariantLinear(irreps_heads, self.irreps_out)
         self.proj_drop = EquivariantDropout(self.irreps_out, proj_drop) if proj_drop > 0 else None
+        self._fusable = all(m._plan is not None for m in self._separables()) and (
+            not (attention == "mlp" and message == "nonlinear")
+            or extra_scalar_columns(self.sep_act._plan, self.sep_act.dtp, self.sep_alpha))
+
+    def _separables(self) -> list:
+        return [m for m in self.children() if isinstance(m, SeparableFCTP)]
+
+    @property
+    def fused(self) -> bool:
+        """True when the edge stages run fused in dim-major layout (:mod:`.dim_major`): the fast tensor
+        product in every separable FCTP; otherwise module by module (:meth:`forward_modules`)."""
+        return self._fusable and all(m.fused for m in self._separables())
 
     def forward(self, x: torch.Tensor, node_attr: torch.Tensor, edges) -> torch.Tensor:
         # x: [N, irreps_in.dim]; returns [N, irreps_out.dim]
+        if self.fused:
+            return self.forward_fused(x, node_attr, edges)
+        return self.forward_modules(x, node_attr, edges)
+
+    def _heads(self, part: torch.Tensor, heads: int) -> torch.Tensor:
+        """A dim-major part [E, d, heads * m] -> [E, d, heads, m] (channel c = h m + j, as Vec2Heads)."""
+        return part.view(part.shape[0], part.shape[1], heads, part.shape[2] // heads)
+
+    def forward_fused(self, x: torch.Tensor, node_attr: torch.Tensor, edges) -> torch.Tensor:
+        """The same function as :meth:`forward_modules`, with the edge tensors dim-major."""
+        src, dst = edges.index[0], edges.index[1]
+        num_nodes, heads = x.shape[0], self.num_heads
+        message = gather(self.merge_src(x), src) + gather(self.merge_dst(x), dst)  # [E, pre_attn]
+        xs = to_dim_major(message, self.irreps_pre_attn)
+        if self.attention == "mlp":
+            if self.message == "nonlinear":
+                h, alpha = self.sep_act.forward_parts(xs, edges.sh, edges.radial, extra=self.sep_alpha)
+                alpha = alpha.reshape(alpha.shape[0], heads, self.mul_alpha_head)  # [E, H, C]
+                value = [self._heads(p, heads) for p in self.sep_value.forward_parts(h, edges.sh, None)[0]]
+            else:
+                parts = [self._heads(p, heads) for p in self.sep.forward_parts(xs, edges.sh, edges.radial)[0]]
+                c = self.mul_alpha_head
+                alpha = parts[0][:, 0, :, :c]  # [E, H, C]: each head's first C scalars, as Vec2Heads + narrow
+                value = [parts[0][:, :, :, c:]] + parts[1:]
+            logits = (self.alpha_act(alpha) * self.alpha_dot).sum(-1)  # [E, H]
+        else:
+            if self.message == "nonlinear":
+                kv = self.sep_value.forward_parts(self.sep_act.forward_parts(xs, edges.sh, edges.radial)[0], edges.sh, None)[0]
+            else:
+                kv = self.key_value.forward_parts(xs, edges.sh, edges.radial)[0]
+            kv = [self._heads(p, 2 * heads) for p in kv]  # [E, d, 2H, m]
+            q = self.vec2heads_q(self.query(x)) * self.query_scale  # [N, H, head]
+            sizes = [mul * ir.dim for mul, ir in self.irreps_head]
+            q = [p.view(num_nodes, heads, mul, ir.dim).permute(0, 3, 1, 2)
+                 for p, (mul, ir) in zip(q.split(sizes, dim=2), self.irreps_head)]  # [N, d, H, m]
+            q_edges = gather(cat([flat(p) for p in q], dim=1), dst)  # [E, sum d H m]
+            logits = None
+            for qe, p, k in zip(q_edges.split([math.prod(p.shape[1:]) for p in q], dim=1), q, kv):
+                term = (qe.view(qe.shape[0], *p.shape[1:]) * k[:, :, :heads]).sum((1, 3))  # [E, H]
+                logits = term if logits is None else logits + term
+            value = [p[:, :, heads:] for p in kv]
+        return self._aggregate(logits, value, dst, num_nodes, edges)
+
+    def _aggregate(self, logits: torch.Tensor, value: list[torch.Tensor], dst: torch.Tensor, num_nodes: int, edges) -> torch.Tensor:
+        """Softmax over each target's edges, the weighted values summed into the atoms ([N, d, H, m]
+        parts), then back to e3nn's layout of the heads (Heads2Vec) and the output projection."""
+        env = edges.envelope if self.smooth else None
+        alpha = scatter_softmax(logits, dst, num_nodes, weight=env)  # [E, H]
+        if self.alpha_dropout is not None:
+            alpha = self.alpha_dropout(alpha)
+        if env is not None:
+            alpha = alpha * env.unsqueeze(-1)
+        alpha = alpha.unsqueeze(1).unsqueeze(-1)  # [E, 1, H, 1]
+        out = [flat(scatter_sum(v * alpha, dst, num_nodes).permute(0, 2, 3, 1)) for v in value]
+        out = self.proj(cat(out, dim=1))
+        if self.proj_drop is not None:
+            out = self.proj_drop(out)
+        return out
+
+    def forward_modules(self, x: torch.Tensor, node_attr: torch.Tensor, edges) -> torch.Tensor:
+        """Module by module in e3nn's layout (the oracle of :meth:`forward_fused`); x: [N, irreps_in.dim] -> [N, irreps_out.dim]."""
         src, dst = edges.index[0], edges.index[1]
         num_nodes = x.shape[0]
         message = gather(self.merge_src(x), src) + gather(self.merge_dst(x), dst)  # [E, pre_attn]

@@ -36,6 +36,7 @@ from .gate import ScalarActivation
 from .norm import EquivariantLayerNorm
 from .precision import fp32_island
 from .radial import RadialEmbedding, RadialProfile
+from .dim_major import cat, flat, fused_plan, fused_tp_linear, to_dim_major
 from .scatter import scatter_sum
 from .tensor_product import DepthwiseTensorProduct, EquivariantLinear
 
@@ -88,15 +89,26 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         self.dw = DepthwiseTensorProduct(self.irreps_out, irreps_sh, self.irreps_out, internal_weights=False)
         self.rad = RadialProfile(list(radial_channels) + [self.dw.weight_numel])
         self.proj = EquivariantLinear(self.dw.irreps_out.simplify(), self.irreps_out)
+        self._plan = fused_plan(self.dw, self.proj)  # the fast path's fused DTP + linear (nn/dim_major.py)
+        self.register_buffer("_weight_perm", torch.tensor(self._plan.weight_perm if self._plan else (), dtype=torch.long),
+                             persistent=False)
 
     def forward(self, edges: EdgeFeatures, num_nodes: int, avg_num_neighbors: torch.Tensor) -> torch.Tensor:
         num_edges = edges.sh.shape[0]
-        feat = self.exp(edges.sh.new_ones(1, 1)).expand(num_edges, -1)  # [E, irreps_node.dim]
-        out = self.proj(self.dw(feat, edges.sh, self.rad(edges.radial)))
+        feat = self.exp(edges.sh.new_ones(1, 1))  # [1, irreps_node.dim]: the same on every edge
+        scale = avg_num_neighbors.to(feat.dtype).sqrt()
+        if self._plan is not None and self.dw.implementation == "fast":  # dim-major, summed into the atoms per irrep
+            parts, _ = fused_tp_linear(self._plan, self.dw, self.proj, to_dim_major(feat, self.irreps_out), edges.sh,
+                                       self.rad(edges.radial), self._weight_perm, shared_input=True)
+            if self.smooth:
+                parts = [p * edges.envelope.view(-1, 1, 1) for p in parts]
+            agg = [flat(scatter_sum(p, edges.index[1], num_nodes).transpose(1, 2)) for p in parts]
+            return cat(agg, dim=1) / scale
+        out = self.proj(self.dw(feat.expand(num_edges, -1), edges.sh, self.rad(edges.radial)))
         if self.smooth:
             out = out * edges.envelope.unsqueeze(-1)
         agg = scatter_sum(out, edges.index[1], num_nodes)
-        return agg / avg_num_neighbors.to(out.dtype).sqrt()
+        return agg / scale
 
 
 class EnergyHead(torch.nn.Module):

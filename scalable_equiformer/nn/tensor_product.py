@@ -14,6 +14,7 @@ import math
 import torch
 from e3nn import o3
 
+from .dim_major import from_dim_major, fused_plan, fused_tp_linear, gate_covers, gate_dim_major, to_dim_major
 from .gate import Gate
 from .radial import RadialProfile
 
@@ -275,6 +276,10 @@ class SeparableFCTP(torch.nn.Module):
     ``radial_channels`` = ``[num_radial, *hidden]`` builds the radial MLP; ``None`` uses internal
     weights (the original's ``fc_neurons=None``). With ``use_activation`` the linear layer maps to
     the gate's input irreps and the gate gives ``irreps_out``.
+
+    With the fast tensor product (``dtp.implementation == "fast"``) the three run fused, in dim-major
+    layout (:mod:`.dim_major`): :meth:`forward_parts` takes and gives ``[E, d, mul]`` parts, and
+    :meth:`forward` wraps it in e3nn's layout. Otherwise (``e3nn``) each module runs in turn.
     """
 
     def __init__(self, irreps_in, irreps_edge, irreps_out, radial_channels: list[int] | None, use_activation: bool = False) -> None:
@@ -287,11 +292,33 @@ class SeparableFCTP(torch.nn.Module):
         self.gate = Gate(self.irreps_out) if use_activation else None
         lin_out = self.gate.irreps_in if self.gate is not None else self.irreps_out
         self.lin = EquivariantLinear(self.dtp.irreps_out.simplify(), lin_out)
+        plan = fused_plan(self.dtp, self.lin)
+        self._plan = plan if plan is not None and (self.gate is None or gate_covers(self.gate)) else None
+        perm = self._plan.weight_perm if self._plan is not None else ()
+        self.register_buffer("_weight_perm", torch.tensor(perm, dtype=torch.long), persistent=False)
+
+    @property
+    def fused(self) -> bool:
+        """True when :meth:`forward_parts` applies (the fast tensor product, a layout the plan covers)."""
+        return self._plan is not None and self.dtp.implementation == "fast"
 
     def forward(self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor | None) -> torch.Tensor:
         # x: [E, irreps_in.dim] -> [E, irreps_out.dim]
+        if self.fused:
+            return from_dim_major(self.forward_parts(to_dim_major(x, self.irreps_in), edge_sh, edge_radial)[0])
         weight = self.rad(edge_radial) if self.rad is not None else None
         out = self.lin(self.dtp(x, edge_sh, weight))
         if self.gate is not None:
             out = self.gate(out)
         return out
+
+    def forward_parts(self, xs: list[torch.Tensor], edge_sh: torch.Tensor, edge_radial: torch.Tensor | None,
+                      extra: EquivariantLinear | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The fused path: ``xs`` one ``[E, d, mul]`` part per entry of ``irreps_in`` -> one per entry of
+        ``irreps_out`` (after the gate, if any), and ``extra(DTP output)`` [E, mul] when ``extra`` (a
+        linear map of the tensor product's scalars, as the MLP attention's ``sep_alpha``) is given."""
+        weight = self.rad(edge_radial) if self.rad is not None else None
+        parts, extra_out = fused_tp_linear(self._plan, self.dtp, self.lin, xs, edge_sh, weight, self._weight_perm, extra)
+        if self.gate is not None:
+            parts = gate_dim_major(self.gate, parts)
+        return parts, extra_out
