@@ -50,6 +50,7 @@ This module is below ``training/``: inference (``inference.load_model``: the cal
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -121,13 +122,40 @@ def _open_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM that arrive within the block are delivered when it ends (to the handlers
+    they had before), in the main thread: a stop never lands inside ``torch.save``, whose zip
+    writer turns it into "unexpected pos" and a traceback instead of the stop it was."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in old.items():
+        if handler is not None:  # None: a handler not set from Python, left alone
+            signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(file_object)`` on a temp file next to ``path``, then rename it over ``path``
     (a symbolic link at ``path`` is replaced, never written through). The file gets the mode that
     the umask gives new files.
 
     A failing write (a full disk, no permission) removes the temp file and raises
-    :class:`WriteError`; ``path`` is then as it was before."""
+    :class:`WriteError`; ``path`` is then as it was before. Ctrl-C or SIGTERM during the write
+    takes effect once the file is in place (:func:`_interrupts_deferred`)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +164,12 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise WriteError(path, os_reason(exc), path.is_file()) from None
     rec = None
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with _interrupts_deferred(), os.fdopen(fd, "wb") as fh:
             rec = _RecordingWriter(fh)
             write(rec)
             rec.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -278,3 +278,25 @@ def test_a_checkpoint_with_pickled_objects_is_refused_as_such(trained, tmp_path)
     proc = launch([PY, EVALUATE, str(bad), "--data", str(DEMO_DATA)], cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "holds objects other than tensors: refused" in lines[0]
+
+
+def test_a_stop_during_a_checkpoint_write_lands_after_it(tmp_path):
+    """SIGTERM (under the trainer's sigterm_as_interrupt) or Ctrl-C while torch.save writes: the
+    checkpoint is written whole and in place, then the stop is raised (before, it landed inside
+    torch's zip writer: "unexpected pos", a traceback, exit code 1)."""
+    import os
+    import signal
+
+    from scalable_equiformer import checkpoint_io, runtime
+
+    def write(fh, sig):
+        fh.write(b"head ")  # some bytes out, then the signal, then the rest
+        os.kill(os.getpid(), sig)
+        fh.write(b"and tail")
+
+    for sig, stop in ((signal.SIGTERM, runtime.Terminated), (signal.SIGINT, KeyboardInterrupt)):
+        path = tmp_path / f"{sig.name}.pt"
+        with runtime.sigterm_as_interrupt(), pytest.raises(stop):
+            checkpoint_io.atomic_write_bytes(path, lambda fh: write(fh, sig))
+        assert path.read_bytes() == b"head and tail" and not list(tmp_path.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

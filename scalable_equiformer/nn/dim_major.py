@@ -25,11 +25,32 @@ the two in float64).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from e3nn import o3
+
+
+_DISABLED = [0]
+
+
+@contextlib.contextmanager
+def module_path():
+    """Within the block the fast path runs module by module in e3nn's layout, not fused (the
+    compiled step traces that: inductor cannot lower some views of the fused path's transposed
+    operands, and the compiled step is the same function either way)."""
+    _DISABLED[0] += 1
+    try:
+        yield
+    finally:
+        _DISABLED[0] -= 1
+
+
+def enabled() -> bool:
+    """False inside :func:`module_path`."""
+    return _DISABLED[0] == 0
 
 
 class CatSplit(torch.autograd.Function):

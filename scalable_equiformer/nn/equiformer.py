@@ -37,6 +37,7 @@ from .norm import EquivariantLayerNorm
 from .precision import fp32_island
 from .radial import RadialEmbedding, RadialProfile
 from .dim_major import cat, flat, fused_plan, fused_tp_linear, to_dim_major
+from .dim_major import enabled as dim_major_enabled
 from .scatter import scatter_sum
 from .tensor_product import DepthwiseTensorProduct, EquivariantLinear
 
@@ -97,7 +98,8 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         num_edges = edges.sh.shape[0]
         feat = self.exp(edges.sh.new_ones(1, 1))  # [1, irreps_node.dim]: the same on every edge
         scale = avg_num_neighbors.to(feat.dtype).sqrt()
-        if self._plan is not None and self.dw.implementation == "fast":  # dim-major, summed into the atoms per irrep
+        # fast path: dim-major, summed into the atoms irrep by irrep
+        if self._plan is not None and self.dw.implementation == "fast" and dim_major_enabled():
             parts, _ = fused_tp_linear(self._plan, self.dw, self.proj, to_dim_major(feat, self.irreps_out), edges.sh,
                                        self.rad(edges.radial), self._weight_perm, shared_input=True)
             if self.smooth:

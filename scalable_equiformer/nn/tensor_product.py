@@ -14,6 +14,7 @@ import math
 import torch
 from e3nn import o3
 
+from . import dim_major
 from .dim_major import from_dim_major, fused_plan, fused_tp_linear, gate_covers, gate_dim_major, to_dim_major
 from .gate import Gate
 from .radial import RadialProfile
@@ -300,7 +301,7 @@ class SeparableFCTP(torch.nn.Module):
     @property
     def fused(self) -> bool:
         """True when :meth:`forward_parts` applies (the fast tensor product, a layout the plan covers)."""
-        return self._plan is not None and self.dtp.implementation == "fast"
+        return self._plan is not None and self.dtp.implementation == "fast" and dim_major.enabled()
 
     def forward(self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor | None) -> torch.Tensor:
         # x: [E, irreps_in.dim] -> [E, irreps_out.dim]

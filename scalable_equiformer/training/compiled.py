@@ -60,6 +60,8 @@ import torch
 import torch._dynamo
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..nn import dim_major
+
 log = logging.getLogger(__name__)
 
 #: Dynamo's recompile_limit set here: compiled variants per traced graph before Dynamo runs it uncompiled
@@ -143,7 +145,8 @@ def trace_energy_and_forces(model, pos, z, batch_vec, edge_index, graph_ids,
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     # duck sizing off: an atom or edge count that happens to equal a parameter dimension (or each
     # other) must not become the same symbol, else the graph silently specialises to that equality
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
+    # the module path, not the fused one (nn/dim_major.module_path: inductor cannot lower its views)
+    with torch.fx.experimental._config.patch(use_duck_shape=False), dim_major.module_path():
         gm = make_fx(fn, tracing_mode="symbolic")(params, buffers, pos.detach(), z, batch_vec, edge_index, graph_ids)
     removed = 0 if keep_saved_detaches else strip_saved_detaches(gm, wrapper.grad_start)
     log.debug("traced energy and forces: %d nodes, %d saved-tensor detaches removed", len(gm.graph.nodes), removed)
