@@ -91,7 +91,7 @@ def test_inference_imports_no_training_module(module):
 #: package's own ``__init__.py``, the public API) sits above everything.
 LAYERS = [
     {"errors", "_lazy"},
-    {"runtime", "config_text", "checkpoint_io", "presets"},
+    {"runtime", "devices", "config_text", "checkpoint_io", "presets"},
     {"nn"},
     {"memory"},
     {"config", "config_sections", "data"},
