@@ -6,7 +6,7 @@ For each P, P gloo processes on this machine run, with the same weights:
   * a training step (energy, forces with create_graph, loss.backward) on a >= 1,000-atom system;
   * inference (energy and forces, no graph kept) on a >= 10,000-atom system;
 both tiles of the AT-AT frame (``--data``) on a grid, ``--gap`` Å apart, so neighbouring copies
-interact. Default model: the tiny model of ``tests/helpers/partitions.py`` (lmax 2, every
+interact. Default model: the tiny model of ``tools/partition_harness.py`` (lmax 2, every
 stage of the paper's model, a few thousand parameters) because the paper's model is slow on CPUs;
 ``--config NAME`` uses a config's model.
 
@@ -48,10 +48,10 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the partition harness: tests/helpers/partitions.py
+sys.path.insert(0, str(ROOT / "tools"))  # the partition harness: tools/partition_harness.py
 
 from scalable_equiformer.data import radius_graph  # noqa: E402
-from helpers import partitions as C  # noqa: E402
+import partition_harness as C  # noqa: E402
 from scalable_equiformer.memory import CHECKPOINTING, ForceRunner, Levers  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
@@ -234,7 +234,7 @@ def _main(args) -> int:
                     "device": "cpu", "backend": "gloo", "threads_per_rank": 1},
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype),
                   "irreps_node": str(model.irreps_node), "num_blocks": len(model.blocks),
-                  "cutoff": model.cutoff, "config": args.config or "tiny (tests/helpers/partitions.py tiny_model)",
+                  "cutoff": model.cutoff, "config": args.config or "tiny (tools/partition_harness.py tiny_model)",
                   "checkpointing": args.checkpointing},
         "systems": {k: {"atoms": int(s["pos"].shape[0]), "mode": k} for k, s in systems.items()},
         "runs": {},
