@@ -127,7 +127,7 @@ class EquiformerCalculator(Calculator):
             # a force loss at inference
             from .inference import load_model
 
-            self.model, self.config, info = load_model(self.checkpoint, device=self.device, configure=False)
+            self.model, self.config, info = load_model(self.checkpoint, device=self.device)
             if self.elements is None:
                 self.elements = info.get("elements")
         else:

@@ -172,7 +172,7 @@ def test_a_model_without_the_smooth_cutoff_warns_once(atat_checkpoint):
 
     from scalable_equiformer.inference import load_model
 
-    net, _, _ = load_model(atat_checkpoint, device="cpu", configure=False)
+    net, _, _ = load_model(atat_checkpoint, device="cpu")
     net.smooth_cutoff = False  # what a model of the md17_* configs (the original's cutoff) carries
     with pytest.warns(UserWarning, match="smooth_cutoff=false"):
         EquiformerModel(net, label="md17.pt")

@@ -189,7 +189,7 @@ def config_checkpoint(name: str, folder: Path) -> Path:
 def _model_info(checkpoint: Path, label: str, dtype) -> dict:
     from scalable_equiformer.inference import load_model
 
-    model, cfg, _ = load_model(checkpoint, device="cpu", dtype=dtype, configure=False)
+    model, cfg, _ = load_model(checkpoint, device="cpu", dtype=dtype)
     return {"model": label, "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype).split(".")[-1],
             "smooth_cutoff": bool(getattr(model, "smooth_cutoff", True)), "cutoff_A": float(model.cutoff)}
 

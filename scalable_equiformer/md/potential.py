@@ -104,7 +104,7 @@ class Potential:
         from ..runtime import parse_device
         from ..inference import load_model
 
-        model, config, info = load_model(checkpoint, device=parse_device(device), dtype=dtype, configure=False)
+        model, config, info = load_model(checkpoint, device=parse_device(device), dtype=dtype)
         kwargs.setdefault("elements", info.get("elements"))
         kwargs.setdefault("label", str(checkpoint))
         return cls(model, config=config, **kwargs)
