@@ -84,7 +84,7 @@ class Potential:
         self.dtype = model.dtype
         self.partitioned = None
         if int(partitions) > 1:
-            from ..calculator import partitioned_model
+            from ..parallel import partitioned_model
 
             self.partitioned = partitioned_model(model, int(partitions), group)
         self._warned: set[int] = set()

@@ -64,10 +64,12 @@ from .partitioned import (
     group_rank,
     group_size,
     make_groups,
+    partitioned_model,
 )
 
 __all__ = [
     "PartitionedModel",
+    "partitioned_model",
     "make_groups",
     "gradient_scale",
     "allreduce_gradients",
