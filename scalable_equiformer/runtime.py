@@ -176,8 +176,8 @@ def deepspeed_accelerator(device: torch.device) -> str:
                           f"unset DS_ACCELERATOR or set it to {want}")
     chosen = getattr(sys.modules.get("deepspeed.accelerator.real_accelerator"), "ds_accelerator", None)
     if chosen is not None and chosen.device_name() != want:
-        raise ConfigError(f"DeepSpeed already chose its {chosen.device_name()} accelerator in this process, but training "
-                          f"runs on {device} (train.device): one process cannot switch")
+        raise ConfigError(f"DeepSpeed already chose its {chosen.device_name()} accelerator in this process, but "
+                          f"training runs on {device} (train.device): one process cannot switch")
     os.environ["DS_ACCELERATOR"] = want
     return want
 
@@ -196,7 +196,8 @@ def configure_threads(info: DistInfo, device: torch.device) -> int:
     return torch.get_num_threads()
 
 
-def init_distributed(use_deepspeed: bool, device_name: str = "auto", timeout_s: float = 1800.0) -> tuple[DistInfo, torch.device]:
+def init_distributed(use_deepspeed: bool, device_name: str = "auto",
+                     timeout_s: float = 1800.0) -> tuple[DistInfo, torch.device]:
     """Initialise the process group this launch needs; return (DistInfo, device).
 
     One process without DeepSpeed: nothing is initialised. One process with DeepSpeed: a world
@@ -230,7 +231,8 @@ def init_distributed(use_deepspeed: bool, device_name: str = "auto", timeout_s: 
         if missing:
             from .errors import ConfigError
 
-            raise ConfigError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} not set: launch with torchrun or deepspeed")
+            raise ConfigError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} not set: "
+                              "launch with torchrun or deepspeed")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         torch.distributed.init_process_group(backend=info.backend, timeout=timeout, **kwargs)
     info.rank, info.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -56,15 +56,20 @@ def input_xml(structure: Union[str, Path], *, socket_name: str = "equiformer", m
         raise UserError(f"i-PI input: beads must be >= 1 and steps >= 0 (got {nbeads}, {steps})")
     thermostat = ("<thermostat mode='svr'><tau units='femtosecond'>{tau}</tau></thermostat>" if nbeads == 1 else
                   "<thermostat mode='pile_l'><tau units='femtosecond'>{tau}</tau></thermostat>").format(tau=tau_fs)
-    sock = (f"<ffsocket name='equiformer' mode='unix' pbc='false'><address>{socket_name}</address>" if tcp_port is None
-            else f"<ffsocket name='equiformer' mode='inet' pbc='false'><address>localhost</address><port>{tcp_port}</port>")
+    if tcp_port is None:
+        sock = f"<ffsocket name='equiformer' mode='unix' pbc='false'><address>{socket_name}</address>"
+    else:
+        sock = ("<ffsocket name='equiformer' mode='inet' pbc='false'><address>localhost</address>"
+                f"<port>{tcp_port}</port>")
+    trajectory = (f"<trajectory filename='pos' stride='{stride}' format='xyz' cell_units='angstrom'> "
+                  "x_centroid{angstrom} </trajectory>")
     return f"""<!-- i-PI input written by scalable_equiformer.md.ipi.input_xml: {mode.upper()}, {nbeads} bead(s) -->
 <simulation verbosity='low' safe_stride='{max(1, int(steps))}'>
   <output prefix='{prefix}'>
     <properties stride='{properties_stride}' filename='out' flush='1'>
       [ step, time{{picosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, potential{{electronvolt}} ]
     </properties>
-    <trajectory filename='pos' stride='{stride}' format='xyz' cell_units='angstrom'> x_centroid{{angstrom}} </trajectory>{extra_output}
+    {trajectory}{extra_output}
   </output>
   <total_steps>{int(steps)}</total_steps>
   <prng><seed>{int(seed)}</seed></prng>
@@ -112,7 +117,8 @@ def write_examples(folder: Union[str, Path], molecule: str = "atat", socket_name
     out = {"structure": xyz}
     for mode in ("nvt", "pimd"):
         out[mode] = folder / f"{mode}.xml"
-        out[mode].write_text(input_xml(xyz.name, socket_name=socket_name, mode=mode, steps=steps, prefix=mode, **kwargs))
+        out[mode].write_text(input_xml(xyz.name, socket_name=socket_name, mode=mode, steps=steps, prefix=mode,
+                                       **kwargs))
     return out
 
 

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SKIN = 1.0
 
 #: what the warning for a model trained without the smooth cutoff says (once per model).
-NOT_SMOOTH = ("{label}: this model was trained with model.smooth_cutoff=false (the original Equiformer's, e.g. the md17_* "
-              "configs): its energy jumps when a pair crosses the {cutoff:g} Å cutoff, so NVE runs drift; train with "
-              "model.smooth_cutoff=true (the md22_* and demo configs) for MD")
+NOT_SMOOTH = ("{label}: this model was trained with model.smooth_cutoff=false (the original Equiformer's, e.g. the "
+              "md17_* configs): its energy jumps when a pair crosses the {cutoff:g} Å cutoff, so NVE runs drift; train "
+              "with model.smooth_cutoff=true (the md22_* and demo configs) for MD")
 
 
 def warn_if_not_smooth(model, label: str) -> bool:

@@ -89,7 +89,8 @@ def measure(req: Request, *, timeout: Optional[float] = None, python: str = sys.
         proc = subprocess.run([python, "-m", "scalable_equiformer.profiling.worker", "--worker"],
                               input=req.to_json(), capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise ProfileError(f"measurement timed out after {timeout} s ({req.atoms or req.data}, batch {req.batch})") from None
+        raise ProfileError(f"measurement timed out after {timeout} s "
+                           f"({req.atoms or req.data}, batch {req.batch})") from None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
