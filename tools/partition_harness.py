@@ -221,7 +221,8 @@ def partitioned_step(pmodel, system, loss_scale: float = 1.0, reduce_grads: bool
     if system.get("eval"):  # inference: no graph kept; must equal model.eval() too
         model.eval()
         out = pmodel(_as_batch(system).to(device))
-        res["eval"] = {**{k: _cpu(v) for k, v in out.items()}, "requires_grad": any(v.requires_grad for v in out.values())}
+        res["eval"] = {**{k: _cpu(v) for k, v in out.items()},
+                       "requires_grad": any(v.requires_grad for v in out.values())}
         model.train()
     return res
 
