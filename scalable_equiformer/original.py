@@ -183,8 +183,17 @@ def map_original_state(original: dict[str, torch.Tensor], model: torch.nn.Module
                          f"(first: {', '.join(unexpected[:3])})")
         raise CheckpointError(f"{path}: does not map onto this model: {'; '.join(parts)} "
                               "(another architecture? check the --config)")
+    _apply_path_signs(model, original, mapped, path)
+    state = {k: v.detach().clone() for k, v in ours.items()}
+    for key, value in mapped.items():
+        state[key] = value.to(dtype=state[key].dtype)
+    return state
 
-    # the Clebsch-Gordan sign convention, per depth-wise tensor product and path
+
+def _apply_path_signs(model: torch.nn.Module, original: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor],
+                      path) -> None:
+    """The Clebsch-Gordan sign convention, per depth-wise tensor product and path: the weights in
+    ``mapped`` (this model's names) of each path whose sign differs are negated (new tensors)."""
     for name, module in model.named_modules():
         if not isinstance(module, DepthwiseTensorProduct):
             continue
@@ -204,11 +213,6 @@ def map_original_state(original: dict[str, torch.Tensor], model: torch.nn.Module
                 if sign < 0:
                     t.narrow(dim, sl.start, sl.stop - sl.start).neg_()
             mapped[key] = t
-
-    state = {k: v.detach().clone() for k, v in ours.items()}
-    for key, value in mapped.items():
-        state[key] = value.to(dtype=state[key].dtype)
-    return state
 
 
 def statistics_for_import(energy_mean: float, energy_std: float, num_atoms: int, force_rms: float | None = None,
