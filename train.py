@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="config file, or a name in configs/ (e.g. demo, md17_aspirin)")
     add_set_argument(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
-    p.add_argument("--local_rank", "--local-rank", type=nonnegative_int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    # the DeepSpeed launcher passes --local_rank
+    p.add_argument("--local_rank", "--local-rank", type=nonnegative_int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     overrides = args.overrides
     if args.local_rank is not None:
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (runtime.Terminated); a launcher's reaches every rank
-        if _rank() == 0 and not getattr(exc, "logged", False):  # the trainer logs where it stopped once it has a run folder
+        # the trainer logs where it stopped once it has a run folder
+        if _rank() == 0 and not getattr(exc, "logged", False):
             name = getattr(exc, "signal_name", "SIGINT (Ctrl-C)")
             if args.resume is not None:
                 print(f"stopped by {name} during set-up; {args.resume} is as it was: continue with: "

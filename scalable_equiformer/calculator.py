@@ -51,26 +51,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from . import runtime
 from .errors import UserError
-
-
-def partitioned_model(model: torch.nn.Module, partitions: int, group=None):
-    """``model`` over the ranks of ``group`` (a :class:`~scalable_equiformer.parallel.PartitionedModel`);
-    UserError without an initialised process group of ``partitions`` ranks."""
-    import torch.distributed as dist
-
-    from .parallel import PartitionedModel
-
-    P = int(partitions)
-    if not (dist.is_available() and dist.is_initialized()):
-        raise UserError(
-            f"partitions={P}: the calculator runs the graph over the ranks of an initialised torch.distributed "
-            f"process group and none is initialised in this process; run the same ASE script on {P} ranks "
-            f"(e.g. torchrun --nproc_per_node {P} md.py) and call torch.distributed.init_process_group first")
-    size = dist.get_world_size(group)
-    if size != P:
-        raise UserError(f"partitions={P}, but the process group has {size} ranks; pass group= a group of {P} ranks "
-                        "(e.g. the partition group of scalable_equiformer.parallel.make_groups)")
-    return PartitionedModel(model, group=group)
+from .parallel.partitioned import partitioned_model
 
 
 class EquiformerCalculator(Calculator):
@@ -127,7 +108,7 @@ class EquiformerCalculator(Calculator):
             # a force loss at inference
             from .inference import load_model
 
-            self.model, self.config, info = load_model(self.checkpoint, device=self.device, configure=False)
+            self.model, self.config, info = load_model(self.checkpoint, device=self.device)
             if self.elements is None:
                 self.elements = info.get("elements")
         else:

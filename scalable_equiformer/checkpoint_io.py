@@ -1,4 +1,5 @@
-"""Checkpoint files, read side (and the atomic file writes): plain ``torch.save`` dicts of tensors, numbers, strings, lists and dicts only.
+"""Checkpoint files, read side (and the atomic file writes): plain ``torch.save`` dicts of tensors,
+numbers, strings, lists and dicts only.
 
 They load with ``torch.load(path, weights_only=True)``; a file that holds anything else (pickled
 classes, functions) is refused, not executed. Written atomically: a temporary file in the same
@@ -408,7 +409,7 @@ def resolve_model_checkpoint(path) -> Path:
 
 
 __all__ = [
-    "FORMAT", "KIND", "WriteError", "os_reason", "atomic_write_bytes", "atomic_write_text", "write_json", "zip_problem",
-    "normalise_elements", "non_finite_tensor", "load_checkpoint", "element_label", "element_list", "check_atomic_numbers",
-    "clean_state", "load_model_state", "resolve_model_checkpoint",
+    "FORMAT", "KIND", "WriteError", "os_reason", "atomic_write_bytes", "atomic_write_text", "write_json",
+    "zip_problem", "normalise_elements", "non_finite_tensor", "load_checkpoint", "element_label", "element_list",
+    "check_atomic_numbers", "clean_state", "load_model_state", "resolve_model_checkpoint",
 ]

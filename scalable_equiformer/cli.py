@@ -122,7 +122,8 @@ def add_set_argument(parser: argparse.ArgumentParser, dest: str = "overrides",
                      help: str = "override a config key, e.g. --set train.max_epochs=10 data.root=data (repeatable)"):
     """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable, into one flat list ``args.<dest>`` (in the
     order given): the one definition of ``train.py``'s and every tool's ``--set``."""
-    return parser.add_argument("--set", dest=dest, action="extend", nargs="+", default=[], metavar="KEY=VALUE", help=help)
+    return parser.add_argument("--set", dest=dest, action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                               help=help)
 
 
 def output_file(text: str) -> Path:
@@ -145,5 +146,6 @@ def exit_on_user_error(fn: Callable[[], int]) -> int:
         return 2
 
 
-__all__ = ["ArgumentParser", "int_range", "positive_int", "nonnegative_int", "positive_float", "finite_float", "nonnegative_float",
-           "positive_int_list", "tile_spec", "memory_size", "add_set_argument", "output_file", "exit_on_user_error"]
+__all__ = ["ArgumentParser", "int_range", "positive_int", "nonnegative_int", "positive_float", "finite_float",
+           "nonnegative_float", "positive_int_list", "tile_spec", "memory_size", "add_set_argument", "output_file",
+           "exit_on_user_error"]

@@ -168,7 +168,9 @@ def coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> Any
     if origin_tp is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{origin}: {key}: expected a list, got {value!r}")
-        return [coerce(v, args[0], f"{key}[{i}]", origin, from_string) for i, v in enumerate(value)] if args else list(value)
+        if not args:
+            return list(value)
+        return [coerce(v, args[0], f"{key}[{i}]", origin, from_string) for i, v in enumerate(value)]
     if tp is dict or origin_tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{origin}: {key}: expected a mapping, got {value!r}")

@@ -16,7 +16,7 @@ from .errors import CheckpointError, UserError
 from .model import build_model
 
 
-def load_model(path, device=None, dtype=None, ema: bool = True, configure: bool = True):
+def load_model(path, device=None, dtype=None, ema: bool = True):
     """The trained model of a checkpoint, ready for inference: ``(model, config, info)``.
 
     The one loader behind ``tools/evaluate.py`` and the ASE calculator.
@@ -33,8 +33,6 @@ def load_model(path, device=None, dtype=None, ema: bool = True, configure: bool 
             ``last.pt``), else the live weights. ``ema=False`` asks for the live weights: those of
             ``last.pt`` (``live_model``); ``best.pt`` of an EMA run holds only the EMA weights
             (CheckpointError).
-        configure: ignored (kept for callers): the model computes by plain autograd; the
-            ``memory.*`` levers are training's and give the same numbers.
 
     Returns:
         model (eval mode, on ``device``), the run's :class:`~scalable_equiformer.config.Config`,

@@ -72,13 +72,16 @@ def read_original_checkpoint(path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, Exception) as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: holds objects other than tensors: refused (only plain state dicts are read)") from None
+            raise CheckpointError(f"{path}: holds objects other than tensors: refused "
+                                  "(only plain state dicts are read)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {first[:160]}") from None
     state = obj
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state = obj["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise CheckpointError(f"{path}: not an original Equiformer checkpoint (expected a dict with a 'state_dict' of tensors)")
+    tensors = isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+    if not tensors or not state:
+        raise CheckpointError(f"{path}: not an original Equiformer checkpoint "
+                              "(expected a dict with a 'state_dict' of tensors)")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     bad = non_finite_tensor(state)
@@ -144,7 +147,8 @@ def _weight_rows(dtp: DepthwiseTensorProduct) -> list[slice]:
     return out
 
 
-def map_original_state(original: dict[str, torch.Tensor], model: torch.nn.Module, path="checkpoint") -> dict[str, torch.Tensor]:
+def map_original_state(original: dict[str, torch.Tensor], model: torch.nn.Module,
+                       path="checkpoint") -> dict[str, torch.Tensor]:
     """This model's full state dict with the original's weights (see the module docstring).
 
     ``model`` must have the original's architecture (the config's irreps, blocks, heads, radial
@@ -172,12 +176,24 @@ def map_original_state(original: dict[str, torch.Tensor], model: torch.nn.Module
     if unexpected or missing:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} tensor(s) of this model missing from the file (first: {', '.join(missing[:3])})")
+            parts.append(f"{len(missing)} tensor(s) of this model missing from the file "
+                         f"(first: {', '.join(missing[:3])})")
         if unexpected:
-            parts.append(f"{len(unexpected)} tensor(s) of the file that this model has no place for (first: {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{path}: does not map onto this model: {'; '.join(parts)} (another architecture? check the --config)")
+            parts.append(f"{len(unexpected)} tensor(s) of the file that this model has no place for "
+                         f"(first: {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{path}: does not map onto this model: {'; '.join(parts)} "
+                              "(another architecture? check the --config)")
+    _apply_path_signs(model, original, mapped, path)
+    state = {k: v.detach().clone() for k, v in ours.items()}
+    for key, value in mapped.items():
+        state[key] = value.to(dtype=state[key].dtype)
+    return state
 
-    # the Clebsch-Gordan sign convention, per depth-wise tensor product and path
+
+def _apply_path_signs(model: torch.nn.Module, original: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor],
+                      path) -> None:
+    """The Clebsch-Gordan sign convention, per depth-wise tensor product and path: the weights in
+    ``mapped`` (this model's names) of each path whose sign differs are negated (new tensors)."""
     for name, module in model.named_modules():
         if not isinstance(module, DepthwiseTensorProduct):
             continue
@@ -197,11 +213,6 @@ def map_original_state(original: dict[str, torch.Tensor], model: torch.nn.Module
                 if sign < 0:
                     t.narrow(dim, sl.start, sl.stop - sl.start).neg_()
             mapped[key] = t
-
-    state = {k: v.detach().clone() for k, v in ours.items()}
-    for key, value in mapped.items():
-        state[key] = value.to(dtype=state[key].dtype)
-    return state
 
 
 def statistics_for_import(energy_mean: float, energy_std: float, num_atoms: int, force_rms: float | None = None,
@@ -226,7 +237,8 @@ __all__ = ["ORIGINAL_AVG_NUM_NEIGHBORS", "ORIGINAL_AVG_NUM_ATOMS", "read_origina
            "statistics_for_import"]
 
 
-def import_original(path, config, energy_mean: float, energy_std: float, num_atoms: int, force_rms: float | None = None):
+def import_original(path, config, energy_mean: float, energy_std: float, num_atoms: int,
+                    force_rms: float | None = None):
     """``(model, stats)``: this project's model built from ``config`` (the original's architecture and
     function) with the weights of the original checkpoint ``path``; energies in eV.
 
@@ -240,7 +252,8 @@ def import_original(path, config, energy_mean: float, energy_std: float, num_ato
     if m.energy_normalization != "total_mean_std" or m.smooth_cutoff:
         raise CheckpointError(f"{path}: the config must have the original's function to import it "
                               f"(model.energy_normalization=total_mean_std, model.smooth_cutoff=false; got "
-                              f"{m.energy_normalization}, smooth_cutoff={m.smooth_cutoff}): use a configs/md17_* config")
+                              f"{m.energy_normalization}, smooth_cutoff={m.smooth_cutoff}): "
+                              "use a configs/md17_* config")
     original = read_original_checkpoint(path)
     stats = statistics_for_import(energy_mean, energy_std, num_atoms, force_rms,
                                   avg_num_neighbors=m.avg_num_neighbors or ORIGINAL_AVG_NUM_NEIGHBORS,

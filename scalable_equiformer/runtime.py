@@ -3,10 +3,11 @@ the collectives every rank calls together, and the package's log handlers.
 
 Nothing here runs at import time; entry points call these functions once, early.
 
-* seeds, dtype, TF32: :func:`seed_everything`, :func:`torch_dtype`, :func:`default_dtype`,
-  :func:`configure_tf32`;
-* the device and the process group: :func:`select_device`, :func:`cuda_index`, :func:`launch_env`,
-  :func:`init_distributed`, :func:`shutdown_distributed`, :func:`current_dist_info`;
+* seeds: :func:`seed_everything`; dtype, TF32 and the device, parsed in :mod:`.devices` and
+  re-exported here: :data:`DTYPES`, :func:`torch_dtype`, :func:`parse_dtype`, :func:`default_dtype`,
+  :func:`configure_tf32`, :func:`select_device`, :func:`cuda_index`, :func:`parse_device`;
+* the process group: :func:`launch_env`, :func:`init_distributed`, :func:`shutdown_distributed`,
+  :func:`current_dist_info`;
 * collectives (no-ops on one process): :func:`broadcast_object`, :func:`barrier`,
   :func:`sum_over_ranks`, :func:`failed_ranks`, :func:`error_everywhere` (an error on one rank
   stops all ranks, none hangs);
@@ -51,97 +52,30 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+# dtypes and devices are parsed in .devices; here they stand beside the rest of the process-wide state
+from .devices import (
+    DTYPES,
+    configure_tf32,
+    cuda_index,
+    default_dtype,
+    parse_device,
+    parse_dtype,
+    select_device,
+    torch_dtype,
+)
+
 log = logging.getLogger(__name__)
 
-#: model dtype names -> torch dtypes: the one map of the package (:func:`torch_dtype`)
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-# ---- seeds, dtype, TF32 ---------------------------------------------------------------------
+# ---- seeds ---------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
-
-
-def parse_dtype(value) -> torch.dtype:
-    """A model dtype given by a user (``"float64"``, ``"torch.float64"`` or ``torch.float64``): one of
-    :data:`DTYPES`, else :class:`~scalable_equiformer.errors.UserError`."""
-    want = DTYPES.get(value.removeprefix("torch.")) if isinstance(value, str) else value
-    if want not in DTYPES.values():
-        from .errors import UserError
-
-        raise UserError(f"dtype must be float32 or float64, not {value}")
-    return want
-
-
-@contextlib.contextmanager
-def default_dtype(name_or_dtype) -> Iterator[None]:
-    """Set torch's default floating dtype inside the block; the previous one is restored."""
-    dtype = torch_dtype(name_or_dtype) if isinstance(name_or_dtype, str) else name_or_dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def configure_tf32(enabled: bool = False) -> None:
-    """TF32 matmuls on Ampere+ GPUs. Off by default: forces are gradients, and TF32's 10-bit
-    mantissa shows in them."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
-        torch.backends.cudnn.allow_tf32 = bool(enabled)
-
-
-# ---- device ---------------------------------------------------------------------------------
-
-def cuda_index(local_rank: int, device_count: int) -> int:
-    """The GPU of local rank ``local_rank``: ranks share the GPUs round robin (P partitions on
-    fewer GPUs, e.g. one, share them).
-
-    >>> [cuda_index(r, 1) for r in range(3)], [cuda_index(r, 2) for r in range(3)]
-    ([0, 0, 0], [0, 1, 0])
-    """
-    return int(local_rank) % max(int(device_count), 1)
-
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        from .errors import ConfigError
-
-        raise ConfigError("train.device: cuda requested but no CUDA device is available (use auto or cpu)")
-    index = cuda_index(local_rank, torch.cuda.device_count())
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def parse_device(device) -> torch.device:
-    """A device given by a user (a name such as ``"cuda:1"``, a ``torch.device``; None or ``"auto"``:
-    the GPU when CUDA is available, else the CPU); :class:`~scalable_equiformer.errors.UserError`
-    for CUDA on a machine without it."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
-
-        raise UserError(f"device {device} asked for, but CUDA is not available here; use device='cpu'")
-    return device
 
 
 # ---- distributed ----------------------------------------------------------------------------
@@ -242,8 +176,8 @@ def deepspeed_accelerator(device: torch.device) -> str:
                           f"unset DS_ACCELERATOR or set it to {want}")
     chosen = getattr(sys.modules.get("deepspeed.accelerator.real_accelerator"), "ds_accelerator", None)
     if chosen is not None and chosen.device_name() != want:
-        raise ConfigError(f"DeepSpeed already chose its {chosen.device_name()} accelerator in this process, but training "
-                          f"runs on {device} (train.device): one process cannot switch")
+        raise ConfigError(f"DeepSpeed already chose its {chosen.device_name()} accelerator in this process, but "
+                          f"training runs on {device} (train.device): one process cannot switch")
     os.environ["DS_ACCELERATOR"] = want
     return want
 
@@ -262,7 +196,8 @@ def configure_threads(info: DistInfo, device: torch.device) -> int:
     return torch.get_num_threads()
 
 
-def init_distributed(use_deepspeed: bool, device_name: str = "auto", timeout_s: float = 1800.0) -> tuple[DistInfo, torch.device]:
+def init_distributed(use_deepspeed: bool, device_name: str = "auto",
+                     timeout_s: float = 1800.0) -> tuple[DistInfo, torch.device]:
     """Initialise the process group this launch needs; return (DistInfo, device).
 
     One process without DeepSpeed: nothing is initialised. One process with DeepSpeed: a world
@@ -296,7 +231,8 @@ def init_distributed(use_deepspeed: bool, device_name: str = "auto", timeout_s: 
         if missing:
             from .errors import ConfigError
 
-            raise ConfigError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} not set: launch with torchrun or deepspeed")
+            raise ConfigError(f"WORLD_SIZE={info.world_size} but {', '.join(missing)} not set: "
+                              "launch with torchrun or deepspeed")
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         torch.distributed.init_process_group(backend=info.backend, timeout=timeout, **kwargs)
     info.rank, info.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -450,6 +386,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 __all__ = [
+    "DTYPES",
     "DistInfo",
     "Terminated",
     "sigterm_as_interrupt",
@@ -468,6 +405,8 @@ __all__ = [
     "default_dtype",
     "init_distributed",
     "launch_env",
+    "parse_device",
+    "parse_dtype",
     "patch_deepspeed_cpu",
     "seed_everything",
     "select_device",

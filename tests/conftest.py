@@ -3,13 +3,18 @@ processes on a 2-core machine, and oversubscribed threads made a tiny step ~100x
 
 ``--device cpu|cuda`` (default cpu): where the ``gpu_equivalence`` tests put their tensors
 (``tests/test_device_equivalence.py``; ``benchmarks/gpu/run.sh`` runs them with ``--device cuda``).
+``tools/`` is on ``sys.path`` (last): tests import the partition harness as ``partition_harness``.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the processes tests spawn
+# the partition harness, tools/partition_harness.py (appended: tools' script names shadow nothing)
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tools"))
 
 import torch  # noqa: E402
 

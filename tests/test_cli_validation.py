@@ -154,7 +154,8 @@ def test_evaluate_batch_size_must_be_positive(checkpoint, value, capsys):
     """Today: -1 evaluated 0 frames and reported MAE 0.0000 (exit 0); 0 used the default."""
     rc, out, err = _main("evaluate", [str(checkpoint), "--data", str(DEMO_DATA), "--batch-size", value], capsys)
     assert rc == 2 and out == "", out
-    assert err.strip() == f"error: evaluate.py: argument --batch-size: must be an integer >= 1, not '{value}' (see --help)"
+    assert err.strip() == (f"error: evaluate.py: argument --batch-size: must be an integer >= 1, not '{value}' "
+                           "(see --help)")
 
 
 def test_evaluate_json_naming_a_folder(checkpoint, tmp_path, capsys):
@@ -181,7 +182,8 @@ def test_memory_profile_gpu_memory_below_the_runtime_reserve(tmp_path, capsys):
     ("0GB", "must be > 0"),
 ])
 def test_memory_size_says_what_is_wrong(value, problem, capsys):
-    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", f"--gpu-memory={value}"], capsys)
+    rc, out, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--plan", f"--gpu-memory={value}"],
+                         capsys)
     assert rc == 2 and out == ""
     assert err.strip() == f"error: memory_profile.py: argument --gpu-memory: {value!r}: {problem} (see --help)"
 
@@ -194,7 +196,8 @@ def test_memory_profile_json_naming_a_folder(tmp_path, capsys):
 def test_binary_file_as_config(tmp_path, capsys):
     binary = tmp_path / "model.bin"
     binary.write_bytes(bytes(range(256)) * 8)
-    for name, argv in (("train", ["--config", str(binary)]), ("memory_profile", ["--config", str(binary), "--estimate-only"])):
+    for name, argv in (("train", ["--config", str(binary)]),
+                       ("memory_profile", ["--config", str(binary), "--estimate-only"])):
         rc, out, err = _main(name, argv, capsys)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1, (name, err)
@@ -221,7 +224,8 @@ def test_memory_profile_plan_across_nodes(capsys):
 @pytest.mark.parametrize("text,problem", [
     ("data: {path: x.npz}\ntrain: {max_epochs: 1}\ntrain: {max_epochs: 1500}\n",
      "line 3: key 'train' appears twice (first at line 2); YAML would keep only the last: remove or merge one"),
-    ("data: {path: x.npz, seed: -1}\n", "data.seed: must be an integer from 0 to 2**64-1 (a random-number seed), not -1"),
+    ("data: {path: x.npz, seed: -1}\n",
+     "data.seed: must be an integer from 0 to 2**64-1 (a random-number seed), not -1"),
 ])
 def test_train_refuses_duplicate_keys_and_negative_seeds_in_one_line(tmp_path, text, problem, capsys):
     cfg = tmp_path / "c.yaml"
@@ -233,7 +237,8 @@ def test_train_refuses_duplicate_keys_and_negative_seeds_in_one_line(tmp_path, t
 
 
 #: the arguments each tool with --set requires besides it
-SET_TOOLS = {"train": [], "memory_profile": [], "reproduce": ["md17"], "check_partitions": ["--data", "x.npz", "-P", "2"],
+SET_TOOLS = {"train": [], "memory_profile": [], "reproduce": ["md17"],
+             "check_partitions": ["--data", "x.npz", "-P", "2"],
              "import_original": ["c.pth.tar", "--config", "md17_aspirin", "--out", "m.pt"]}
 
 
@@ -246,14 +251,16 @@ def test_set_takes_several_keys_per_flag_in_every_tool(name, monkeypatch):
     assert len(parsers) == 1, name
     (p,) = parsers
     dest = next(a.dest for a in p._actions if "--set" in a.option_strings)
-    ns = p.parse_args(SET_TOOLS[name] + ["--set", "train.batch_size=2", "model.cutoff=4.0", "--set", "memory.precision=bf16"])
+    ns = p.parse_args(SET_TOOLS[name] + ["--set", "train.batch_size=2", "model.cutoff=4.0",
+                                         "--set", "memory.precision=bf16"])
     assert getattr(ns, dest) == ["train.batch_size=2", "model.cutoff=4.0", "memory.precision=bf16"]
 
 
 def test_memory_profile_applies_every_key_of_one_set(tmp_path, capsys):
     out = tmp_path / "p.json"
     rc, _, err = _main("memory_profile", ["--config", "demo", "--estimate-only", "--set", "train.batch_size=2",
-                                          "model.cutoff=4.0", "--set", "memory.precision=bf16", "--json", str(out)], capsys)
+                                          "model.cutoff=4.0", "--set", "memory.precision=bf16", "--json", str(out)],
+                     capsys)
     assert rc in (0, None), err
     data = json.loads(out.read_text())
     assert data["batch"] == 2 and data["model"]["cutoff"] == 4.0 and data["runs"][0]["lever_set"] == "bf16"

@@ -50,7 +50,8 @@ def test_bad_config_names_the_key(tmp_path, text, override, match):
 
 
 def test_dump_round_trip(tmp_path):
-    cfg = load_config("demo", ["train.max_epochs=3", "deepspeed.extra={\"zero_optimization\": {\"overlap_comm\": true}}",
+    cfg = load_config("demo", ["train.max_epochs=3",
+                               "deepspeed.extra={\"zero_optimization\": {\"overlap_comm\": true}}",
                                "train.ema_decay=0.99", "model.radial_hidden=[16, 16]"])
     text = cfg.dump(tmp_path / "config.yaml")
     assert "Å" in text and "from --set" in text
@@ -100,11 +101,13 @@ PAPER_MD17 = {  # molecule: (lr L2, force weight L2, lr L3, force weight L3)
 @pytest.mark.parametrize("mol", sorted(PAPER_MD17))
 def test_md17_configs_follow_the_paper(mol):
     lr2, fw2, lr3, fw3 = PAPER_MD17[mol]
-    for name, lmax, epochs, batch, lr, fw in ((f"md17_{mol}", 2, 1500, 8, lr2, fw2), (f"md17_{mol}_l3", 3, 2000, 5, lr3, fw3)):
+    for name, lmax, epochs, batch, lr, fw in ((f"md17_{mol}", 2, 1500, 8, lr2, fw2),
+                                              (f"md17_{mol}_l3", 3, 2000, 5, lr3, fw3)):
         c = load_config(name)
         assert (c.model.lmax, c.train.max_epochs, c.train.batch_size) == (lmax, epochs, batch)
         assert (c.optim.lr, c.train.force_weight, c.train.energy_weight) == (lr, fw, 1.0)
-        assert (c.optim.weight_decay, c.optim.scheduler, c.optim.warmup_epochs, c.optim.min_lr) == (1e-6, "cosine", 10, 1e-6)
+        assert (c.optim.weight_decay, c.optim.scheduler, c.optim.warmup_epochs, c.optim.min_lr) == \
+            (1e-6, "cosine", 10, 1e-6)
         assert (c.data.train_size, c.data.val_size, c.data.seed, c.model.cutoff) == (950, 50, 1, 5.0)
         assert c.data.name == ("md17_benzene2017" if mol == "benzene" else f"md17_{mol}")
     assert load_config(f"md17_{mol}_l3").model.irreps_node == "128x0e+64x1e+64x2e+32x3e"
@@ -181,7 +184,8 @@ def test_configs_point_to_readme_sections_that_exist():
     """The configs pointed to a README section "Deviations from the original" that had been renamed."""
     import re
 
-    headings = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", (CONFIG_DIR.parent / "README.md").read_text(), re.M)}
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    headings = {m.group(1).strip() for m in re.finditer(r"^#+ (.+)$", readme, re.M)}
     pointers = [(p.name, m.group(1)) for p in sorted(CONFIG_DIR.glob("*.yaml"))
                 for m in re.finditer(r'README, "([^"]+)"', p.read_text())]
     assert pointers and all(title in headings for _, title in pointers), [x for x in pointers if x[1] not in headings]
@@ -210,16 +214,19 @@ def _write_at(path: Path, text: str) -> Path:
 def test_a_base_is_extended_key_by_key(tmp_path):
     from scalable_equiformer.config_text import read_config
 
-    _write_at(tmp_path / "presets" / "a.yaml", "train: {max_epochs: 3, batch_size: 2}\noptim: {lr: 0.1}\nmodel: {lmax: 2}\n")
+    _write_at(tmp_path / "presets" / "a.yaml",
+              "train: {max_epochs: 3, batch_size: 2}\noptim: {lr: 0.1}\nmodel: {lmax: 2}\n")
     _write_at(tmp_path / "presets" / "b.yaml", "base: presets/a\ntrain: {batch_size: 4}\nmodel:\n")
     top = _write_at(tmp_path / "c.yaml", "base: presets/b.yaml\noptim: {lr: 0.2, min_lr: 0.0}\n")
     raw, text = read_config(top, tmp_path)
-    assert raw == {"train": {"max_epochs": 3, "batch_size": 4}, "optim": {"lr": 0.2, "min_lr": 0.0}, "model": {"lmax": 2}}
+    assert raw == {"train": {"max_epochs": 3, "batch_size": 4}, "optim": {"lr": 0.2, "min_lr": 0.0},
+                   "model": {"lmax": 2}}
     assert text.startswith("base: presets/b.yaml")
 
 
 def test_a_config_anywhere_can_start_from_a_shipped_preset(tmp_path):
-    path = _write_at(tmp_path / "mine.yaml", "base: presets/md17_l3\ndata: {name: md17_ethanol}\ntrain: {max_epochs: 7}\n")
+    path = _write_at(tmp_path / "mine.yaml",
+                     "base: presets/md17_l3\ndata: {name: md17_ethanol}\ntrain: {max_epochs: 7}\n")
     cfg = load_config(path)
     assert (cfg.model.lmax, cfg.train.batch_size, cfg.train.max_epochs, cfg.data.name) == (3, 5, 7, "md17_ethanol")
     assert cfg.sources["model.lmax"] == str(path)  # a preset's values count as the file's
@@ -229,7 +236,8 @@ def test_a_config_anywhere_can_start_from_a_shipped_preset(tmp_path):
     ({"c.yaml": "base: presets/none\n"}, r"c.yaml: base: no such preset configs/presets/none.yaml"),
     ({"c.yaml": "base: ../outside\n"}, r"c.yaml: base: '../outside' is outside configs/"),
     ({"c.yaml": "base: [a]\n"}, r"c.yaml: base: expected the name of a preset under configs/"),
-    ({"c.yaml": "base: a\n", "a.yaml": "base: c\n"}, r"a.yaml: base: the chain of presets loops \(.*c.yaml -> .*a.yaml -> .*c.yaml\)"),
+    ({"c.yaml": "base: a\n", "a.yaml": "base: c\n"},
+     r"a.yaml: base: the chain of presets loops \(.*c.yaml -> .*a.yaml -> .*c.yaml\)"),
     ({"c.yaml": "base: a\n", "a.yaml": "- 1\n"}, r"a.yaml: expected a mapping of sections, got list"),
     ({"c.yaml": "base: a\n", "a.yaml": "x: [\n"}, r"a.yaml: line 2 not valid YAML"),
 ])

@@ -216,7 +216,8 @@ def _bad_cases(tmp: Path):
     yield "F_shape", _write(tmp / "F_shape.npz", **{**g, "F": g["F"][:, :2]}), "forces shape"
     yield "z_shape", _write(tmp / "z_shape.npz", **{**g, "z": g["z"][:2]}), "atomic numbers shape"
     yield "E_shape", _write(tmp / "E_shape.npz", **{**g, "E": g["E"][:3]}), "energies shape"
-    yield "R_shape", _write(tmp / "R_shape.npz", **{**g, "R": g["R"][..., :2], "F": g["F"][..., :2]}), "positions have shape"
+    yield ("R_shape", _write(tmp / "R_shape.npz", **{**g, "R": g["R"][..., :2], "F": g["F"][..., :2]}),
+           "positions have shape")
     nan = g["F"].copy()
     nan[2, 1, 0] = np.nan
     yield "nan", _write(tmp / "nan.npz", **{**g, "F": nan}), "NaN or inf .* first at frame 2"

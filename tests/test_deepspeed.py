@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from test_train_common import (
-    PY, REPO, empty_config, epoch_rows, free_port, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_in_process,
+    PY, REPO, empty_config, epoch_rows, free_port, launch, read_metrics, results, sets, tiny_config, tiny_overrides,
+    train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,8 @@ def test_torchrun_two_ranks_plain_data_parallel_equals_one_process(reference, tm
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone logs
     _same_trajectory(reference / "fp64", tmp_path / "dp", rel=1e-8)
     r = results(tmp_path / "dp")
-    assert r["test_force_mae_meV_per_A"] == pytest.approx(results(reference / "fp64")["test_force_mae_meV_per_A"], rel=1e-8)
+    expected = results(reference / "fp64")["test_force_mae_meV_per_A"]
+    assert r["test_force_mae_meV_per_A"] == pytest.approx(expected, rel=1e-8)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -173,7 +175,8 @@ def test_deepspeed_config_from_typed_config():
 
     cfg = load_config(None, ["data.path=x", "train.batch_size=8", "memory.micro_batch_size=2", "train.grad_clip=10",
                              "deepspeed.zero_stage=3", "memory.precision=bf16",
-                             'deepspeed.extra={"zero_optimization": {"overlap_comm": true}, "flops_profiler": {"enabled": false}}'])
+                             'deepspeed.extra={"zero_optimization": {"overlap_comm": true}, '
+                             '"flops_profiler": {"enabled": false}}'])
     plan = BatchPlan.from_config(cfg, dp_world=2)
     assert (plan.micro_batch_size, plan.grad_accum) == (2, 2)
     ds = deepspeed_config(cfg, plan, world_size=2)

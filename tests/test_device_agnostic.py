@@ -100,7 +100,7 @@ def test_bf16_step_under_cuda_autocast_rules(strategy, chunk):
     from helpers.cuda_autocast import cuda_autocast_policy
     from scalable_equiformer.memory import ForceRunner, Levers
     from scalable_equiformer.memory.precision import autocast
-    from helpers import partitions as C
+    import partition_harness as C
     from scalable_equiformer.profiling.measured_step import make_batch
     from scalable_equiformer.data.dataset import PACKAGE_DIR
 
@@ -148,7 +148,7 @@ def empty(*a, **k):
 torch.empty = empty
 from scalable_equiformer import runtime
 from scalable_equiformer.config import load_config
-from helpers import partitions as C
+import partition_harness as C
 from scalable_equiformer.profiling import measured_step
 from scalable_equiformer.training.batches import BatchPlan
 from scalable_equiformer.training.engine import DeepSpeedEngine
@@ -176,8 +176,9 @@ def _zero_step(tmp_path, stage, dtype):
     import subprocess
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    tests = os.path.dirname(os.path.abspath(__file__))  # the script imports helpers.partitions (and this checkout)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(tests), tests, env.get("PYTHONPATH")]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, and the script
+    tools = os.path.join(root, "tools")  # imports partition_harness
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, tools, env.get("PYTHONPATH")]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-c", ZERO_STEP, str(stage), dtype],

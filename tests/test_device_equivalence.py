@@ -33,7 +33,7 @@ from scalable_equiformer.config import load_config
 from scalable_equiformer.memory import force_checkpoint as fc
 from scalable_equiformer.memory import ForceRunner, Levers
 from scalable_equiformer.memory.precision import autocast
-from helpers import partitions as C
+import partition_harness as C
 from scalable_equiformer.profiling import measured_step
 from scalable_equiformer.data.dataset import PACKAGE_DIR
 

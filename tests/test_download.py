@@ -141,7 +141,8 @@ def test_not_an_npz_served(server, tmp_path, tiny_atat, capsys):
 
 def test_rmd17_archive(server, tmp_path, monkeypatch):
     srv, url = server
-    real = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "rmd17_ethanol_100_metatrain_rmd17keys.npz"
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    real = shared / "data" / "real" / "rmd17_ethanol_100_metatrain_rmd17keys.npz"
     if not real.exists():
         pytest.skip(f"shared data file {real} not present")
     monkeypatch.setitem(CATALOG, "rmd17_ethanol", dataclasses.replace(CATALOG["rmd17_ethanol"], num_frames=100))

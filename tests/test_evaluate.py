@@ -25,8 +25,8 @@ def _json(path):
 
 def test_evaluate_reproduces_the_test_metrics_of_the_run(trained, tmp_path):
     out = tmp_path / "m.json"
-    proc = launch([PY, EVALUATE, str(trained / "best.pt"), "--data", str(DEMO_DATA), "--split", "test", "--json", str(out)],
-                  cwd=tmp_path)
+    proc = launch([PY, EVALUATE, str(trained / "best.pt"), "--data", str(DEMO_DATA), "--split", "test",
+                   "--json", str(out)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "meV per molecule" in proc.stdout and "meV/Å" in proc.stdout
     m, r = _json(out), results(trained)
@@ -44,12 +44,13 @@ def test_two_rank_evaluation_equals_one_rank(trained, tmp_path):
     args = [str(trained / "best.pt"), "--data", str(DEMO_DATA), "--split", "test", "--batch-size", "8"]
     p1 = launch([PY, EVALUATE, *args, "--json", str(one)], cwd=tmp_path)
     assert p1.returncode == 0, p1.stderr[-3000:]
-    p2 = launch([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), EVALUATE,
-                 *args, "--json", str(two)], cwd=tmp_path)
+    p2 = launch([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                 EVALUATE, *args, "--json", str(two)], cwd=tmp_path)
     assert p2.returncode == 0, p2.stderr[-3000:]
     a, b = _json(one), _json(two)
     assert a["n_frames"] == b["n_frames"] == 20
-    for k in ("energy_mae_meV", "force_mae_meV_per_A", "energy_rmse_meV", "force_rmse_meV_per_A", "force_l2mae_meV_per_A"):
+    for k in ("energy_mae_meV", "force_mae_meV_per_A", "energy_rmse_meV", "force_rmse_meV_per_A",
+              "force_l2mae_meV_per_A"):
         assert b[k] == pytest.approx(a[k], rel=1e-12), k
 
 
@@ -93,7 +94,8 @@ def test_evaluate_bad_input_is_one_line(trained, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not a readable checkpoint" in lines[0]
-    proc = launch([PY, EVALUATE, str(trained / "best.pt"), "--data", "md17_aspirin", "--root", str(tmp_path)], cwd=tmp_path)
+    proc = launch([PY, EVALUATE, str(trained / "best.pt"), "--data", "md17_aspirin", "--root", str(tmp_path)],
+                  cwd=tmp_path)
     assert proc.returncode == 2 and "tools/download.py" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -109,9 +111,11 @@ def test_partitioned_evaluation_equals_one_process(trained, tmp_path):
     assert "over 2 partitions" in p2.stdout and p2.stdout.count("wrote ") == 1  # rank 0 reports
     a, b = _json(one), _json(two)
     assert a["n_frames"] == b["n_frames"] == 10 and b["partitions"] == 2
-    for k in ("energy_mae_meV", "force_mae_meV_per_A", "energy_rmse_meV", "force_rmse_meV_per_A", "force_l2mae_meV_per_A"):
+    for k in ("energy_mae_meV", "force_mae_meV_per_A", "energy_rmse_meV", "force_rmse_meV_per_A",
+              "force_l2mae_meV_per_A"):
         assert b[k] == pytest.approx(a[k], rel=1e-9), k
-    bad = launch([PY, EVALUATE, str(trained), "--data", str(tmp_path / "missing.npz"), "--partitions", "2"], cwd=tmp_path)
+    bad = launch([PY, EVALUATE, str(trained), "--data", str(tmp_path / "missing.npz"), "--partitions", "2"],
+                 cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr[-2000:]
 
 
@@ -184,8 +188,9 @@ def test_evaluate_names_the_file_it_writes_and_says_when_it_replaces_one(trained
     first = _json(dest)
     rc, out, err = _evaluate_main(argv + ["--batch-size", "2"], capsys)
     assert rc == 0 and out.splitlines()[-1] == f"wrote {dest}"
-    assert err.splitlines() == [f"warning: {dest} held an earlier result ({first['checkpoint']} epoch {first['epoch']}, "
-                                f"test split, force MAE {first['force_mae_meV_per_A']:.4f} meV/Å): replaced by this one"]
+    assert err.splitlines() == [f"warning: {dest} held an earlier result ({first['checkpoint']} "
+                                f"epoch {first['epoch']}, test split, force MAE {first['force_mae_meV_per_A']:.4f} "
+                                "meV/Å): replaced by this one"]
     other = trained / "results.json"  # the run's own results, given as --json by mistake: kept
     before = other.read_text()
     rc, out, err = _evaluate_main(argv + ["--json", str(other)], capsys)

@@ -20,7 +20,9 @@ from scalable_equiformer.calculator import EquiformerCalculator
 from scalable_equiformer.data import load_dataset
 from scalable_equiformer.data.statistics import compute_statistics
 from scalable_equiformer.errors import DataError, UserError
-from test_train_common import DEMO_DATA, empty_config, launch, sets, tiny_config, tiny_overrides, train_cmd, train_in_process
+from test_train_common import (
+    DEMO_DATA, empty_config, launch, sets, tiny_config, tiny_overrides, train_cmd, train_in_process,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -129,7 +131,8 @@ def test_readers_refuse_periodic_frames(tmp_path):
     with pytest.raises(DataError) as err:
         load_dataset(periodic)
     msg = _one_line(err)
-    assert msg.startswith(f"{periodic}: frame 0 is periodic (pbc=TTT, cell 6 x 6 x 6 Å)") and "isolated molecules" in msg
+    assert msg.startswith(f"{periodic}: frame 0 is periodic (pbc=TTT, cell 6 x 6 x 6 Å)")
+    assert "isolated molecules" in msg
     lattice = _write_npz(tmp_path / "lattice.npz", **a, lattice=np.eye(3) * 6.0)  # sGDML's periodic sets
     with pytest.raises(DataError) as err:
         load_dataset(lattice)
@@ -169,8 +172,8 @@ def _train_refuses(tmp_path, data, *extra) -> str:
 
 def test_training_refuses_a_graph_without_edges_before_the_run_folder(tmp_path):
     msg = _train_refuses(tmp_path, DEMO_DATA, "model.cutoff=0.5")
-    assert msg.startswith(f"{DEMO_DATA}: no two atoms are closer than model.cutoff = 0.5 Å in the 16 training frames read "
-                          "(shortest distance ")
+    assert msg.startswith(f"{DEMO_DATA}: no two atoms are closer than model.cutoff = 0.5 Å in the 16 training "
+                          "frames read (shortest distance ")
     assert "the radius graph has no edges; raise model.cutoff" in msg
 
 
@@ -188,7 +191,8 @@ def test_training_refuses_one_atom_molecules_and_zero_forces(tmp_path):
 def test_cli_refuses_a_periodic_extxyz_in_one_line_before_the_run_folder(tmp_path):
     data = _write_extxyz(tmp_path / "periodic.extxyz", _demo_arrays(40), 'Lattice="8 0 0 0 8 0 0 0 8" pbc="T T T"')
     out = tmp_path / "runs"
-    proc = launch(train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(out, f"data.path={data}"))), cwd=tmp_path, timeout=240)
+    proc = launch(train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(out, f"data.path={data}"))),
+                  cwd=tmp_path, timeout=240)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert lines[0].startswith(f"error: {data}: frame 0 is periodic (pbc=TTT")
@@ -200,7 +204,8 @@ def test_cli_names_the_assumed_unit_and_refuses_zero_forces(tmp_path):
     a = _demo_arrays(40)
     data = _write_npz(tmp_path / "nounit.npz", R=a["R"], E=a["E"], F=np.zeros_like(a["F"]), z=a["z"])
     out = tmp_path / "runs"
-    proc = launch(train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(out, f"data.path={data}"))), cwd=tmp_path, timeout=240)
+    proc = launch(train_cmd("--config", empty_config(tmp_path), *sets(tiny_overrides(out, f"data.path={data}"))),
+                  cwd=tmp_path, timeout=240)
     assert f"{data}: no energy unit marker in the file; energies and forces read as kcal/mol" in proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -248,7 +253,8 @@ def test_assumed_unit_is_logged_and_implausible_energies_warned(tmp_path, data_l
     data_log.clear()
     # an extxyz in kcal/mol read with the ASE default (eV): 23 times too large
     xyz = tmp_path / "kcal_as_ev.extxyz"
-    xyz.write_text(_write_extxyz(tmp_path / "tmp.extxyz", a, 'pbc="F F F"').read_text().replace(" energy_unit=kcal/mol", ""))
+    text = _write_extxyz(tmp_path / "tmp.extxyz", a, 'pbc="F F F"').read_text()
+    xyz.write_text(text.replace(" energy_unit=kcal/mol", ""))
     load_dataset(xyz)
     msgs = [(r.levelno, r.getMessage()) for r in data_log]
     assert (logging.INFO, f"{xyz}: no energy unit marker in the file; energies and forces read as eV "

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from scalable_equiformer.data import radius_graph
-from helpers.partitions import load_frames, stack_frames, tile_system
+from partition_harness import load_frames, stack_frames, tile_system
 from scalable_equiformer.parallel.halo import halo_exchange, sum_replicated
 from scalable_equiformer.parallel.partition import partition_graph
 

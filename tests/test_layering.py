@@ -91,7 +91,7 @@ def test_inference_imports_no_training_module(module):
 #: package's own ``__init__.py``, the public API) sits above everything.
 LAYERS = [
     {"errors", "_lazy"},
-    {"runtime", "config_text", "checkpoint_io", "presets"},
+    {"runtime", "devices", "config_text", "checkpoint_io", "presets"},
     {"nn"},
     {"memory"},
     {"config", "config_sections", "data"},
@@ -143,7 +143,8 @@ def test_the_layer_check_sees_an_upward_import():
     """The check is not vacuous: the building blocks reaching up into the data layer (as
     ``nn/equiformer.py`` once did for the radius graph) or ``from .. import model`` are found."""
     me = "scalable_equiformer.nn.equiformer"
-    assert _upward(me, [("scalable_equiformer.data.graph", ["radius_graph"])]) == {(me, "scalable_equiformer.data.graph")}
+    assert _upward(me, [("scalable_equiformer.data.graph", ["radius_graph"])]) == \
+        {(me, "scalable_equiformer.data.graph")}
     assert _upward(me, [("scalable_equiformer", ["model", "errors"])]) == {(me, "scalable_equiformer.model")}
     assert _upward(me, [("scalable_equiformer.nn.graph", ["radius_graph"]), ("torch", [])]) == set()
     assert _package_module(PACKAGE / "data" / "__init__.py") == "scalable_equiformer.data"

@@ -181,8 +181,8 @@ def test_mlmm_periodic_box_needs_mlLongRange_false(atat_checkpoint):
     mm = ff.createSystem(modeller.topology, nonbondedMethod=app.PME, nonbondedCutoff=0.8 * unit.nanometer,
                          constraints=app.HBonds)
     mlp = MLPotential("equiformer", checkpoint=str(atat_checkpoint))
-    with pytest.raises(UserError, match=r"^\S*best.pt: the System is periodic, and this model is for isolated molecules.*"
-                                        r"pass mlLongRange=False to createMixedSystem") as info:
+    with pytest.raises(UserError, match=r"^\S*best.pt: the System is periodic, and this model is for isolated "
+                                        r"molecules.*pass mlLongRange=False to createMixedSystem") as info:
         mlp.createMixedSystem(modeller.topology, mm, solute)
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="no long-range terms"):
@@ -235,7 +235,8 @@ def test_bad_input_is_refused_in_one_line(atat_checkpoint, atat, tmp_path):
     small = openmm.System()
     for _ in range(10):
         small.addParticle(12.0)
-    refused(lambda: mlp.createMixedSystem(top, small, [0, 1]), r"the topology has 60 atoms but the System has 10 particles")
+    refused(lambda: mlp.createMixedSystem(top, small, [0, 1]),
+            r"the topology has 60 atoms but the System has 10 particles")
     system = openmm.System()
     for atom in top.atoms():
         system.addParticle(atom.element.mass)
@@ -286,8 +287,8 @@ def test_md_openmm_tool_runs_the_readme_commands(atat_checkpoint, tmp_path):
     vac, solv = tmp_path / "vacuum", tmp_path / "solvated"
     out = _tool("--checkpoint", atat_checkpoint, "--molecule", "atat", "--steps", 6, "--report-every", 2, "--out", vac)
     assert out.returncode == 0, out.stderr
-    out = _tool("--checkpoint", atat_checkpoint, "--molecule", "peptide", "--solvate", "--padding", 0.5, "--minimise", 20,
-                "--steps", 4, "--timestep", 1, "--report-every", 2, "--out", solv)
+    out = _tool("--checkpoint", atat_checkpoint, "--molecule", "peptide", "--solvate", "--padding", 0.5,
+                "--minimise", 20, "--steps", 4, "--timestep", 1, "--report-every", 2, "--out", solv)
     assert out.returncode == 0, out.stderr
     assert "ML/MM" in out.stdout and "42 on the model" in out.stdout
     for folder, frames, atoms in ((vac, 3, 60), (solv, 2, None)):
@@ -304,10 +305,11 @@ def test_md_openmm_tool_runs_the_readme_commands(atat_checkpoint, tmp_path):
 def test_md_openmm_tool_errors_are_one_line(atat_checkpoint, tmp_path):
     out = _tool("--checkpoint", atat_checkpoint, "--molecule", "atat", "--solvate", "--steps", 2, "--out", tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: --solvate AT-AT_xtb_500K_20frames.npz: "
-                                                                         "Amber14 cannot model this molecule"), out.stderr
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith(
+        "error: --solvate AT-AT_xtb_500K_20frames.npz: Amber14 cannot model this molecule"), out.stderr
     out = _tool("--checkpoint", atat_checkpoint, "--molecule", tmp_path / "none.pdb", "--out", tmp_path)
     assert out.returncode == 2 and out.stderr.strip() == f"error: --molecule {tmp_path / 'none.pdb'}: no such file " \
                                                           "(give atat, peptide or a PDB file)"
     out = _tool("--checkpoint", atat_checkpoint, "--steps", 0)
-    assert out.returncode == 2 and out.stderr.startswith("error: md_openmm.py: argument --steps: must be an integer >= 1")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: md_openmm.py: argument --steps: must be an integer >= 1")

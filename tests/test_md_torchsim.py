@@ -134,8 +134,9 @@ def test_langevin_nvt_and_fire_relaxation_of_a_batch_through_torchsim_runners(mo
 
     start = model(ts.io.atoms_to_state(mols, model.device, model.dtype))["energy"]
     with pytest.warns(UserWarning, match="max steps"):  # the 2-epoch model's surface is soft: 40 steps do not converge
+        converged = ts.generate_force_convergence_fn(force_tol=0.01, include_cell_forces=False)
         relaxed = ts.optimize(system=mols, model=model, optimizer=ts.optimizers.fire, max_steps=40,
-                              convergence_fn=ts.generate_force_convergence_fn(force_tol=0.01, include_cell_forces=False))
+                              convergence_fn=converged)
     assert relaxed.n_systems == 2 and torch.isfinite(relaxed.positions).all()
     end = model(relaxed)["energy"]
     assert torch.equal(end, relaxed.energy)  # the state's energy is the model's at the relaxed geometry
@@ -172,7 +173,7 @@ def test_a_model_without_the_smooth_cutoff_warns_once(atat_checkpoint):
 
     from scalable_equiformer.inference import load_model
 
-    net, _, _ = load_model(atat_checkpoint, device="cpu", configure=False)
+    net, _, _ = load_model(atat_checkpoint, device="cpu")
     net.smooth_cutoff = False  # what a model of the md17_* configs (the original's cutoff) carries
     with pytest.warns(UserWarning, match="smooth_cutoff=false"):
         EquiformerModel(net, label="md17.pt")
@@ -185,7 +186,8 @@ def test_the_benchmark_function_reports_a_batch(atat_checkpoint, molecules):
     """tools/bench_md_torchsim.py's bench_torchsim: the counts and the derived figures (no timing asserted)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_md_torchsim", DEMO.parents[1] / "tools" / "bench_md_torchsim.py")
+    spec = importlib.util.spec_from_file_location("bench_md_torchsim",
+                                                  DEMO.parents[1] / "tools" / "bench_md_torchsim.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tool.bench_torchsim(atat_checkpoint, [molecules[0]] * 3, steps=2, timestep_fs=0.5, warmup=1, device="cpu")

@@ -103,8 +103,9 @@ def test_profiler_alloc_meter_is_deterministic():
 
 def test_census_command_line(tmp_path):
     out = tmp_path / "census.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "memory_census.py"), "--config", "tiny", "--atoms", "14",
-                           "--top", "5", "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "memory_census.py"), "--config", "tiny",
+                           "--atoms", "14", "--top", "5", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     rec = json.loads(out.read_text())
     assert rec["atoms"] == 14 and rec["edges"] == systems.count_edges(systems.synthetic_molecule(14)[1], 5.0)

@@ -56,7 +56,8 @@ def _step(model, batch, strategy, chunk=None, seed=5, training=True, keep=0):
     out = ForceRunner(Levers(strategy, edge_chunk_size=chunk, keep_blocks=keep))(model, batch, training=training)
     if not training:
         return out["energy"], out["forces"], {}
-    loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(out["forces"] - batch.forces, dim=-1).mean()
+    loss = (out["energy"] - batch.energy).abs().sum() \
+        + 80 * torch.linalg.vector_norm(out["forces"] - batch.forces, dim=-1).mean()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out["energy"].detach(), out["forces"].detach(), grads
@@ -218,7 +219,8 @@ def _precision_step(model, batch, precision, strategy="none"):
     model.zero_grad(set_to_none=True)
     with autocast(precision, "cpu"):
         out = ForceRunner(Levers(strategy))(model, batch, training=True)
-    loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(out["forces"].float() - batch.forces, dim=-1).mean()
+    loss = (out["energy"] - batch.energy).abs().sum() \
+        + 80 * torch.linalg.vector_norm(out["forces"].float() - batch.forces, dim=-1).mean()
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return out["energy"].detach(), out["forces"].detach().float(), grads

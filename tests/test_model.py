@@ -40,7 +40,8 @@ def _batch(dtype=torch.float64):
 def test_paper_parameter_counts(lmax, expected):
     """The original's MD17 models (nonlinear message, MLP attention, 32 exp-normal radial functions):
     3.50 M parameters at Lmax 2 and 5.50 M at Lmax 3. Built only, never run."""
-    cfg = ModelConfig(lmax=lmax, avg_num_neighbors=15.57930850982666, avg_num_atoms=18.03065905448718, **PAPER_IRREPS[lmax])
+    cfg = ModelConfig(lmax=lmax, avg_num_neighbors=15.57930850982666, avg_num_atoms=18.03065905448718,
+                      **PAPER_IRREPS[lmax])
     n = sum(p.numel() for p in build_model(cfg).parameters())
     assert abs(n - expected) / expected < 0.02, f"{n} parameters vs the original's {expected:.0f}"
     assert n == {2: 3_496_001, 3: 5_500_865}[lmax]  # exact: a change here is a change of architecture
@@ -61,7 +62,8 @@ def test_build_from_config_or_model_config_and_errors():
         build_model(dataclasses.replace(cfg.model, irreps_node="8x0q"))
     # statistics fill what the config leaves null; values in the config win
     m3 = build_model(dataclasses.replace(cfg.model, avg_num_neighbors=None, avg_num_atoms=None), stats=STATS)
-    assert m3.statistics() == {"energy_shift": -3.25, "energy_scale": 0.8, "avg_num_neighbors": 4.5, "avg_num_atoms": 6.0}
+    assert m3.statistics() == {"energy_shift": -3.25, "energy_scale": 0.8, "avg_num_neighbors": 4.5,
+                               "avg_num_atoms": 6.0}
     m4 = build_model(cfg.model, stats=STATS)
     assert m4.statistics()["avg_num_neighbors"] == 3.0 and m4.statistics()["energy_scale"] == 0.8
 
@@ -105,7 +107,8 @@ def test_forward_is_the_stages_composed_and_shift_scale_apply():
     pos = batch.pos.clone().requires_grad_(True)
     edge_index = model.build_graph(pos, batch.batch)
     edges = model.edge_features(pos, edge_index)
-    assert isinstance(edges, EdgeFeatures) and edges.sh.shape == (edge_index.shape[1], 9) and edges.radial.shape == (edge_index.shape[1], 8)
+    assert isinstance(edges, EdgeFeatures) and edges.sh.shape == (edge_index.shape[1], 9) \
+        and edges.radial.shape == (edge_index.shape[1], 8)
     x = model.embed(batch.z, edges, pos.shape[0])
     attr = model.node_attr(x)
     for block in model.blocks:

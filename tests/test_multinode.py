@@ -69,7 +69,8 @@ def reference(tmp_path_factory):
 
 
 def test_two_nodes_zero2_follows_one_process(reference, tmp_path):
-    over = tiny_overrides(tmp_path, "deepspeed.zero_stage=2", "memory.micro_batch_size=1", dtype="float64", run_name="zero2")
+    over = tiny_overrides(tmp_path, "deepspeed.zero_stage=2", "memory.micro_batch_size=1", dtype="float64",
+                          run_name="zero2")
     out = run_two_nodes(tmp_path, str(REPO / "train.py"), "--config", empty_config(tmp_path), *sets(over))
     text = "".join(t for _, t in out)
     assert "DeepSpeed ZeRO stage 2" in text and text.count("run folder:") == 1

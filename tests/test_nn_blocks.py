@@ -70,8 +70,10 @@ def test_linear_equals_original_rescaled_fctp():
         lin = EquivariantLinear(irreps_in, irreps_out)
         with torch.no_grad():
             lin.bias.normal_()
-        ins = [(i, 0, k, "uvw", True) for i, (_, a) in enumerate(irreps_in) for k, (_, b) in enumerate(irreps_out) if a == b]
-        tp = o3.TensorProduct(irreps_in, "1x0e", irreps_out, ins, irrep_normalization="component", path_normalization="none")
+        ins = [(i, 0, k, "uvw", True) for i, (_, a) in enumerate(irreps_in) for k, (_, b) in enumerate(irreps_out)
+               if a == b]
+        tp = o3.TensorProduct(irreps_in, "1x0e", irreps_out, ins, irrep_normalization="component",
+                              path_normalization="none")
         with torch.no_grad():
             views = list(tp.weight_views(yield_instruction=True))
             for k, (inputs, offset, fan_in, mul_out, _, _) in enumerate(lin._plan):
@@ -127,7 +129,8 @@ def test_depthwise_and_separable_tp_equivariant(float_dtype):
 @pytest.mark.parametrize("message", ["nonlinear", "linear"])
 def test_attention_equivariant_and_target_local(attention, message, float_dtype):
     torch.manual_seed(1)
-    ga = GraphAttention(IRREPS, "1x0e", IRREPS_SH, IRREPS, RADIAL, "4x0e+2x1e+1x2e", 2, attention=attention, message=message)
+    ga = GraphAttention(IRREPS, "1x0e", IRREPS_SH, IRREPS, RADIAL, "4x0e+2x1e+1x2e", 2, attention=attention,
+                        message=message)
     x, pos = _nodes()
     ei = radius_graph(pos, CUTOFF)
 
@@ -151,7 +154,8 @@ def test_block_ffn_and_degree_embedding_equivariant(float_dtype):
     ffn = FeedForwardNetwork(IRREPS, "1x0e", IRREPS, "16x0e+8x1e+4x2e")
     assert_equivariant(lambda x: ffn(x, ones), [x], [IRREPS], IRREPS, float_dtype)
     for out in (IRREPS, o3.Irreps("16x0e")):  # a middle block, and the last block (-> irreps_feature)
-        blk = TransformerBlock(IRREPS, "1x0e", IRREPS_SH, out, RADIAL, "4x0e+2x1e+1x2e", 2, irreps_mlp_mid="16x0e+8x1e+4x2e")
+        blk = TransformerBlock(IRREPS, "1x0e", IRREPS_SH, out, RADIAL, "4x0e+2x1e+1x2e", 2,
+                               irreps_mlp_mid="16x0e+8x1e+4x2e")
         assert (blk.ffn_shortcut is None) == (out == IRREPS)
         assert_equivariant(lambda x, pos: blk(x, ones, _edges(pos, ei)), [x, pos], [IRREPS, "pos"], out, float_dtype)
     deg = EdgeDegreeEmbedding(IRREPS, IRREPS_SH, RADIAL)

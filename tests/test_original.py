@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 REF = REPO.parent / "shared" / "reference" / "original_equiformer"
 CKPT = REF / "equiformer_md17_l2_perturbed_fp64.pth.tar"
 ASPIRIN_CCSD = REPO.parent / "shared" / "data" / "real" / "aspirin_ccsd_15_nequip.npz"
+IMPORT_TOOL = REPO / "tools" / "import_original.py"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,7 +79,8 @@ def test_paper_configs_are_the_original_function():
 
     for _label, sets, _paper in ABLATION.values():  # the ablation runs: md17_aspirin with attention/message switched
         m = load_config("md17_aspirin", sets).model
-        assert (m.smooth_cutoff, m.energy_normalization, m.avg_num_neighbors) == (False, "total_mean_std", 15.57930850982666)
+        assert (m.smooth_cutoff, m.energy_normalization, m.avg_num_neighbors) == \
+            (False, "total_mean_std", 15.57930850982666)
     # the dataclass defaults are the original's function too; the MD22 configs choose the options
     m = load_config(None, ["data.name=md17_aspirin"]).model
     assert (m.smooth_cutoff, m.energy_normalization) == (False, "total_mean_std")
@@ -190,9 +192,9 @@ def test_imported_checkpoint_through_load_model_and_calculator(ref, tmp_path):
     r, t = ref
     mean_kcal, std_kcal = float(t["energy_mean"]), float(t["energy_std"])
     out = tmp_path / "imported.pt"
-    rc = subprocess.run([sys.executable, str(REPO / "tools" / "import_original.py"), str(CKPT), "--config", "md17_aspirin",
-                         "--set", "model.dtype=float64", "--energy-mean", repr(mean_kcal), "--energy-std", repr(std_kcal),
-                         "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    rc = subprocess.run([sys.executable, str(IMPORT_TOOL), str(CKPT), "--config", "md17_aspirin",
+                         "--set", "model.dtype=float64", "--energy-mean", repr(mean_kcal),
+                         "--energy-std", repr(std_kcal), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert rc.returncode == 0, rc.stderr
     assert "3,496,001 parameters" in rc.stdout
     calc = EquiformerCalculator(out, device="cpu")
@@ -259,11 +261,14 @@ def test_import_tool_errors_are_one_line(tmp_path):
     tool = [sys.executable, str(REPO / "tools" / "import_original.py")]
     cases = [
         ([str(CKPT), "--config", "md17_aspirin", "--out", str(tmp_path / "x.pt")], "give --energy-mean"),
-        ([str(CKPT), "--config", "md17_aspirin", "--energy-mean", "1", "--energy-std", "-2", "--out", "x.pt"], "--energy-std"),
-        ([str(CKPT), "--config", "md17_aspirin", "--energy-mean", "nan", "--energy-std", "2", "--out", "x.pt"], "--energy-mean"),
+        ([str(CKPT), "--config", "md17_aspirin", "--energy-mean", "1", "--energy-std", "-2", "--out", "x.pt"],
+         "--energy-std"),
+        ([str(CKPT), "--config", "md17_aspirin", "--energy-mean", "nan", "--energy-std", "2", "--out", "x.pt"],
+         "--energy-mean"),
         ([str(tmp_path / "none.pth.tar"), "--config", "md17_aspirin", "--energy-mean", "1", "--energy-std", "2",
           "--out", str(tmp_path / "x.pt")], "checkpoint not found"),
-        ([str(CKPT), "--config", "md17_aspirin", "--energy-mean", "1", "--energy-std", "2", "--out", str(tmp_path)], "is a folder"),
+        ([str(CKPT), "--config", "md17_aspirin", "--energy-mean", "1", "--energy-std", "2", "--out", str(tmp_path)],
+         "is a folder"),
     ]
     for args, message in cases:
         rc = subprocess.run(tool + args, capture_output=True, text=True, cwd=REPO)
@@ -275,8 +280,9 @@ def test_import_with_data_uses_the_originals_training_split(tmp_path):
     """``--data``: mean and sample std of the total energies of the split the original draws
     (numpy default_rng(seed).permutation, first train_size frames)."""
     out = tmp_path / "m.pt"
-    rc = subprocess.run([sys.executable, str(REPO / "tools" / "import_original.py"), str(CKPT), "--config", "md17_aspirin",
-                         "--data", str(ASPIRIN_CCSD), "--set", "data.train_size=10", "data.val_size=2", "--out", str(out)],
+    rc = subprocess.run([sys.executable, str(IMPORT_TOOL), str(CKPT), "--config", "md17_aspirin",
+                         "--data", str(ASPIRIN_CCSD), "--set", "data.train_size=10", "data.val_size=2",
+                         "--out", str(out)],
                         capture_output=True, text=True, cwd=REPO)
     assert rc.returncode == 0, rc.stderr
     stats = torch.load(out, weights_only=True)["stats"]
@@ -293,17 +299,18 @@ def test_train_continues_from_an_imported_checkpoint(tmp_path):
     (with the force-aware checkpointing lever on); a learning rate of ~0 keeps them, so best.pt
     holds exactly the imported model."""
     imported = tmp_path / "imported.pt"
-    rc = subprocess.run([sys.executable, str(REPO / "tools" / "import_original.py"), str(CKPT), "--config", "md17_aspirin",
+    rc = subprocess.run([sys.executable, str(IMPORT_TOOL), str(CKPT), "--config", "md17_aspirin",
                          "--energy-mean", "-405686.8", "--energy-std", "6.87", "--out", str(imported)],
                         capture_output=True, text=True, cwd=REPO)
     assert rc.returncode == 0, rc.stderr
-    sets = [f"data.path={ASPIRIN_CCSD}", "data.train_size=4", "data.val_size=2", "data.test_size=2", "train.batch_size=2",
-            "train.eval_batch_size=2", "train.max_steps=1", "train.max_epochs=1", "optim.lr=1e-30", "optim.warmup_epochs=0",
-            "optim.min_lr=1e-30", "optim.warmup_lr=1e-30",
+    sets = [f"data.path={ASPIRIN_CCSD}", "data.train_size=4", "data.val_size=2", "data.test_size=2",
+            "train.batch_size=2", "train.eval_batch_size=2", "train.max_steps=1", "train.max_epochs=1",
+            "optim.lr=1e-30", "optim.warmup_epochs=0", "optim.min_lr=1e-30", "optim.warmup_lr=1e-30",
             f"train.init_from={imported}", "train.init_statistics=checkpoint", "memory.checkpointing=forces",
             f"train.out_dir={tmp_path}", "train.run_name=cont", "train.progress=false"]
-    rc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "md17_aspirin"] + [x for s in sets for x in ("--set", s)],
-                        capture_output=True, text=True, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    rc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", "md17_aspirin"]
+                        + [x for s in sets for x in ("--set", s)], capture_output=True, text=True, cwd=REPO,
+                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-2000:]
     best = torch.load(tmp_path / "cont" / "best.pt", weights_only=True)
     start = torch.load(imported, weights_only=True)

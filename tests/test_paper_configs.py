@@ -158,7 +158,8 @@ def test_deepspeed_md22_atat_trains_with_each_zero_stage(atat_runs, key, stage):
     _ok(proc)
     out = proc.stdout
     assert f"Equiformer: {PAPER_PARAMS} parameters" in out
-    assert f"2 rank(s) (DeepSpeed ZeRO stage {stage}, gloo backend, launcher deepspeed) = 2 data-parallel x 1 graph" in out
+    assert (f"2 rank(s) (DeepSpeed ZeRO stage {stage}, gloo backend, launcher deepspeed) = 2 data-parallel x 1 graph"
+            in out)
     assert "batch 2 molecules per step = 2 rank(s) x 1 micro-batch(es) x 1" in out
     rows = read_metrics(run)
     assert [int(r["step"]) for r in rows if r["val_force_mae_meV_per_A"]][-1] == 2
@@ -229,8 +230,8 @@ def test_memory_profile_measures_the_md22_atat_model(tmp_path):
 
 
 def test_reproduce_md22_atat_at_paper_size(tmp_path):
-    proc = _ok(launch([PY, str(REPO / "tools" / "reproduce.py"), "md22", "--systems", "atat", "--out", str(tmp_path / "r"),
-                       "--no-plot", "--set", *ATAT_SETS], cwd=tmp_path, timeout=600))
+    proc = _ok(launch([PY, str(REPO / "tools" / "reproduce.py"), "md22", "--systems", "atat",
+                       "--out", str(tmp_path / "r"), "--no-plot", "--set", *ATAT_SETS], cwd=tmp_path, timeout=600))
     table = (tmp_path / "r" / "md22" / "table.md").read_text()
     row = next(line for line in table.splitlines() if "AT-AT" in line or "atat" in line)
     assert "failed" not in row and "running" not in row, table

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scalable_equiformer.data import radius_graph
-from helpers.partitions import load_frames, stack_frames, tile_system
+from partition_harness import load_frames, stack_frames, tile_system
 from scalable_equiformer.parallel.partition import bisect_atoms, partition_graph
 
 ATAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "xtb" / "AT-AT_xtb_500K.npz"
@@ -183,7 +183,7 @@ def test_partition_layout_keeps_a_molecule_on_one_node(monkeypatch):
 def test_one_part_without_distributed_is_the_model(atat):
     """P = 1 (no process group at all): PartitionedModel is the plain model, train and eval."""
     from scalable_equiformer.parallel import PartitionedModel
-    from helpers.partitions import (
+    from partition_harness import (
         build_checked_model,
         compare,
         make_system,

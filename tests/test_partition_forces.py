@@ -24,7 +24,7 @@ import torch
 from scalable_equiformer.errors import ConfigError
 from scalable_equiformer.memory import ForceRunner, Levers
 from scalable_equiformer.memory.force_checkpoint import edge_chunks
-from helpers import partitions as C
+import partition_harness as C
 from scalable_equiformer.parallel.launch import spawn_local
 from scalable_equiformer.parallel.partitioned import PartitionedModel
 

@@ -7,7 +7,7 @@ exactly once; a 3-atom molecule over 4 ranks (a part with no atoms); per-block c
 (memory.checkpointing=blocks) inside the partitioned model; and D=2 x P=2 data
 parallelism with the loss scaled by gradient_scale and gradients averaged over the world (as
 DeepSpeed does). Tolerances: 1e-9 relative in fp64 (gradients also tensor by tensor), 1e-5 in
-fp32 (gradients as one vector; see tests/helpers/partitions.py for why).
+fp32 (gradients as one vector; see tools/partition_harness.py for why).
 """
 
 from pathlib import Path
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.partitions import (
+from partition_harness import (
     TOLERANCE,
     build_checked_model,
     compare,

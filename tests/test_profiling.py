@@ -229,7 +229,8 @@ def test_relative_time_orders_the_levers():
     t = lambda **kw: planner.relative_time(Levers(**kw), batch=8, edges=3000, device="cuda")  # noqa: E731
     assert t() == 1.0 < t(checkpointing="blocks") < t(checkpointing="forces")
     assert t(micro_batch_size=1) > t(micro_batch_size=4) > 1.0
-    assert t(checkpointing="forces", micro_batch_size=1, edge_chunk_size=500) > t(checkpointing="forces", micro_batch_size=1)
+    assert t(checkpointing="forces", micro_batch_size=1, edge_chunk_size=500) > \
+        t(checkpointing="forces", micro_batch_size=1)
 
 
 # ---- measurement and command line -------------------------------------------------------------
@@ -425,14 +426,17 @@ def test_plan_across_nodes_keeps_partitions_within_a_node():
     assert planner.node_partitions(8, 8) == [1, 2, 4, 8]  # one node: every divisor
     assert planner.node_partitions(8, 8, 4) == [1, 2, 4]  # 2 nodes of 4: P = 8 would span both
     assert planner.node_partitions(8, 8, 8) == [1, 2, 4, 8]
-    assert planner.node_partitions(12, 6, 6) == [2, 6]  # also: 12 / P data-parallel groups divide the batch (not P = 1, 3)
+    # also: 12 / P data-parallel groups divide the batch (not P = 1, 3)
+    assert planner.node_partitions(12, 6, 6) == [2, 6]
     with pytest.raises(UserError, match="--gpus-per-node 3 must divide --gpus 8"):
         planner.node_partitions(8, 8, 3)
-    assert planner.launch_lines(4, None, "--config c --set x=1") == ["deepspeed --num_gpus 4 train.py --config c --set x=1"]
+    assert planner.launch_lines(4, None, "--config c --set x=1") == \
+        ["deepspeed --num_gpus 4 train.py --config c --set x=1"]
     lines = planner.launch_lines(8, 4, "--config c")
     assert lines[0] == ("torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 4 --rdzv_backend c10d "
                         "--rdzv_endpoint NODE0:29500 train.py --config c")
-    assert lines[1].startswith("deepspeed --hostfile hostfile --master_addr NODE0 --master_port 29500 train.py --config c")
+    assert lines[1].startswith("deepspeed --hostfile hostfile --master_addr NODE0 --master_port 29500 "
+                               "train.py --config c")
     assert "2 lines 'HOST slots=4'" in lines[1]
     assert lines[2] == ("deepspeed --no_ssh --node_rank $NODE_RANK --master_addr NODE0 --master_port 29500 "
                         "--hostfile hostfile train.py --config c")

@@ -80,7 +80,8 @@ def test_readme_quick_tour_from_a_copy_without_shared(tmp_path):
 
     def run(argv, timeout=600):
         proc = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"{' '.join(argv)} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, \
+            f"{' '.join(argv)} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc
 
     where = run([sys.executable, "-c", "import scalable_equiformer; print(scalable_equiformer.__file__)"]).stdout

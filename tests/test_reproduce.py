@@ -138,7 +138,8 @@ def test_launch_continues_after_a_failed_run(tmp_path, monkeypatch):
     fake = ("import json, pathlib, sys; a = sys.argv; o = a[a.index('--out') + 1]; k = a[a.index('--key') + 1]\n"
             "if k.startswith('aspirin'): sys.exit('boom')\n"
             "p = pathlib.Path(o, k); p.mkdir(parents=True)\n"
-            "(p / 'results.json').write_text(json.dumps({'test_energy_mae_meV': 2.0, 'test_force_mae_meV_per_A': 6.0}))")
+            "(p / 'results.json').write_text(json.dumps({'test_energy_mae_meV': 2.0, "
+            "'test_force_mae_meV_per_A': 6.0}))")
 
     def fake_command(run, suite_dir, **kw):
         return [sys.executable, "-c", fake, "--out", str(suite_dir), "--key", run.key]

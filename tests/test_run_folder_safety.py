@@ -26,7 +26,9 @@ import pytest
 import torch
 
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)
-from test_train_common import DEMO_DATA, PY, REPO, empty_config, env, launch, sets, tiny_config, tiny_overrides, train_cmd
+from test_train_common import (
+    DEMO_DATA, PY, REPO, empty_config, env, launch, sets, tiny_config, tiny_overrides, train_cmd,
+)
 from test_train_common import train_in_process as _run
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -99,7 +101,8 @@ def test_a_live_run_that_has_no_checkpoint_yet_is_named_not_deleted(tmp_path):
         with pytest.raises(ConfigError) as e:
             _run(tiny_config(tmp_path))
         msg = str(e.value)
-        assert msg.startswith(f"{run}: the run folder is in use by a running training process (pid {os.getpid()} on host ")
+        assert msg.startswith(f"{run}: the run folder is in use by a running training process "
+                              f"(pid {os.getpid()} on host ")
         assert "delete" not in msg and "\n" not in msg
         with pytest.raises(ConfigError) as e:
             _run(tiny_config(tmp_path), resume=str(run))

@@ -115,9 +115,11 @@ def test_state_dict_and_parameters_unchanged():
     either load into the other (strict) and give the same outputs."""
     for internal in (False, True):
         torch.manual_seed(2)
-        fast = DepthwiseTensorProduct("8x0e+4x1e+2x2e", SH2, "8x0e+4x1e+2x2e", internal_weights=internal, implementation="fast")
+        fast = DepthwiseTensorProduct("8x0e+4x1e+2x2e", SH2, "8x0e+4x1e+2x2e", internal_weights=internal,
+                                      implementation="fast")
         torch.manual_seed(3)
-        old = DepthwiseTensorProduct("8x0e+4x1e+2x2e", SH2, "8x0e+4x1e+2x2e", internal_weights=internal, implementation="e3nn")
+        old = DepthwiseTensorProduct("8x0e+4x1e+2x2e", SH2, "8x0e+4x1e+2x2e", internal_weights=internal,
+                                     implementation="e3nn")
         assert list(fast.state_dict()) == list(old.state_dict())
         assert [(n, p.shape) for n, p in fast.named_parameters()] == [(n, p.shape) for n, p in old.named_parameters()]
         assert ("tp.weight" in dict(fast.named_parameters())) == internal

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)
-from test_train_common import epoch_rows, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, REPO
+from test_train_common import (
+    epoch_rows, launch, read_metrics, results, sets, tiny_config, tiny_overrides, train_cmd, REPO,
+)
 from test_train_common import train_in_process as _run
 
 from scalable_equiformer.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -50,8 +52,8 @@ def test_python_launch_writes_the_run_folder(tmp_path):
     for key in ("python", "torch", "e3nn", "deepspeed", "torch_geometric", "git"):
         assert key in versions
     rows = read_metrics(run)
-    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A", "time",
-                             "kind"]
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A",
+                             "time", "kind"]
     assert [int(r["epoch"]) for r in epoch_rows(run)] == [1, 2]
     # checkpoints hold only plain types and load with weights_only=True
     for name in ("last.pt", "best.pt"):
@@ -106,7 +108,8 @@ def test_metrics_rows_say_their_kind_and_the_curve_has_one_point_per_step(tmp_pa
     assert [(r["kind"], int(r["epoch"]), int(r["step"])) for r in rows] == [
         ("step", 1, 2), ("step", 1, 4), ("epoch", 1, 4), ("step", 2, 6), ("step", 2, 8), ("epoch", 2, 8),
         ("step", 3, 10), ("step", 3, 12), ("epoch", 3, 12)]
-    assert [r["val_force_mae_meV_per_A"] != "" for r in rows if r["kind"] == "epoch"] == [False, True, True]  # epoch 1 not evaluated
+    # epoch 1 not evaluated
+    assert [r["val_force_mae_meV_per_A"] != "" for r in rows if r["kind"] == "epoch"] == [False, True, True]
     series = learning_curve_series(rows)
     assert series["steps"][0] == [2, 4, 6, 8, 10, 12]  # strictly increasing: no vertical segment
     assert series["epoch_loss"][0] == [4, 8, 12] and [int(r["epoch"]) for r in series["epochs"]] == [1, 2, 3]
@@ -166,7 +169,8 @@ def _first_step_grads(tmp_path, name, *extra):
 def test_micro_batches_with_accumulation_equal_one_full_batch(tmp_path, loss):
     full = _first_step_grads(tmp_path, f"full_{loss}", f"train.loss={loss}")
     for micro in (4, 1):
-        acc = _first_step_grads(tmp_path, f"micro{micro}_{loss}", f"train.loss={loss}", f"memory.micro_batch_size={micro}")
+        acc = _first_step_grads(tmp_path, f"micro{micro}_{loss}", f"train.loss={loss}",
+                                f"memory.micro_batch_size={micro}")
         assert full.keys() == acc.keys() and len(full) > 5
         for n in full:
             torch.testing.assert_close(acc[n], full[n], rtol=1e-10, atol=1e-13, msg=lambda m: f"{n}: {m}")
@@ -335,8 +339,10 @@ def test_sigterm_stops_with_one_line_and_the_run_resumes_exactly(tmp_path):
     assert [(r["epoch"], r["step"]) for r in a] == [(r["epoch"], r["step"]) for r in b]
     for ra, rb in zip(a, b):
         for k in ("lr", "train_loss", "val_energy_mae_meV", "val_force_mae_meV_per_A"):
-            assert (ra[k] == "") == (rb[k] == "") and (ra[k] == "" or float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-9)), k
-    assert results(run)["test_force_mae_meV_per_A"] == pytest.approx(results(tmp_path / "full")["test_force_mae_meV_per_A"], rel=1e-9)
+            assert (ra[k] == "") == (rb[k] == "") \
+                and (ra[k] == "" or float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-9)), k
+    full_mae = results(tmp_path / "full")["test_force_mae_meV_per_A"]
+    assert results(run)["test_force_mae_meV_per_A"] == pytest.approx(full_mae, rel=1e-9)
 
 
 def test_sigterm_before_the_run_folder_exists_says_so(tmp_path):
@@ -365,4 +371,5 @@ def test_the_log_header_says_how_best_is_chosen(tmp_path):
     assert header[0].endswith(BEST_RULE)
     assert log_lines.index(header[0]) < next(i for i, x in enumerate(log_lines) if x.endswith("]") and "*best" in x)
     readme = (REPO / "README.md").read_text()
-    assert "`best.pt` holds the evaluated epoch with the lowest validation force MAE (meV/Å), the epoch lines marked `*best`" in readme
+    assert ("`best.pt` holds the evaluated epoch with the lowest validation force MAE (meV/Å), the epoch lines "
+            "marked `*best`") in readme

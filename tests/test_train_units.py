@@ -39,11 +39,14 @@ def test_l2mae_loss_is_the_original_and_shares_sum_to_the_full_batch():
     expected = ((e_pred - e_ref).abs().mean() + 80 * (f_pred - f_ref).norm(dim=-1).mean()) / 2.0
     assert float(full.loss) == pytest.approx(float(expected), rel=1e-14)
     # molecules of 3 and 7 atoms: micro-batch shares of the global counts add up to the full loss
-    a = loss_terms({"energy": e_pred[:1], "forces": f_pred[:3]}, _Batch(e_ref[:1], f_ref[:3]), "l2mae", 1.0, 80.0, 2.0, 4, 10)
-    b = loss_terms({"energy": e_pred[1:], "forces": f_pred[3:]}, _Batch(e_ref[1:], f_ref[3:]), "l2mae", 1.0, 80.0, 2.0, 4, 10)
+    a = loss_terms({"energy": e_pred[:1], "forces": f_pred[:3]}, _Batch(e_ref[:1], f_ref[:3]), "l2mae",
+                   1.0, 80.0, 2.0, 4, 10)
+    b = loss_terms({"energy": e_pred[1:], "forces": f_pred[3:]}, _Batch(e_ref[1:], f_ref[3:]), "l2mae",
+                   1.0, 80.0, 2.0, 4, 10)
     assert float(a.loss + b.loss) == pytest.approx(float(full.loss), rel=1e-14)
     mse = loss_terms({"energy": e_pred, "forces": f_pred}, _Batch(e_ref, f_ref), "mse", 2.0, 3.0, scale=2.0)
-    assert float(mse.loss) == pytest.approx(float((2 * (e_pred - e_ref).pow(2).mean() + 3 * (f_pred - f_ref).pow(2).mean()) / 4))
+    expected_mse = (2 * (e_pred - e_ref).pow(2).mean() + 3 * (f_pred - f_ref).pow(2).mean()) / 4
+    assert float(mse.loss) == pytest.approx(float(expected_mse))
     mae = loss_terms({"energy": e_pred, "forces": f_pred}, _Batch(e_ref, f_ref), "mae", 1.0, 1.0)
     assert float(mae.loss) == pytest.approx(float((e_pred - e_ref).abs().mean() + (f_pred - f_ref).abs().mean()))
 

@@ -160,7 +160,8 @@ def run_torchsim(checkpoint: Path, atoms, steps: int, timestep_fs: float, *, war
 
 
 #: engine name -> function(checkpoint, atoms, steps, timestep_fs, **options) -> dict (see the docstring)
-ENGINES: dict[str, Callable[..., dict]] = {"ase": run_ase, "openmm": run_openmm, "ipi": run_ipi, "torchsim": run_torchsim}
+ENGINES: dict[str, Callable[..., dict]] = {"ase": run_ase, "openmm": run_openmm, "ipi": run_ipi,
+                                           "torchsim": run_torchsim}
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -189,9 +190,10 @@ def config_checkpoint(name: str, folder: Path) -> Path:
 def _model_info(checkpoint: Path, label: str, dtype) -> dict:
     from scalable_equiformer.inference import load_model
 
-    model, cfg, _ = load_model(checkpoint, device="cpu", dtype=dtype, configure=False)
-    return {"model": label, "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype).split(".")[-1],
-            "smooth_cutoff": bool(getattr(model, "smooth_cutoff", True)), "cutoff_A": float(model.cutoff)}
+    model, cfg, _ = load_model(checkpoint, device="cpu", dtype=dtype)
+    return {"model": label, "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(model.dtype).split(".")[-1], "smooth_cutoff": bool(getattr(model, "smooth_cutoff", True)),
+            "cutoff_A": float(model.cutoff)}
 
 
 # -- run, record, print ----------------------------------------------------------------------------
@@ -206,11 +208,13 @@ def derive(row: dict, timestep_fs: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':<28} {'dtype':<8} {'engine':<8} {'ns/day':>8} {'ms/step':>9} {'model %':>8} {'evals/step':>10} {'searches/step':>13}"
+    head = (f"{'model':<28} {'dtype':<8} {'engine':<8} {'ns/day':>8} {'ms/step':>9} {'model %':>8} "
+            f"{'evals/step':>10} {'searches/step':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:<28} {r['dtype']:<8} {r['engine']:<8} {r['ns_per_day']:>8.4f} {r['ms_per_step']:>9.1f} "
-                     f"{100 * r['model_share']:>7.1f}% {r['evaluations_per_step']:>10.2f} {r['searches_per_step']:>13.3f}")
+        lines.append(f"{r['model']:<28} {r['dtype']:<8} {r['engine']:<8} {r['ns_per_day']:>8.4f} "
+                     f"{r['ms_per_step']:>9.1f} {100 * r['model_share']:>7.1f}% {r['evaluations_per_step']:>10.2f} "
+                     f"{r['searches_per_step']:>13.3f}")
     return "\n".join(lines)
 
 
@@ -221,11 +225,13 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
-def write_rows(out: Path, rows: list[dict], *, key: Callable[[dict], tuple], table: Callable[[list], str], system: str) -> None:
+def write_rows(out: Path, rows: list[dict], *, key: Callable[[dict], tuple], table: Callable[[list], str],
+               system: str) -> None:
     """Add ``rows`` to the JSON file ``out`` (rows of other ``key``s kept, so runs add up) and print its table."""
     old = json.loads(out.read_text()) if out.is_file() else {}
     new = {key(r) for r in rows}
-    result = {"system": system, "machine": machine(), "rows": [r for r in old.get("rows", []) if key(r) not in new] + rows}
+    kept = [r for r in old.get("rows", []) if key(r) not in new]
+    result = {"system": system, "machine": machine(), "rows": kept + rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print()
@@ -240,11 +246,13 @@ def add_model_arguments(p, steps: int) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a training checkpoint (best.pt) or run folder")
     src.add_argument("--config", help="a config name or file: its model with untrained weights (e.g. md22_atat, tiny)")
-    p.add_argument("--label", default=None, help="the model's name in the table (default: run folder/file, or the config)")
+    p.add_argument("--label", default=None,
+                   help="the model's name in the table (default: run folder/file, or the config)")
     p.add_argument("--steps", type=positive_int, default=steps, help=f"timed MD steps per run (default {steps})")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--timestep", type=positive_float, default=0.5, help="fs (default 0.5)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="the model's precision (default: as stored)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="the model's precision (default: as stored)")
     p.add_argument("--device", default="cpu", help="the model's device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
 
@@ -291,7 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), help=f"engines to run (default: {' '.join(ENGINES)})")
     p.add_argument("--platform", choices=("CPU", "Reference", "CUDA", "OpenCL"), default="CPU",
                    help="OpenMM platform of the openmm engine (default CPU)")
-    p.add_argument("--out", type=output_file, default=Path("runs/bench_md.json"), help="JSON file (default runs/bench_md.json)")
+    p.add_argument("--out", type=output_file, default=Path("runs/bench_md.json"),
+                   help="JSON file (default runs/bench_md.json)")
     args = p.parse_args(argv)
     return exit_on_user_error(lambda: _main(args))
 

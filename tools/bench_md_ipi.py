@@ -20,18 +20,11 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def bench_ipi(checkpoint, atoms=None, steps: int = 100, timestep_fs: float = 0.5, *, temperature_K: float = 300.0,
@@ -44,6 +37,7 @@ def bench_ipi(checkpoint, atoms=None, steps: int = 100, timestep_fs: float = 0.5
     force_calls, atoms, timestep_fs, transport, device."""
     from scalable_equiformer.errors import UserError
     from scalable_equiformer.md import ipi
+    from scalable_equiformer.runtime import free_port
 
     if transport not in ("unix", "tcp", "tcp-nagle"):
         raise UserError(f"transport must be unix, tcp or tcp-nagle, not {transport!r}")
@@ -57,17 +51,18 @@ def bench_ipi(checkpoint, atoms=None, steps: int = 100, timestep_fs: float = 0.5
         work = Path(tmp)
         xyz = ipi.write_structure(work / "molecule.xyz", numbers, positions)
         name = f"bench_{os.getpid()}"
-        port = None if transport == "unix" else _free_port()
+        port = None if transport == "unix" else free_port()
         # properties every step (what a user's run writes), the trajectory rarely
-        (work / "nvt.xml").write_text(ipi.input_xml(xyz.name, socket_name=name, steps=int(steps), timestep_fs=timestep_fs,
-                                                    temperature_K=temperature_K, prefix="nvt", stride=max(1, int(steps)),
-                                                    tcp_port=port))
+        xml = ipi.input_xml(xyz.name, socket_name=name, steps=int(steps), timestep_fs=timestep_fs,
+                            temperature_K=temperature_K, prefix="nvt", stride=max(1, int(steps)), tcp_port=port)
+        (work / "nvt.xml").write_text(xml)
         driver = ipi.EquiformerDriver.from_files(checkpoint, xyz, device=device, dtype=dtype)
         result = ipi.run("nvt.xml", driver=driver, socket_name=name, workdir=work, timeout_s=timeout_s, tcp_port=port,
                          nodelay=transport != "tcp-nagle")
     client = result["client"]
     if client.requests != int(steps) + 1:
-        raise UserError(f"i-PI asked for {client.requests} force calls for {steps} NVT steps (expected {int(steps) + 1})")
+        raise UserError(f"i-PI asked for {client.requests} force calls for {steps} NVT steps "
+                        f"(expected {int(steps) + 1})")
     ms_step = 1e3 * (client.last_reply - client.first_reply) / int(steps)
     # the timed interval (first reply to last) holds the force calls after the first
     ms_compute = 1e3 * (driver.compute_s - driver.first_compute_s) / (driver.calls - 1)

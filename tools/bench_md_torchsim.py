@@ -88,8 +88,9 @@ def bench_torchsim(checkpoint, atoms_list, steps: int, timestep_fs: float, *, wa
 
     model.forward, pot.edges = timed(model.forward, "model"), timed(pot.edges, "neighbours")
     state = ts.io.atoms_to_state(atoms_list, dev, model.dtype)
-    init, update = ts.nve(model=model, dt=torch.tensor(timestep_fs * 1e-3 * MetalUnits.time, dtype=model.dtype, device=dev),
-                          kT=torch.tensor(temperature_K * MetalUnits.temperature, dtype=model.dtype, device=dev), seed=seed)
+    dt = torch.tensor(timestep_fs * 1e-3 * MetalUnits.time, dtype=model.dtype, device=dev)
+    kT = torch.tensor(temperature_K * MetalUnits.temperature, dtype=model.dtype, device=dev)
+    init, update = ts.nve(model=model, dt=dt, kT=kT, seed=seed)
     s = init(state)
     for _ in range(warmup):
         s = update(s)
@@ -150,7 +151,8 @@ def _main(args) -> int:
             rows.append({"engine": "torchsim", **info, **out})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     write_rows(args.out, rows, key=lambda r: (r["model"], r["dtype"], r["device"], r["n_systems"]), table=table,
-               system="K copies of AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms each), TorchSim NVE from 300 K")
+               system="K copies of AT-AT, demo_data/AT-AT_xtb_500K_20frames.npz frame 0 (60 atoms each), "
+                      "TorchSim NVE from 300 K")
     return 0
 
 

@@ -1,12 +1,13 @@
 """Benchmark graph partitioning: per-rank peak memory and step time for P ranks, halo traffic.
 
-    python tools/bench_partition.py [--partitions 1 2 4] [--checkpointing none|blocks|forces] [--out runs/bench_partition.json]
+    python tools/bench_partition.py [--partitions 1 2 4] [--checkpointing none|blocks|forces]
+                                    [--out runs/bench_partition.json]
 
 For each P, P gloo processes on this machine run, with the same weights:
   * a training step (energy, forces with create_graph, loss.backward) on a >= 1,000-atom system;
   * inference (energy and forces, no graph kept) on a >= 10,000-atom system;
 both tiles of the AT-AT frame (``--data``) on a grid, ``--gap`` Å apart, so neighbouring copies
-interact. Default model: the tiny model of ``tests/helpers/partitions.py`` (lmax 2, every
+interact. Default model: the tiny model of ``tools/partition_harness.py`` (lmax 2, every
 stage of the paper's model, a few thousand parameters) because the paper's model is slow on CPUs;
 ``--config NAME`` uses a config's model.
 
@@ -48,10 +49,10 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the partition harness: tests/helpers/partitions.py
+sys.path.insert(0, str(ROOT / "tools"))  # the partition harness: tools/partition_harness.py
 
 from scalable_equiformer.data import radius_graph  # noqa: E402
-from helpers import partitions as C  # noqa: E402
+import partition_harness as C  # noqa: E402
 from scalable_equiformer.memory import CHECKPOINTING, ForceRunner, Levers  # noqa: E402
 from scalable_equiformer.parallel.launch import spawn_local  # noqa: E402
 from scalable_equiformer.parallel.partition import partition_graph  # noqa: E402
@@ -195,8 +196,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--cutoff", type=positive_float, default=5.0)
     ap.add_argument("--partitions", type=positive_int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--train-tile", type=tile_spec, default="3x3x2", help="copies for the training system (>= 1,000 atoms)")
-    ap.add_argument("--infer-tile", type=tile_spec, default="7x6x4", help="copies for the inference system (>= 10,000 atoms)")
+    ap.add_argument("--train-tile", type=tile_spec, default="3x3x2",
+                    help="copies for the training system (>= 1,000 atoms)")
+    ap.add_argument("--infer-tile", type=tile_spec, default="7x6x4",
+                    help="copies for the inference system (>= 10,000 atoms)")
     ap.add_argument("--gap", type=nonnegative_float, default=2.0, help="Å between copies")
     ap.add_argument("--repeats", type=positive_int, default=1)
     ap.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
@@ -234,7 +237,7 @@ def _main(args) -> int:
                     "device": "cpu", "backend": "gloo", "threads_per_rank": 1},
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype),
                   "irreps_node": str(model.irreps_node), "num_blocks": len(model.blocks),
-                  "cutoff": model.cutoff, "config": args.config or "tiny (tests/helpers/partitions.py tiny_model)",
+                  "cutoff": model.cutoff, "config": args.config or "tiny (tools/partition_harness.py tiny_model)",
                   "checkpointing": args.checkpointing},
         "systems": {k: {"atoms": int(s["pos"].shape[0]), "mode": k} for k, s in systems.items()},
         "runs": {},
@@ -253,10 +256,12 @@ def _main(args) -> int:
             }
             report["runs"].setdefault(name, {})[str(P)] = entry
             print(
-                f"{name:5s} {entry['atoms']:6d} atoms {entry['edges']:8d} edges P={P}: step {entry['max_seconds']:7.2f} s "
-                f"(max over ranks), peak/rank {entry['max_peak_bytes'] / 2**20:8.1f} MiB, "
-                f"edges max/mean {entry['edge_imbalance']:.3f}, halo/block {entry['halo_bytes_per_block'] / 2**10:.1f} KiB "
-                f"= {100 * entry['halo_vs_allgather']:.1f} % of all-gather, partition {entry['partition_seconds_all_parts'] * 1e3:.1f} ms "
+                f"{name:5s} {entry['atoms']:6d} atoms {entry['edges']:8d} edges P={P}: "
+                f"step {entry['max_seconds']:7.2f} s (max over ranks), "
+                f"peak/rank {entry['max_peak_bytes'] / 2**20:8.1f} MiB, edges max/mean {entry['edge_imbalance']:.3f}, "
+                f"halo/block {entry['halo_bytes_per_block'] / 2**10:.1f} KiB "
+                f"= {100 * entry['halo_vs_allgather']:.1f} % of all-gather, "
+                f"partition {entry['partition_seconds_all_parts'] * 1e3:.1f} ms "
                 f"(radius graph {entry['radius_graph_seconds'] * 1e3:.1f} ms)"
             )
         print(f"P={P}: {wall:.1f} s wall (spawn included)")

@@ -9,7 +9,7 @@ and parameter gradients, and exits with status 1 past the tolerance (1e-9 in flo
 float32; ``--dtype`` overrides the model's). ``--frames K`` takes the first K frames of FILE as one
 batch; ``--tile AxBxC`` replaces each frame by an A x B x C grid of copies ``--gap`` Å apart;
 ``--tiny`` swaps the config's model for the tiny one. Without ``--config`` the tiny model is used.
-The comparison itself (and what the errors mean) is ``tests/helpers/partitions.py``.
+The comparison itself (and what the errors mean) is ``tools/partition_harness.py``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the harness: tests/helpers/partitions.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness: tools/partition_harness.py
 
-from helpers.partitions import (  # noqa: E402
+from partition_harness import (  # noqa: E402
     build_checked_model,
     check,
     load_frames,

@@ -49,10 +49,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="molecules per batch, >= 1 (default train.eval_batch_size)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-frames", type=positive_int, default=None, help="evaluate only the first N >= 1 frames of the split")
+    p.add_argument("--max-frames", type=positive_int, default=None,
+                   help="evaluate only the first N >= 1 frames of the split")
     p.add_argument("--partitions", type=positive_int, default=1,
-                   help="split each molecule's graph over P >= 1 ranks (parallel.graph_partitions); without a launcher, "
-                        "P local CPU processes are started")
+                   help="split each molecule's graph over P >= 1 ranks (parallel.graph_partitions); without a "
+                        "launcher, P local CPU processes are started")
     p.add_argument("--allow-unseen-elements", action="store_true",
                    help="evaluate data with elements the model never saw in training (warns) instead of refusing")
     args = p.parse_args(argv)
@@ -136,7 +137,10 @@ def _evaluate(args) -> dict:
     if Path(data_arg).suffix or "/" in data_arg:
         data_arg = resolve_data_path(data_arg, root)
     dataset = load_dataset(data_arg, root=root)
-    dest = Path(args.json) if args.json else path.with_name(f"{path.stem}.{Path(str(dataset.path)).stem}.{args.split}.json")
+    if args.json:
+        dest = Path(args.json)
+    else:
+        dest = path.with_name(f"{path.stem}.{Path(str(dataset.path)).stem}.{args.split}.json")
     earlier = _describe_result(dest) if dest.is_file() else None
     if dest.is_file() and earlier is None:  # before evaluating; every rank alike
         raise UserError(f"{dest}: exists and is not an evaluate.py result; give another --json file or move it away")
@@ -202,9 +206,10 @@ def _evaluate(args) -> dict:
         print(units_header(str(dest)))
         print(f"{path} (epoch {meta['epoch']}) on {dataset.path} [{split_note}], {metrics['n_frames']} frames"
               + (f", each molecule over {P} partitions" if P > 1 else "") + ":")
-        print(f"  energy MAE {metrics['energy_mae_meV']:.4f} meV   ({metrics['energy_mae_kcal_per_mol']:.5f} kcal/mol)   "
-              f"RMSE {metrics['energy_rmse_meV']:.4f} meV")
-        print(f"  force  MAE {metrics['force_mae_meV_per_A']:.4f} meV/Å ({metrics['force_mae_kcal_per_mol_per_A']:.5f} kcal/mol/Å) "
+        print(f"  energy MAE {metrics['energy_mae_meV']:.4f} meV   "
+              f"({metrics['energy_mae_kcal_per_mol']:.5f} kcal/mol)   RMSE {metrics['energy_rmse_meV']:.4f} meV")
+        print(f"  force  MAE {metrics['force_mae_meV_per_A']:.4f} meV/Å "
+              f"({metrics['force_mae_kcal_per_mol_per_A']:.5f} kcal/mol/Å) "
               f"RMSE {metrics['force_rmse_meV_per_A']:.4f} meV/Å")
         if earlier is not None:
             print(f"warning: {dest} held an earlier result ({earlier}): replaced by this one", file=sys.stderr)

@@ -28,17 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):
-    from scalable_equiformer.cli import ArgumentParser, add_set_argument, finite_float, output_file, positive_float, positive_int
+    from scalable_equiformer.cli import (
+        ArgumentParser, add_set_argument, finite_float, output_file, positive_float, positive_int,
+    )
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="the original's checkpoint (*.pth.tar: {'state_dict': ...})")
-    p.add_argument("--config", required=True, help="config file or name in configs/ with the original's architecture (e.g. md17_aspirin)")
+    p.add_argument("--config", required=True,
+                   help="config file or name in configs/ with the original's architecture (e.g. md17_aspirin)")
     add_set_argument(p, help="config overrides, e.g. --set model.dtype=float64 (repeatable)")
     p.add_argument("--out", required=True, type=output_file, help="where to write the imported checkpoint (.pt)")
-    p.add_argument("--energy-mean", type=finite_float, default=None, help="mean total energy of the original's training split")
+    p.add_argument("--energy-mean", type=finite_float, default=None,
+                   help="mean total energy of the original's training split")
     p.add_argument("--energy-std", type=positive_float, default=None,
                    help="standard deviation of the total energies of the original's training split")
-    p.add_argument("--units", choices=["kcal/mol", "eV"], default="kcal/mol", help="units of --energy-mean/--energy-std")
+    p.add_argument("--units", choices=["kcal/mol", "eV"], default="kcal/mol",
+                   help="units of --energy-mean/--energy-std")
     p.add_argument("--num-atoms", type=positive_int, default=None,
                    help="atoms of the molecule (default: from --data, or the config's catalog dataset)")
     p.add_argument("--data", default=None, help="compute mean and std from the original's training split of this file")
@@ -77,7 +82,8 @@ def run(args) -> Path:
         stats = compute_statistics(torch.utils.data.Subset(ds, splits["train"].tolist()), config.model.cutoff)
         mean, std, num_atoms, force_rms = stats.energy_mean, stats.energy_std, stats.num_atoms, stats.force_rms
         if num_atoms is None:
-            raise UserError(f"{args.data}: frames with different atom counts: the original's normalisation needs one molecule")
+            raise UserError(f"{args.data}: frames with different atom counts: "
+                            "the original's normalisation needs one molecule")
         source.update(data=str(args.data), train_size=d.train_size, val_size=d.val_size, seed=d.seed)
     else:
         factor = 1.0 / KCAL_PER_EV if args.units == "kcal/mol" else 1.0
@@ -99,7 +105,8 @@ def run(args) -> Path:
         names = [e.strip() for e in args.elements.split(",") if e.strip()]
         unknown = [e for e in names if e not in atomic_numbers]
         if unknown or not names:
-            raise UserError(f"--elements {args.elements!r}: not chemical symbols: {', '.join(unknown) or '(none given)'}")
+            raise UserError(f"--elements {args.elements!r}: not chemical symbols: "
+                            f"{', '.join(unknown) or '(none given)'}")
         elements = sorted({atomic_numbers[e] for e in names})
     if args.num_atoms is not None and args.num_atoms != num_atoms:
         raise UserError(f"--num-atoms {args.num_atoms} but the data has {num_atoms} atoms")

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
                                      timestep_fs=args.timestep, temperature_K=args.temperature, beads=args.beads,
                                      prefix=args.mode))
         stats = out / "client_timing.json"
-        client = [sys.executable, "-m", "scalable_equiformer.md.ipi", "--checkpoint", str(Path(args.checkpoint).resolve()),
+        client = [sys.executable, "-m", "scalable_equiformer.md.ipi",
+                  "--checkpoint", str(Path(args.checkpoint).resolve()),
                   "--structure", xyz.name, "--unix", name, "--device", args.device, "--stats", stats.name]
         result = ipi.run(xml.name, client_cmd=client, socket_name=name, workdir=out, timeout_s=args.timeout)
     except UserError as exc:

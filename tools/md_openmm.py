@@ -104,7 +104,8 @@ def build(args):
         platform = openmm.Platform.getPlatformByName(args.platform)
     except openmm.OpenMMException:
         names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-        raise UserError(f"--platform {args.platform}: not available here (this OpenMM has {', '.join(names)})") from None
+        raise UserError(f"--platform {args.platform}: not available here "
+                        f"(this OpenMM has {', '.join(names)})") from None
     info = {"molecule": label, "ml_atoms": topology.getNumAtoms()}
     if args.solvate:
         topology, positions, mm_system, ml_atoms = solvate(topology, positions, args.padding, label)
@@ -121,7 +122,8 @@ def build(args):
     if args.ensemble == "nve":
         integrator = openmm.VerletIntegrator(dt)
     else:
-        integrator = openmm.LangevinMiddleIntegrator(args.temperature * unit.kelvin, args.friction / unit.picosecond, dt)
+        integrator = openmm.LangevinMiddleIntegrator(args.temperature * unit.kelvin, args.friction / unit.picosecond,
+                                                     dt)
         integrator.setRandomNumberSeed(args.seed)
     simulation = app.Simulation(topology, system, integrator, platform)
     simulation.context.setPositions(positions)
@@ -149,38 +151,51 @@ def _main(args) -> int:
     try:
         simulation.step(args.steps)
     except openmm.OpenMMException as exc:  # an error inside the model's force reaches us as OpenMM's
-        raise UserError(f"OpenMM stopped after {simulation.currentStep} of {args.steps} steps: {' '.join(str(exc).split())}") from None
+        raise UserError(f"OpenMM stopped after {simulation.currentStep} of {args.steps} steps: "
+                        f"{' '.join(str(exc).split())}") from None
     seconds = time.perf_counter() - start
     ns_per_day = args.steps * args.timestep * 1e-6 / seconds * 86400.0
     info.update(steps=args.steps, timestep_fs=args.timestep, ensemble=args.ensemble, temperature_K=args.temperature,
                 platform=args.platform, checkpoint=str(args.checkpoint), seconds=seconds, ns_per_day=ns_per_day)
     (args.out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-    what = f"{info['molecule']} in {info['waters']} TIP3P waters (ML/MM)" if args.solvate else f"{info['molecule']} in vacuum"
-    print(f"{what}: {info['atoms']} atoms ({info['ml_atoms']} on the model), {args.steps} steps of {args.timestep:g} fs "
-          f"in {seconds:.1f} s ({ns_per_day:.3f} ns/day); wrote {args.out}/trajectory.dcd, energy.csv, topology.pdb")
+    what = (f"{info['molecule']} in {info['waters']} TIP3P waters (ML/MM)" if args.solvate
+            else f"{info['molecule']} in vacuum")
+    print(f"{what}: {info['atoms']} atoms ({info['ml_atoms']} on the model), {args.steps} steps of "
+          f"{args.timestep:g} fs in {seconds:.1f} s ({ns_per_day:.3f} ns/day); "
+          f"wrote {args.out}/trajectory.dcd, energy.csv, topology.pdb")
     return 0
 
 
 def main(argv=None) -> int:
-    from scalable_equiformer.cli import ArgumentParser, exit_on_user_error, nonnegative_int, positive_float, positive_int
+    from scalable_equiformer.cli import (
+        ArgumentParser, exit_on_user_error, nonnegative_int, positive_float, positive_int,
+    )
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint (best.pt) or run folder")
     p.add_argument("--molecule", default="atat", help="atat, peptide or a PDB file (default atat)")
-    p.add_argument("--solvate", action="store_true", help="ML/MM: the molecule in TIP3P water, water and coupling Amber14")
+    p.add_argument("--solvate", action="store_true",
+                   help="ML/MM: the molecule in TIP3P water, water and coupling Amber14")
     p.add_argument("--padding", type=positive_float, default=1.0, help="water around the molecule, nm (default 1.0)")
     p.add_argument("--minimise", type=nonnegative_int, default=200,
-                   help="--solvate: iterations of the Amber-only relaxation of the box (0 = until converged; default 200)")
+                   help="--solvate: iterations of the Amber-only relaxation of the box "
+                        "(0 = until converged; default 200)")
     p.add_argument("--steps", type=positive_int, default=1000, help="MD steps (default 1000)")
     p.add_argument("--timestep", type=positive_float, default=0.5, help="fs (default 0.5)")
-    p.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt", help="nvt: Langevin (default); nve: velocity Verlet")
-    p.add_argument("--temperature", type=positive_float, default=300.0, help="K: thermostat and start velocities (default 300)")
+    p.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt",
+                   help="nvt: Langevin (default); nve: velocity Verlet")
+    p.add_argument("--temperature", type=positive_float, default=300.0,
+                   help="K: thermostat and start velocities (default 300)")
     p.add_argument("--friction", type=positive_float, default=1.0, help="Langevin friction, 1/ps (default 1)")
     p.add_argument("--seed", type=positive_int, default=1, help="velocities and Langevin noise (default 1)")
-    p.add_argument("--report-every", type=positive_int, default=10, help="steps between frames and energy lines (default 10)")
-    p.add_argument("--platform", choices=("CPU", "Reference", "CUDA", "OpenCL"), default="CPU", help="OpenMM platform (default CPU)")
-    p.add_argument("--device", default=None, help="the model's device: cpu, cuda (default: the GPU when there is one)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="the model's precision (default: as trained)")
+    p.add_argument("--report-every", type=positive_int, default=10,
+                   help="steps between frames and energy lines (default 10)")
+    p.add_argument("--platform", choices=("CPU", "Reference", "CUDA", "OpenCL"), default="CPU",
+                   help="OpenMM platform (default CPU)")
+    p.add_argument("--device", default=None,
+                   help="the model's device: cpu, cuda (default: the GPU when there is one)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="the model's precision (default: as trained)")
     p.add_argument("--out", type=Path, default=Path("runs/md_openmm"), help="output folder (default runs/md_openmm)")
     args = p.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():

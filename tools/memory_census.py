@@ -10,8 +10,9 @@ of the energy; ``B``: the force computation, which ``loss.backward()`` different
 grouped by size per edge (:mod:`scalable_equiformer.profiling.census`). The last lines set the
 total against the activation estimate of ``profiling/estimate.py`` for the same molecule
 (levers off). Levers off only: reading a node's saved tensors inside a checkpointed region
-would recompute them (``memory_profile.py`` measures the levers). Memory in MiB; the molecule is frame 0 of ``--data`` or a synthetic one of
-``--atoms`` atoms (AT-AT copies at real density, as ``memory_profile.py --atoms``).
+would recompute them (``memory_profile.py`` measures the levers). Memory in MiB; the molecule is
+frame 0 of ``--data`` or a synthetic one of ``--atoms`` atoms (AT-AT copies at real density, as
+``memory_profile.py --atoms``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def _run(args) -> int:
     print(f"config {args.config}  atoms {n}  edges {e}  dtype {cfg.model.dtype}")
     print(f"{'graph':5s} {'op':32s} {'floats/edge':>11s} {'count':>5s} {'MiB':>9s} {'share':>6s}")
     for r in census.rows[: args.top]:
-        print(f"{r.graph:5s} {r.op:32s} {r.floats_per_edge:11.1f} {r.count:5d} {r.bytes / MiB:9.2f} {r.bytes / census.bytes:6.1%}")
+        print(f"{r.graph:5s} {r.op:32s} {r.floats_per_edge:11.1f} {r.count:5d} {r.bytes / MiB:9.2f} "
+              f"{r.bytes / census.bytes:6.1%}")
     if len(census.rows) > args.top:
         rest = sum(r.bytes for r in census.rows[args.top:])
         more = "(" + str(len(census.rows) - args.top) + " more rows)"

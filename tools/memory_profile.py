@@ -74,7 +74,8 @@ def parse_levers(spec: str, cfg, batch: int) -> dict:
         key = key.strip().removeprefix("memory.").removeprefix("parallel.")
         key = "graph_partitions" if key == "partitions" else key
         if key not in LEVER_KEYS:
-            raise ConfigError(f"--levers {spec!r}: unknown lever {key!r}; levers: {', '.join(LEVER_KEYS)}, or none | all | config")
+            raise ConfigError(f"--levers {spec!r}: unknown lever {key!r}; levers: {', '.join(LEVER_KEYS)}, "
+                              "or none | all | config")
         if not value:
             out[key] = LEVER_ON[key]
         elif key in ("micro_batch_size", "edge_chunk_size"):
@@ -192,12 +193,14 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", help="config file or name in configs/ (default: the dataclass defaults)")
-    add_set_argument(p, dest="set", help="config overrides, e.g. --set memory.precision=bf16 train.batch_size=4 (repeatable)")
+    add_set_argument(p, dest="set",
+                     help="config overrides, e.g. --set memory.precision=bf16 train.batch_size=4 (repeatable)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="data file (sGDML npz / rMD17 npz / extxyz): frames 0..B-1")
     src.add_argument("--atoms", type=positive_int, help="synthetic molecule of N atoms (AT-AT copies at real density)")
     p.add_argument("--batch-size", type=positive_int, help="molecules per step (default train.batch_size)")
-    p.add_argument("--levers", action="append", metavar="SPEC", help="none | all | config | a,b=v,... (repeatable; default config)")
+    p.add_argument("--levers", action="append", metavar="SPEC",
+                   help="none | all | config | a,b=v,... (repeatable; default config)")
     p.add_argument("--compare", action="store_true", help="profile the standard ladder of lever sets")
     p.add_argument("--sweep", choices=["atoms"], help="profile a series of synthetic molecule sizes")
     p.add_argument("--sweep-atoms", type=positive_int_list, default=[30, 60, 120, 240],
@@ -216,9 +219,11 @@ def main(argv=None) -> int:
                         "tensor bytes from the profiler's allocation events (deterministic, like CUDA's "
                         "max_memory_allocated; the step runs under the profiler, timing steps do not)")
     p.add_argument("--timing-steps", type=nonnegative_int, default=2, help="timed steps after the measured one")
-    p.add_argument("--zero-stage", type=int_range(0, 3), help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
+    p.add_argument("--zero-stage", type=int_range(0, 3),
+                   help="ZeRO stage for the breakdown (default deepspeed.zero_stage)")
     p.add_argument("--ranks", type=positive_int, default=1, help="data-parallel ranks for the ZeRO breakdown")
-    p.add_argument("--gpus", type=positive_int, help="GPUs for --plan (default --ranks): data parallel x graph partitions")
+    p.add_argument("--gpus", type=positive_int,
+                   help="GPUs for --plan (default --ranks): data parallel x graph partitions")
     p.add_argument("--gpus-per-node", type=positive_int,
                    help="GPUs per node for --plan (default all of --gpus: one node): graph partitions stay within a "
                         "node, and the launch lines are multi-node")
@@ -352,7 +357,8 @@ def _jobs(session, sources, lever_sets):
         for levers in lever_sets:
             lv = resolve_levers(levers, edges_max)
             lev_obj = Levers(**lv)
-            e = session.estimate(lev_obj, n_atoms, edges_max, batch, max(args.ranks, lev_obj.graph_partitions), part_stats)
+            e = session.estimate(lev_obj, n_atoms, edges_max, batch, max(args.ranks, lev_obj.graph_partitions),
+                                 part_stats)
             record = {"config": session.config_name, "atoms": n_atoms, "edges": edges_total, "batch": batch,
                       "levers": lv, "lever_set": _set_label(levers), "data": data_i, "estimate": e.as_dict(),
                       "estimated_peak_bytes": e.peak_bytes}
@@ -424,12 +430,14 @@ def measure_jobs(session, jobs) -> None:
                 m = {"error": str(exc).splitlines()[0]}  # with a budget: recorded, the others still run
             take(i, m)
     if not args.estimate_only:
-        print("peak: whole step (model states + activations); activ.: peak minus parameters, gradients and AdamW state; "
-              "cpu s: process CPU time (CPU runs, contention-free); time x: step time / levers-off step time")
+        print("peak: whole step (model states + activations); activ.: peak minus parameters, gradients and "
+              "AdamW state; cpu s: process CPU time (CPU runs, contention-free); time x: step time / levers-off "
+              "step time")
     states = est.model_states(session.num_params, param_bytes=8 if cfg.model.dtype == "float64" else 4,
                               zero_stage=session.zero_stage, ranks=args.ranks)
-    print(f"model states per rank (ZeRO {session.zero_stage}, {args.ranks} rank(s)): parameters {fmt_gib(states.params)}  "
-          f"gradients {fmt_gib(states.grads)}  optimizer {fmt_gib(states.optimizer)} GiB")
+    print(f"model states per rank (ZeRO {session.zero_stage}, {args.ranks} rank(s)): "
+          f"parameters {fmt_gib(states.params)}  gradients {fmt_gib(states.grads)}  "
+          f"optimizer {fmt_gib(states.optimizer)} GiB")
 
 
 def plan_levers(session, plan_molecule) -> dict:
@@ -466,8 +474,9 @@ def _print_plan(args, pl, gpus, budget, n_atoms, edges_max, batch, zero_stage) -
 
     nodes = gpus // (args.gpus_per_node or gpus)
     where = f" on {nodes} nodes of {args.gpus_per_node}" if nodes > 1 else ""
-    print(f"\nplan for {gpus} GPU(s){where} of {fmt_gib(budget).strip()} GiB (usable {fmt_gib(pl.usable_bytes).strip()} GiB "
-          f"each), {n_atoms} atoms, {edges_max} edges per molecule, batch {batch}, ZeRO stage {zero_stage}:")
+    print(f"\nplan for {gpus} GPU(s){where} of {fmt_gib(budget).strip()} GiB "
+          f"(usable {fmt_gib(pl.usable_bytes).strip()} GiB each), {n_atoms} atoms, {edges_max} edges per molecule, "
+          f"batch {batch}, ZeRO stage {zero_stage}:")
     print(f"time factors: {pl.factors.source}")
     for c in pl.candidates[:6]:
         mark = "fits" if c.fits else "too big"
@@ -479,7 +488,8 @@ def _print_plan(args, pl, gpus, budget, n_atoms, edges_max, batch, zero_stage) -
     print("use: " + " ".join(f"--set {o}" for o in pl.overrides()))
     if gpus > 1:
         cfg_arg = f"--config {args.config} " if args.config else ""
-        for line in planner.launch_lines(gpus, args.gpus_per_node, cfg_arg + " ".join(f"--set {o}" for o in pl.overrides())):
+        sets = " ".join(f"--set {o}" for o in pl.overrides())
+        for line in planner.launch_lines(gpus, args.gpus_per_node, cfg_arg + sets):
             print(f"launch: {line}")
 
 
@@ -530,7 +540,8 @@ _AUTO_CHUNK = 2**31 - 1
 
 def _print_row(r, lev):
     if r.get("oom"):
-        print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7}  out of memory (estimate {fmt_gib(r['estimated_peak_bytes']).strip()})")
+        print(f"{lev.label():<34} {r['atoms']:>6} {r['edges']:>7}  out of memory "
+              f"(estimate {fmt_gib(r['estimated_peak_bytes']).strip()})")
         return
     if r.get("not_measured") or r.get("error"):
         what = "not measured" if r.get("not_measured") else "failed"

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Markdown tables of ``tools/memory_profile.py`` JSON files (benchmarks/memory.md, memory_cuda.md).
+r"""Markdown tables of ``tools/memory_profile.py`` JSON files (benchmarks/memory.md, memory_cuda.md).
 
     python tools/memory_tables.py benchmarks/memory_atat_b1.json [more.json ...]
-    python tools/memory_tables.py OUT/memory_profile.json --report [--summary OUT/summary.json] > benchmarks/memory_cuda.md
-    python tools/memory_tables.py OUT/memory_profile.json --cuda-factors scalable_equiformer/profiling/time_factors_cuda.json
+    python tools/memory_tables.py OUT/memory_profile.json --report [--summary OUT/summary.json] \
+        > benchmarks/memory_cuda.md
+    python tools/memory_tables.py OUT/memory_profile.json \
+        --cuda-factors scalable_equiformer/profiling/time_factors_cuda.json
 
 One table per file: per lever set, the peak (per rank with graph partitions), activations per
 edge that the rank computes, the step time (CPU runs: process CPU time; CUDA runs: synchronised
@@ -50,8 +52,8 @@ def table(doc: dict) -> str:
 
     cuda = _on_cuda(doc)
     time_key, time_head = ("step_seconds", "step s (GPU)") if cuda else ("step_cpu_seconds", "step CPU s")
-    rows = [f"| levers | atoms | edges (per rank) | batch | peak GiB | activations per edge | {time_head} | time x | peak cut | "
-            "estimate GiB | meas/est |",
+    rows = [f"| levers | atoms | edges (per rank) | batch | peak GiB | activations per edge | {time_head} | time x "
+            "| peak cut | estimate GiB | meas/est |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in doc["runs"]:
@@ -108,7 +110,8 @@ def fit_table(doc: dict) -> str:
         rows += ["", f"Plan for {plan.get('gpus', 1)} GPU(s) of {plan['budget_bytes'] / GiB:.1f} GiB "
                      f"({plan.get('atoms', '?')} atoms, batch {plan.get('batch', '?')}): "
                  + (f"`{' '.join('--set ' + o for o in plan['overrides'])}` (estimated peak "
-                    f"{best['peak_bytes'] / GiB:.2f} GiB, time x{best['relative_time']:.2f})" if best else "nothing fits")
+                    f"{best['peak_bytes'] / GiB:.2f} GiB, time x{best['relative_time']:.2f})" if best
+                    else "nothing fits")
                  + (f"; time factors: {plan['time_factors']['source']}" if plan.get("time_factors") else "")]
     return "\n".join(rows)
 
@@ -122,7 +125,8 @@ def factors_table(doc: dict, name: str = "") -> str:
     rows = [f"{f['source']}", "", "| factor | median | per molecule |", "|---|---|---|"]
     for k, vals in f["samples"].items():
         med = f["factors"][k.split(".")[0]][k.split(".")[1]] if "." in k else f["factors"][k]
-        rows.append(f"| {k} | {med:.3f} | " + ", ".join(f"{v['atoms']}x{v['batch']}: {v['value']:.2f}" for v in vals) + " |")
+        per_molecule = ", ".join(f"{v['atoms']}x{v['batch']}: {v['value']:.2f}" for v in vals)
+        rows.append(f"| {k} | {med:.3f} | " + per_molecule + " |")
     return "\n".join(rows)
 
 
@@ -143,7 +147,8 @@ def summary_sections(summary: dict) -> str:
     if train.get("runs"):
         out += ["## Training throughput through train.py", "",
                 train.get("data_note", ""), "",
-                "| run | engine | precision | batch | steps timed | molecules/s | peak GiB | estimate GiB | meas/est | status |",
+                "| run | engine | precision | batch | steps timed | molecules/s | peak GiB | estimate GiB | meas/est "
+                "| status |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in train["runs"]:
             mps = f"{r['molecules_per_s']:.1f}" if r.get("molecules_per_s") else "-"
@@ -171,7 +176,8 @@ def report(doc: dict, name: str, summary: dict | None = None) -> str:
                "the model was built; step time = synchronised wall time, median of the timed steps)."
                if _on_cuda(doc) else " (CPU run: figures say nothing about a GPU)."),
             f"Model: {doc.get('config', '?')}, {doc.get('num_params', 0) / 1e6:.3f} M parameters, "
-            f"{doc.get('num_blocks', '?')} blocks; measured in {'one process' if doc.get('one_process') else 'a process each'}.",
+            f"{doc.get('num_blocks', '?')} blocks; "
+            f"measured in {'one process' if doc.get('one_process') else 'a process each'}.",
             ""]
     parts = head + ["## Per lever set and molecule", "", table(doc), "",
                     "## Does the largest molecule fit?", "", fit_table(doc), "",
@@ -182,7 +188,8 @@ def report(doc: dict, name: str, summary: dict | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("json", nargs="+", help="tools/memory_profile.py JSON file(s)")
     p.add_argument("--report", action="store_true", help="a whole markdown page for one JSON (memory_cuda.md)")

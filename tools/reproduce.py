@@ -7,7 +7,7 @@ and a bar plot against the published numbers.
     python tools/reproduce.py md17 --ablation                        # aspirin, 3 attention variants
     python tools/reproduce.py md22 --systems atat dha --data-root data
     python tools/reproduce.py md17 --collect-only                    # table from existing run folders
-    python tools/reproduce.py md17 --quick                           # a minute on a CPU: tiny model, shipped aspirin data
+    python tools/reproduce.py md17 --quick                           # a CPU minute: tiny model, shipped aspirin data
     python tools/reproduce.py md17 --dry-run                         # print the commands
 
 Runs land in ``<out>/<suite>/<run>/`` (suite = md17_l2, md17_l3, md17_ablation, md22); the table is
@@ -545,7 +545,8 @@ def bar_plot(suite: Suite, rows: Sequence[Row], path: Path) -> Path:
         ax.set_xticklabels(labels, rotation=30, ha="right")
         ax.set_ylabel(unit)
         ax.legend(frameon=False)
-    fig.suptitle(suite.title + ("   (* hatched: running, last validation)" if any(r.status == "running" for r in rows) else ""))
+    running = any(r.status == "running" for r in rows)
+    fig.suptitle(suite.title + ("   (* hatched: running, last validation)" if running else ""))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -595,7 +596,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=positive_int, help="train.max_epochs for every run")
     p.add_argument("--data-root", help="data.root for every run (where the catalog .npz files are)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
-    add_set_argument(p, dest="sets", help="config overrides for every run (repeatable; win over the tool's own settings)")
+    add_set_argument(p, dest="sets",
+                     help="config overrides for every run (repeatable; win over the tool's own settings)")
     p.add_argument("--launcher", choices=["python", "deepspeed"], default="python",
                    help="python train.py (default) or the deepspeed launcher")
     p.add_argument("--nproc", type=positive_int, help="deepspeed launcher: --num_gpus")

@@ -55,7 +55,8 @@ class DatasetStatistics:
         bad = [f"{name}={getattr(self, name)!r}" for name in ("force_rms", "avg_num_neighbors", "avg_num_atoms")
                if getattr(self, name) <= 0]
         if bad:
-            raise DataError(f"statistics force_rms, avg_num_neighbors and avg_num_atoms must be > 0, got {', '.join(bad)}")
+            raise DataError("statistics force_rms, avg_num_neighbors and avg_num_atoms must be > 0, "
+                            f"got {', '.join(bad)}")
 
     def to_dict(self) -> dict:
         out = {name: float(getattr(self, name)) for name in _FIELDS}
@@ -144,7 +145,8 @@ def shortest_distance(pos) -> float:
     return best
 
 
-def check_training_split(path, n_atoms_min: int, f_rms: float, edges: int, cutoff: float, frames: int, pos=None) -> None:
+def check_training_split(path, n_atoms_min: int, f_rms: float, edges: int, cutoff: float, frames: int,
+                         pos=None) -> None:
     """One DataError line naming the file for a training split the model cannot learn from: a
     one-atom molecule, no two atoms within ``cutoff`` in any frame (graphs without edges), or all
     forces zero. ``frames``: the frames looked at; ``pos``: their positions (for the message)."""
@@ -179,7 +181,7 @@ def compute_statistics(dataset, cutoff: float, max_frames: int = 2000) -> Datase
         pos, energies, forces, z = bulk
         energies_all = energies
         sel = _even_subsample(pos.shape[0], max_frames)
-        pos, energies, forces = pos[sel].to(torch.float64), energies[sel].to(torch.float64), forces[sel].to(torch.float64)
+        pos, energies, forces = (t[sel].to(torch.float64) for t in (pos, energies, forces))
         n_atoms = z.numel()
         e_per_atom = float((energies / n_atoms).mean())
         f_rms = float(forces.pow(2).mean().sqrt())

@@ -15,6 +15,7 @@ first use, so that ``import openmmml`` (which loads this package's entry point) 
 
 from .._lazy import lazy_getattr
 
-__getattr__ = lazy_getattr(__name__, {"Potential": "potential", "warn_if_not_smooth": "potential", "DEFAULT_SKIN": "potential"})
+__getattr__ = lazy_getattr(__name__, {"Potential": "potential", "warn_if_not_smooth": "potential",
+                                      "DEFAULT_SKIN": "potential"})
 
 __all__ = ["Potential", "warn_if_not_smooth", "DEFAULT_SKIN"]

@@ -93,16 +93,18 @@ def check_box(cell: np.ndarray, positions: np.ndarray, cutoff: float, where: str
     try:
         inv = np.linalg.inv(h)
     except np.linalg.LinAlgError:
-        raise UserError(f"{where}: the i-PI box is singular ({h.T.tolist()}); give a large box for a molecule") from None
+        raise UserError(f"{where}: the i-PI box is singular ({h.T.tolist()}); "
+                        "give a large box for a molecule") from None
     frac = positions @ inv.T  # fractional coordinates along each cell vector
     widths = 1.0 / np.linalg.norm(inv, axis=1)  # distance between opposite faces
     extent = (frac.max(axis=0) - frac.min(axis=0)) * widths
     short = np.nonzero(widths <= extent + cutoff)[0]
     if short.size:
         k = int(short[0])
-        raise UserError(f"{where}: the model is for isolated molecules, but the i-PI box is {widths[k]:.4g} Å wide along "
-                        f"cell vector {k + 1} for a molecule {extent[k]:.4g} Å across and a {cutoff:g} Å cutoff: periodic "
-                        f"images would interact; make the box wider than {extent[k] + cutoff:.4g} Å (the examples use 100 Å)")
+        raise UserError(f"{where}: the model is for isolated molecules, but the i-PI box is {widths[k]:.4g} Å "
+                        f"wide along cell vector {k + 1} for a molecule {extent[k]:.4g} Å across and a {cutoff:g} Å "
+                        f"cutoff: periodic images would interact; make the box wider than {extent[k] + cutoff:.4g} Å "
+                        "(the examples use 100 Å)")
 
 
 class EquiformerDriver:
@@ -244,7 +246,8 @@ class Client:
                 elif header == INIT:
                     _rid, length = np.frombuffer(_recv_exact(sock, 8), np.int32)
                     text = _recv_exact(sock, int(length)).decode("utf-8", "replace")
-                    batch = [t.partition(":")[2].strip() for t in text.split(",") if t.partition(":")[0].strip() == "batch_size"]
+                    batch = [t.partition(":")[2].strip() for t in text.split(",")
+                             if t.partition(":")[0].strip() == "batch_size"]
                     if batch and batch[0] not in ("", "1"):
                         raise UserError(f"i-PI asks for batches of {batch[0]} structures (<ffsocket> batch_size): this "
                                         "client evaluates one at a time; remove batch_size from the i-PI input")

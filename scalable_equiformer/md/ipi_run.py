@@ -56,15 +56,20 @@ def input_xml(structure: Union[str, Path], *, socket_name: str = "equiformer", m
         raise UserError(f"i-PI input: beads must be >= 1 and steps >= 0 (got {nbeads}, {steps})")
     thermostat = ("<thermostat mode='svr'><tau units='femtosecond'>{tau}</tau></thermostat>" if nbeads == 1 else
                   "<thermostat mode='pile_l'><tau units='femtosecond'>{tau}</tau></thermostat>").format(tau=tau_fs)
-    sock = (f"<ffsocket name='equiformer' mode='unix' pbc='false'><address>{socket_name}</address>" if tcp_port is None
-            else f"<ffsocket name='equiformer' mode='inet' pbc='false'><address>localhost</address><port>{tcp_port}</port>")
+    if tcp_port is None:
+        sock = f"<ffsocket name='equiformer' mode='unix' pbc='false'><address>{socket_name}</address>"
+    else:
+        sock = ("<ffsocket name='equiformer' mode='inet' pbc='false'><address>localhost</address>"
+                f"<port>{tcp_port}</port>")
+    trajectory = (f"<trajectory filename='pos' stride='{stride}' format='xyz' cell_units='angstrom'> "
+                  "x_centroid{angstrom} </trajectory>")
     return f"""<!-- i-PI input written by scalable_equiformer.md.ipi.input_xml: {mode.upper()}, {nbeads} bead(s) -->
 <simulation verbosity='low' safe_stride='{max(1, int(steps))}'>
   <output prefix='{prefix}'>
     <properties stride='{properties_stride}' filename='out' flush='1'>
       [ step, time{{picosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, potential{{electronvolt}} ]
     </properties>
-    <trajectory filename='pos' stride='{stride}' format='xyz' cell_units='angstrom'> x_centroid{{angstrom}} </trajectory>{extra_output}
+    {trajectory}{extra_output}
   </output>
   <total_steps>{int(steps)}</total_steps>
   <prng><seed>{int(seed)}</seed></prng>
@@ -112,7 +117,8 @@ def write_examples(folder: Union[str, Path], molecule: str = "atat", socket_name
     out = {"structure": xyz}
     for mode in ("nvt", "pimd"):
         out[mode] = folder / f"{mode}.xml"
-        out[mode].write_text(input_xml(xyz.name, socket_name=socket_name, mode=mode, steps=steps, prefix=mode, **kwargs))
+        out[mode].write_text(input_xml(xyz.name, socket_name=socket_name, mode=mode, steps=steps, prefix=mode,
+                                       **kwargs))
     return out
 
 
@@ -151,15 +157,12 @@ def run(xml: Union[str, Path], *, driver=None, client_cmd: Optional[Sequence[str
     of the failing side's log) when the server or the client fails or ``timeout_s`` passes. The
     UNIX socket file is removed afterwards."""
     workdir = Path(workdir)
-    from .ipi import SOCKET_PREFIX, Client, connect  # here: .ipi imports this module at its end
+    from .ipi import SOCKET_PREFIX  # here: .ipi imports this module at its end
 
     sock_path = Path(SOCKET_PREFIX + socket_name)
     if sock_path.exists():
         sock_path.unlink()  # a stale socket from a killed run: i-PI would refuse to start
-    # the client subprocess imports this very package (a checkout need not be the installed one)
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = _subprocess_env()
     server_log, client_log = workdir / "ipi_server.log", workdir / "ipi_client.log"
     t0 = time.perf_counter()
     procs = []
@@ -171,30 +174,13 @@ def run(xml: Union[str, Path], *, driver=None, client_cmd: Optional[Sequence[str
         client = None
         if driver is not None:
             where = {"unix": socket_name} if tcp_port is None else {"host": "localhost", "port": tcp_port}
-            client = Client(driver, connect(**where, wait_s=min(60.0, timeout_s), nodelay=nodelay))
-            client.sock.settimeout(timeout_s)
-            try:
-                client.serve()
-            except TimeoutError:
-                raise UserError(f"i-PI run {xml}: no message from the server for {timeout_s:g} s "
-                                f"(log: {server_log})") from None
+            client = _serve(driver, where, xml, server_log, timeout_s=timeout_s, nodelay=nodelay)
         else:
             with open(client_log, "w") as clog:
                 procs.append(subprocess.Popen(list(client_cmd), cwd=workdir, stdout=clog, stderr=subprocess.STDOUT,
                                               env=env))
-        deadline = t0 + timeout_s
-        logs = dict(zip(procs, (server_log, client_log)))
-        while any(proc.poll() is None for proc in procs):  # both at once: a dead client leaves i-PI waiting
-            for proc in procs:
-                if proc.poll() not in (None, 0):
-                    lines = [ln.strip() for ln in logs[proc].read_text().splitlines() if ln.strip()]
-                    errors = [ln for ln in lines if ln.startswith("error:")]
-                    who = "i-PI server" if proc is server else "client"
-                    raise UserError(f"{who} of {xml} exited with {proc.returncode}: "
-                                    f"{(errors or lines or ['(no output)'])[-1]} (log: {logs[proc]})")
-            if time.perf_counter() > deadline:
-                raise UserError(f"i-PI run {xml} did not finish within {timeout_s:g} s (logs: {server_log})")
-            time.sleep(0.05)
+        _wait_for_all(procs, dict(zip(procs, (server_log, client_log))), xml, deadline=t0 + timeout_s,
+                      timeout_s=timeout_s)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -204,3 +190,43 @@ def run(xml: Union[str, Path], *, driver=None, client_cmd: Optional[Sequence[str
             sock_path.unlink()
     return {"client": client, "server_log": server_log.read_text(),
             "client_log": client_log.read_text() if client_log.exists() else "", "wall_s": time.perf_counter() - t0}
+
+
+def _subprocess_env() -> dict:
+    """The environment of the server and the client: unbuffered output, and this very package first
+    on the path (the client subprocess imports it; a checkout need not be the installed one)."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def _serve(driver, where: dict, xml, server_log: Path, *, timeout_s: float, nodelay: bool):
+    """Connect to the server at ``where`` and serve ``driver`` until the server ends; the Client."""
+    from .ipi import Client, connect  # here: .ipi imports this module at its end
+
+    client = Client(driver, connect(**where, wait_s=min(60.0, timeout_s), nodelay=nodelay))
+    client.sock.settimeout(timeout_s)
+    try:
+        client.serve()
+    except TimeoutError:
+        raise UserError(f"i-PI run {xml}: no message from the server for {timeout_s:g} s "
+                        f"(log: {server_log})") from None
+    return client
+
+
+def _wait_for_all(procs: list, logs: dict, xml, *, deadline: float, timeout_s: float) -> None:
+    """Wait until every process of ``procs`` (the server first, then the client if any) has ended;
+    UserError (the last line of its log, ``error:`` lines first) as soon as one fails, or when
+    ``deadline`` passes."""
+    server, server_log = procs[0], logs[procs[0]]
+    while any(proc.poll() is None for proc in procs):  # both at once: a dead client leaves i-PI waiting
+        for proc in procs:
+            if proc.poll() not in (None, 0):
+                lines = [ln.strip() for ln in logs[proc].read_text().splitlines() if ln.strip()]
+                errors = [ln for ln in lines if ln.startswith("error:")]
+                who = "i-PI server" if proc is server else "client"
+                raise UserError(f"{who} of {xml} exited with {proc.returncode}: "
+                                f"{(errors or lines or ['(no output)'])[-1]} (log: {logs[proc]})")
+        if time.perf_counter() > deadline:
+            raise UserError(f"i-PI run {xml} did not finish within {timeout_s:g} s (logs: {server_log})")
+        time.sleep(0.05)

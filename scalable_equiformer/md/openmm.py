@@ -98,7 +98,8 @@ class EquiformerForce:
 
     def __reduce__(self):
         if self.reload is None:  # a model object, not a checkpoint: OpenMM keeps the force unpicklable
-            raise TypeError("an EquiformerForce built from a model object cannot be pickled; build it from a checkpoint")
+            raise TypeError("an EquiformerForce built from a model object cannot be pickled; "
+                            "build it from a checkpoint")
         return _force_from_checkpoint, self.reload
 
 
@@ -116,8 +117,8 @@ class EquiformerPotentialImplFactory(MLPotentialImplFactory):
     def createImpl(self, name: str, checkpoint=None, device=None, dtype=None, partitions: int = 1, group=None,
                    skin: Optional[float] = None, strict: bool = True, **args) -> "EquiformerPotentialImpl":
         if args:
-            raise UserError(f"MLPotential({name!r}): unknown option(s) {', '.join(sorted(args))}; it takes checkpoint=, "
-                            "device=, dtype=, partitions=, group=, skin=, strict=")
+            raise UserError(f"MLPotential({name!r}): unknown option(s) {', '.join(sorted(args))}; it takes "
+                            "checkpoint=, device=, dtype=, partitions=, group=, skin=, strict=")
         return EquiformerPotentialImpl(name, checkpoint, device=device, dtype=dtype, partitions=partitions, group=group,
                                        skin=skin, strict=strict)
 
@@ -128,7 +129,8 @@ class EquiformerPotentialImpl(MLPotentialImpl):
     def __init__(self, name: str, checkpoint, *, device=None, dtype=None, partitions: int = 1, group=None,
                  skin: Optional[float] = None, strict: bool = True):
         if checkpoint is None:
-            raise UserError(f"MLPotential({name!r}) needs checkpoint= (a training checkpoint such as runs/<run>/best.pt)")
+            raise UserError(f"MLPotential({name!r}) needs checkpoint= "
+                            "(a training checkpoint such as runs/<run>/best.pt)")
         if not Path(checkpoint).exists():
             raise UserError(f"MLPotential({name!r}): checkpoint {checkpoint} does not exist")
         if int(partitions) < 1:
@@ -166,10 +168,11 @@ class EquiformerPotentialImpl(MLPotentialImpl):
     def addForces(self, topology: openmm.app.Topology, system: openmm.System, atoms: Optional[Iterable[int]],
                   forceGroup: int, **args) -> None:
         """Add the model's :class:`openmm.PythonForce` on ``atoms`` (None = all) of ``system``."""
-        misplaced = sorted(set(args) & {"checkpoint", "device", "dtype", "precision", "partitions", "group", "skin", "strict"})
+        misplaced = sorted(set(args) & {"checkpoint", "device", "dtype", "precision", "partitions", "group", "skin",
+                                        "strict"})
         if misplaced:
-            raise UserError(f"{self.checkpoint}: {', '.join(misplaced)} belong(s) to MLPotential({self.name!r}, ...), not to "
-                            "createSystem / createMixedSystem")
+            raise UserError(f"{self.checkpoint}: {', '.join(misplaced)} belong(s) to MLPotential({self.name!r}, ...), "
+                            "not to createSystem / createMixedSystem")
         self._check_periodic(topology, system, args, "createSystem" if atoms is None else "createMixedSystem")
         chosen = self._ml_atoms(topology, system, atoms)
         if not chosen:
@@ -183,8 +186,8 @@ class EquiformerPotentialImpl(MLPotentialImpl):
         try:
             pot.set_numbers(numbers)
         except UserError as exc:
-            first = next((a for a in chosen if pot.elements is not None and a.element.atomic_number not in pot.elements),
-                         chosen[0])
+            unknown = (a for a in chosen if pot.elements is not None and a.element.atomic_number not in pot.elements)
+            first = next(unknown, chosen[0])
             raise UserError(f"{exc} (the topology's first such atom: {_atom_label(first)})") from None
         compute = EquiformerForce(pot, (self.checkpoint, self._options(), numbers) if self.partitions == 1 else None)
         force = openmm.PythonForce(compute)
@@ -241,12 +244,12 @@ class EquiformerPotentialImpl(MLPotentialImpl):
         periodic = topology.getPeriodicBoxVectors() is not None or system.usesPeriodicBoundaryConditions()
         long_range = args.get("mlLongRange")
         if long_range:
-            raise UserError(f"{self.checkpoint}: mlLongRange=True, but this model has no long-range terms (it sees pairs "
-                            "closer than its cutoff only); pass mlLongRange=False")
+            raise UserError(f"{self.checkpoint}: mlLongRange=True, but this model has no long-range terms (it sees "
+                            "pairs closer than its cutoff only); pass mlLongRange=False")
         if periodic and long_range is None:
             raise UserError(
-                f"{self.checkpoint}: the {'System' if system.usesPeriodicBoundaryConditions() else 'topology'} is periodic, "
-                f"and this model is for isolated molecules (no periodic images, no long-range terms): pass "
+                f"{self.checkpoint}: the {'System' if system.usesPeriodicBoundaryConditions() else 'topology'} is "
+                f"periodic, and this model is for isolated molecules (no periodic images, no long-range terms): pass "
                 f"mlLongRange=False to {method} (the ML atoms are then one molecule for the model and their "
                 "periodic images interact through the MM force field), or remove the box")
 

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SKIN = 1.0
 
 #: what the warning for a model trained without the smooth cutoff says (once per model).
-NOT_SMOOTH = ("{label}: this model was trained with model.smooth_cutoff=false (the original Equiformer's, e.g. the md17_* "
-              "configs): its energy jumps when a pair crosses the {cutoff:g} Å cutoff, so NVE runs drift; train with "
-              "model.smooth_cutoff=true (the md22_* and demo configs) for MD")
+NOT_SMOOTH = ("{label}: this model was trained with model.smooth_cutoff=false (the original Equiformer's, e.g. the "
+              "md17_* configs): its energy jumps when a pair crosses the {cutoff:g} Å cutoff, so NVE runs drift; train "
+              "with model.smooth_cutoff=true (the md22_* and demo configs) for MD")
 
 
 def warn_if_not_smooth(model, label: str) -> bool:
@@ -84,7 +84,7 @@ class Potential:
         self.dtype = model.dtype
         self.partitioned = None
         if int(partitions) > 1:
-            from ..calculator import partitioned_model
+            from ..parallel import partitioned_model
 
             self.partitioned = partitioned_model(model, int(partitions), group)
         self._warned: set[int] = set()
@@ -104,7 +104,7 @@ class Potential:
         from ..runtime import parse_device
         from ..inference import load_model
 
-        model, config, info = load_model(checkpoint, device=parse_device(device), dtype=dtype, configure=False)
+        model, config, info = load_model(checkpoint, device=parse_device(device), dtype=dtype)
         kwargs.setdefault("elements", info.get("elements"))
         kwargs.setdefault("label", str(checkpoint))
         return cls(model, config=config, **kwargs)

@@ -69,12 +69,14 @@ class EquiformerModel(ModelInterface):
         super().__init__()
         name = label or (str(model) if isinstance(model, (str, Path)) else "EquiformerModel")
         if compute_stress:
-            raise UserError(f"{name}: compute_stress=True is not supported: the Equiformer is a non-periodic model of "
-                            "isolated molecules and has no stress (use NVE/NVT integrators and position-only optimizers)")
+            raise UserError(f"{name}: compute_stress=True is not supported: the Equiformer is a non-periodic model "
+                            "of isolated molecules and has no stress (use NVE/NVT integrators and position-only "
+                            "optimizers)")
         if isinstance(model, Potential):
             potential = model
         elif isinstance(model, (str, Path)):
-            potential = Potential.from_checkpoint(model, device=device, dtype=dtype, strict=strict, skin=skin, label=name)
+            potential = Potential.from_checkpoint(model, device=device, dtype=dtype, strict=strict, skin=skin,
+                                                  label=name)
         elif isinstance(model, torch.nn.Module):
             from ..runtime import parse_device, parse_dtype
 
@@ -115,8 +117,8 @@ class EquiformerModel(ModelInterface):
             state.setdefault("pbc", False)
             state = ts.SimState(**state)
         if bool(torch.as_tensor(state.pbc).any()):
-            raise UserError(f"{self.label}: the state is periodic (pbc=True), but the Equiformer is a non-periodic model "
-                            "of isolated molecules; build the state with pbc=False (ASE: atoms.pbc = False)")
+            raise UserError(f"{self.label}: the state is periodic (pbc=True), but the Equiformer is a non-periodic "
+                            "model of isolated molecules; build the state with pbc=False (ASE: atoms.pbc = False)")
         z, system_idx = state.atomic_numbers, state.system_idx
         pot = self.potential
         if (self._system_idx is None or z.shape[0] != pot.num_atoms or not torch.equal(system_idx, self._system_idx)

@@ -157,7 +157,8 @@ class _RecomputedVJP(torch.autograd.Function):
         inputs = ctx.saved_tensors
         params = ctx.vjp_fn.params
         with torch.enable_grad(), _rng_restored(ctx.rng, ctx.device), _autocast_restored(ctx.autocast):
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad[4:4 + ctx.n_inputs])]
+            needs = ctx.needs_input_grad[4:4 + ctx.n_inputs]
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
             outs = ctx.vjp_fn(True, *leaves)
             wrt_idx = [i for i, t in enumerate(leaves) if t.requires_grad]
             wrt = [leaves[i] for i in wrt_idx] + list(params)

@@ -90,7 +90,8 @@ class ForceRunner:
         """How each block runs: in a checkpoint under ``blocks`` / ``forces``, else a plain call."""
         return None if self.levers.checkpointing == "none" else checkpointed_block
 
-    def __call__(self, model, batch, compute_forces: bool = True, training: bool | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, model, batch, compute_forces: bool = True,
+                 training: bool | None = None) -> dict[str, torch.Tensor]:
         """``model``'s energy and forces on ``batch``; ``training`` (default ``model.training``):
         keep the graph for the force loss (else the results are detached)."""
         pos, z, batch_vec, num_graphs = prepare_inputs(model, batch)

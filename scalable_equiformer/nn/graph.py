@@ -56,21 +56,51 @@ def _fallback(pos: torch.Tensor, r: float, batch: torch.Tensor):
     than r lies in the same or an adjacent cell; each atom is compared with the atoms of its 27
     neighbouring cells (9 contiguous runs of cell ids), in chunks of at most _PAIR_BUDGET pairs.
     """
-    n = pos.shape[0]
-    dev = pos.device
     ddtype = _distance_dtype(pos.dtype)
-    p64 = pos.to(torch.float64)
+    order, first, counts = _neighbour_cell_runs(pos, r, batch, ddtype)
+    recv_of_run = torch.arange(pos.shape[0], device=pos.device).repeat_interleave(9)
+    pos_s = pos[order].to(ddtype)
+    srcs, dsts, dists = [], [], []
+    for a, b in _chunk_bounds(counts):
+        cnt = counts[a:b]
+        m = int(cnt.sum())
+        if m == 0:
+            continue
+        recv = torch.repeat_interleave(recv_of_run[a:b], cnt)
+        start = torch.cumsum(cnt, 0) - cnt
+        send = torch.repeat_interleave(first[a:b] - start, cnt) + torch.arange(m, device=pos.device)
+        d = _exact_dist(pos_s, send, recv)
+        keep = (d < r) & (send != recv)  # runs never leave a graph (padded cell ids)
+        srcs.append(order[send[keep]])
+        dsts.append(order[recv[keep]])
+        dists.append(d[keep])
+    if not srcs:
+        empty = torch.empty(0, dtype=torch.long, device=pos.device)
+        return empty, empty, torch.empty(0, dtype=ddtype, device=pos.device)
+    return torch.cat(srcs), torch.cat(dsts), torch.cat(dists)
+
+
+def _cell_grid(p64: torch.Tensor, r: float, ddtype: torch.dtype, n_graphs: int):
+    """(cell edge s, cells per axis, padded cells per axis D, lowest corner): s slightly above r,
+    doubled until every (graph, cell) id fits in an int64."""
     # the margin covers rounding of the cell coordinates and of the exact check in pos's dtype
     s = r * (1.0 + max(64.0 * torch.finfo(ddtype).eps, 1e-6))
     lo_xyz = p64.min(0).values
     ext = p64.max(0).values - lo_xyz
-    nb = int(batch.max()) + 1
     while True:
         dims = (ext / s).floor().long() + 1
         D = dims + 2  # one empty cell of padding on each side: neighbour offsets never wrap
-        if float(nb) * float(D.prod()) < 2.0**62:
-            break
+        if float(n_graphs) * float(D.prod()) < 2.0**62:
+            return s, dims, D, lo_xyz
         s *= 2.0
+
+
+def _neighbour_cell_runs(pos: torch.Tensor, r: float, batch: torch.Tensor, ddtype: torch.dtype):
+    """Atoms sorted by cell id, and for each (receiver in sorted order, one of its 9 runs of three
+    neighbouring cells): the sorted index where the run's atoms start and how many there are.
+    Returns (order, first [n * 9], counts [n * 9])."""
+    p64 = pos.to(torch.float64)
+    s, dims, D, lo_xyz = _cell_grid(p64, r, ddtype, int(batch.max()) + 1)
     c = ((p64 - lo_xyz) / s).floor().long()
     c = torch.minimum(c.clamp(min=0), dims - 1) + 1
     D0, D1, D2 = (int(v) for v in D)
@@ -78,41 +108,26 @@ def _fallback(pos: torch.Tensor, r: float, batch: torch.Tensor):
     order = torch.argsort(cell)
     cs, cx = cell[order], c[order]
     bs = batch[order]
-    off = torch.tensor([-1, 0, 1], device=dev)
+    off = torch.tensor([-1, 0, 1], device=pos.device)
     dx = off.repeat_interleave(3)  # 9 (dx, dy) offsets
     dy = off.repeat(3)
     mid = ((bs[:, None] * D0 + cx[:, 0:1] + dx) * D1 + cx[:, 1:2] + dy) * D2 + cx[:, 2:3]  # [n, 9]
     first = torch.searchsorted(cs, (mid - 1).reshape(-1), side="left")
     last = torch.searchsorted(cs, (mid + 1).reshape(-1), side="right")
-    counts = last - first  # candidates per (receiver, run), receivers in sorted order
-    recv_of_run = torch.arange(n, device=dev).repeat_interleave(9)
+    return order, first, last - first  # candidates per (receiver, run), receivers in sorted order
+
+
+def _chunk_bounds(counts: torch.Tensor) -> list:
+    """(start, end) of consecutive runs holding at most _PAIR_BUDGET candidate pairs each (a single
+    run may exceed it)."""
     csum = torch.cumsum(counts, 0)
     n_runs = counts.numel()
-    # chunks of runs holding at most _PAIR_BUDGET candidate pairs (a single run may exceed it)
     bounds = [0]
     while bounds[-1] < n_runs:
         done = int(csum[bounds[-1] - 1]) if bounds[-1] > 0 else 0
-        nxt = int(torch.searchsorted(csum, torch.tensor(done + _PAIR_BUDGET, device=dev), side="right"))
+        nxt = int(torch.searchsorted(csum, torch.tensor(done + _PAIR_BUDGET, device=counts.device), side="right"))
         bounds.append(max(nxt, bounds[-1] + 1))
-    pos_s = pos[order].to(ddtype)
-    srcs, dsts, dists = [], [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        cnt = counts[a:b]
-        m = int(cnt.sum())
-        if m == 0:
-            continue
-        recv = torch.repeat_interleave(recv_of_run[a:b], cnt)
-        start = torch.cumsum(cnt, 0) - cnt
-        send = torch.repeat_interleave(first[a:b] - start, cnt) + torch.arange(m, device=dev)
-        d = _exact_dist(pos_s, send, recv)
-        keep = (d < r) & (send != recv)  # runs never leave a graph (padded cell ids)
-        srcs.append(order[send[keep]])
-        dsts.append(order[recv[keep]])
-        dists.append(d[keep])
-    if not srcs:
-        empty = torch.empty(0, dtype=torch.long, device=dev)
-        return empty, empty, torch.empty(0, dtype=ddtype, device=dev)
-    return torch.cat(srcs), torch.cat(dsts), torch.cat(dists)
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _with_torch_cluster(pos: torch.Tensor, r: float, batch: torch.Tensor):

@@ -11,8 +11,8 @@ Modules: :mod:`.partition` (recursive coordinate bisection balanced by incoming-
 and send/receive maps), :mod:`.halo` (differentiable exchange and replicated sums over
 ``torch.distributed``), :mod:`.partitioned` (the model wrapper and group helpers), :mod:`.launch`
 (:func:`spawn_local`: P local gloo processes, the one spawner of the package). The comparison
-harness of partitioned vs single process is a test helper (``tests/helpers/partitions.py``; its
-command line is ``tools/check_partitions.py``).
+harness of partitioned vs single process lives outside the package (``tools/partition_harness.py``;
+its command line is ``tools/check_partitions.py``).
 
 Use in training (world = D data-parallel groups x P partitions)::
 
@@ -64,10 +64,12 @@ from .partitioned import (
     group_rank,
     group_size,
     make_groups,
+    partitioned_model,
 )
 
 __all__ = [
     "PartitionedModel",
+    "partitioned_model",
     "make_groups",
     "gradient_scale",
     "allreduce_gradients",

@@ -15,6 +15,7 @@ from .partition import GraphPartition, LocalPart, partition_graph
 __all__ = [
     "PartitionedModel",
     "PartitionStages",
+    "partitioned_model",
     "make_groups",
     "check_layout",
     "allreduce_gradients",
@@ -212,6 +213,25 @@ class PartitionedModel(torch.nn.Module):
                 "so a partitioned training step is not the single-process step", stacklevel=3
             )
             self._warned_dropout = True
+
+
+def partitioned_model(model: torch.nn.Module, partitions: int, group=None):
+    """``model`` over the ranks of ``group`` (a :class:`PartitionedModel`) for inference (the ASE
+    calculator, the MD potential); UserError without an initialised process group of
+    ``partitions`` ranks."""
+    from ..errors import UserError
+
+    P = int(partitions)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UserError(
+            f"partitions={P}: the calculator runs the graph over the ranks of an initialised torch.distributed "
+            f"process group and none is initialised in this process; run the same ASE script on {P} ranks "
+            f"(e.g. torchrun --nproc_per_node {P} md.py) and call torch.distributed.init_process_group first")
+    size = dist.get_world_size(group)
+    if size != P:
+        raise UserError(f"partitions={P}, but the process group has {size} ranks; pass group= a group of {P} ranks "
+                        "(e.g. the partition group of scalable_equiformer.parallel.make_groups)")
+    return PartitionedModel(model, group=group)
 
 
 class PartitionStages:

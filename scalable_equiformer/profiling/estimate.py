@@ -186,8 +186,6 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
 
     import torch
 
-    from ..memory import ForceRunner, autocast
-    from ..memory import force_checkpoint as fc
     from . import measured_step, systems
 
     precision = precision or cfg.memory.precision
@@ -205,38 +203,60 @@ def activation_profile(cfg, precision: Optional[str] = None, device: str = "cpu"
             model.cutoff = cutoff
             batch = measured_step.make_batch(z[:n], pos[None, :n], dtype, device)
             num_edges = systems.count_edges(pos[:n], cutoff)
-            for name, checkpointing in (("plain", "none"), ("blocks", "blocks"), ("forces", "forces")):
-                census = _Census(exclude)
-                runner = ForceRunner(Levers(checkpointing))  # no edge chunks, no kept blocks: the census of each path
-                with autocast(precision, device), torch.autograd.graph.saved_tensors_hooks(census.pack, census.unpack):
-                    out = runner(model, batch)
-                results[name].append((num_edges, n, census.bytes))  # while `out` holds the graph
-                del out
-            # the largest single stage: forward + VJP with create_graph (what `forces` recomputes)
-            stage_bytes = 0
-            with torch.enable_grad():
-                p = batch.pos.detach().requires_grad_(True)
-                edges = model.edge_features(p, model.build_graph(p, batch.batch))
-                names = fc._grad_fields(edges)
-                feats = [getattr(edges, k).detach().requires_grad_(True) for k in names]
-                e2 = fc._with_fields(edges, names, feats)
-                x = model.embed(batch.z, e2, n).detach()
-                attr = model.node_attr(x)
-                for block in model.blocks:
-                    xin = x.detach().requires_grad_(True)
-                    census = _Census(exclude)
-                    with autocast(precision, device), torch.autograd.graph.saved_tensors_hooks(census.pack, census.unpack):
-                        y = block(xin, attr, e2, batch.batch)
-                        gr = torch.autograd.grad(y, [xin] + feats, torch.ones_like(y), create_graph=True, allow_unused=True)
-                    stage_bytes = max(stage_bytes, census.bytes)
-                    x = y.detach()
-                    del gr, y
-            results["stage"].append((num_edges, n, stage_bytes))
+            for name, saved in _path_census(model, batch, exclude, precision, device).items():
+                results[name].append((num_edges, n, saved))
+            results["stage"].append((num_edges, n, _largest_stage_bytes(model, batch, n, exclude, precision, device)))
     finally:
         model.cutoff = full_cutoff
     stage = _fit(results["stage"])
     return ActivationProfile(plain=_fit(results["plain"]), blocks=_fit(results["blocks"]),
                              forces_kept=_fit(results["forces"]), stage=stage, stage_node=max(stage.per_node, 0.0))
+
+
+def _path_census(model, batch, exclude, precision: str, device) -> dict:
+    """Bytes autograd saves for the force loss on ``batch`` along each force path (plain, blocks,
+    forces), each counted while its output still holds the graph."""
+    import torch
+
+    from ..memory import ForceRunner, autocast
+
+    saved = {}
+    for name, checkpointing in (("plain", "none"), ("blocks", "blocks"), ("forces", "forces")):
+        census = _Census(exclude)
+        runner = ForceRunner(Levers(checkpointing))  # no edge chunks, no kept blocks: the census of each path
+        with autocast(precision, device), torch.autograd.graph.saved_tensors_hooks(census.pack, census.unpack):
+            out = runner(model, batch)
+        saved[name] = census.bytes  # while `out` holds the graph
+        del out
+    return saved
+
+
+def _largest_stage_bytes(model, batch, n: int, exclude, precision: str, device) -> int:
+    """The largest single stage: forward + VJP with create_graph (what `forces` recomputes)."""
+    import torch
+
+    from ..memory import autocast
+    from ..memory import force_checkpoint as fc
+
+    stage_bytes = 0
+    with torch.enable_grad():
+        p = batch.pos.detach().requires_grad_(True)
+        edges = model.edge_features(p, model.build_graph(p, batch.batch))
+        names = fc._grad_fields(edges)
+        feats = [getattr(edges, k).detach().requires_grad_(True) for k in names]
+        e2 = fc._with_fields(edges, names, feats)
+        x = model.embed(batch.z, e2, n).detach()
+        attr = model.node_attr(x)
+        for block in model.blocks:
+            xin = x.detach().requires_grad_(True)
+            census = _Census(exclude)
+            with autocast(precision, device), torch.autograd.graph.saved_tensors_hooks(census.pack, census.unpack):
+                y = block(xin, attr, e2, batch.batch)
+                gr = torch.autograd.grad(y, [xin] + feats, torch.ones_like(y), create_graph=True, allow_unused=True)
+            stage_bytes = max(stage_bytes, census.bytes)
+            x = y.detach()
+            del gr, y
+    return stage_bytes
 
 
 @dataclass

@@ -131,7 +131,8 @@ class AllocationMeter:
     def stop(self) -> int:
         self._prof.__exit__(None, None, None)
         cpu = self.torch.autograd.DeviceType.CPU
-        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
+        events = [e for e in self._prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == cpu]
         events.sort(key=lambda e: e.start_ns())
         live = peak = 0
         for e in events:

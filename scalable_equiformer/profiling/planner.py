@@ -158,13 +158,15 @@ def factors_from_profile(doc: dict, name: str = "") -> dict:
     device = str(doc.get("device", "?"))
     key_t = "step_seconds" if device.startswith("cuda") else "step_cpu_seconds"
     blocks = int(doc.get("num_blocks") or 0)
-    ok = [r for r in doc.get("runs", []) if r.get(key_t) and not (r.get("oom") or r.get("error") or r.get("not_measured"))]
+    ok = [r for r in doc.get("runs", [])
+          if r.get(key_t) and not (r.get("oom") or r.get("error") or r.get("not_measured"))]
     base = {(r.get("data"), r["atoms"], r["batch"]): r[key_t] for r in ok if Levers(**r["levers"]).label() == "none"}
     ratios = {}
     for r in ok:
-        b = base.get((r.get("data"), r["atoms"], r["batch"]))
+        key = (r.get("data"), r["atoms"], r["batch"])
+        b = base.get(key)
         if b:
-            ratios.setdefault((r.get("data"), r["atoms"], r["batch"]), []).append((Levers(**r["levers"]), r[key_t] / b, r))
+            ratios.setdefault(key, []).append((Levers(**r["levers"]), r[key_t] / b, r))
     samples: dict = {}
 
     def add(name_, value, r):
@@ -222,7 +224,8 @@ def relative_time(levers: Levers, *, batch: int, edges: int, device: str = "cuda
     ckpt = f.checkpoint[levers.checkpointing]
     if levers.checkpointing == "forces" and levers.keep_blocks and num_blocks:
         # a kept block costs what it costs in the plain path; the machinery's own cost stays
-        ckpt = 1.0 + f.forces_fixed + (ckpt - 1.0 - f.forces_fixed) * max(num_blocks - levers.keep_blocks, 0) / num_blocks
+        swept = max(num_blocks - levers.keep_blocks, 0)  # blocks the sweep recomputes
+        ckpt = 1.0 + f.forces_fixed + (ckpt - 1.0 - f.forces_fixed) * swept / num_blocks
     t = ckpt * f.precision[levers.precision]
     t *= 1.0 + f.micro_overhead * (n_micro - 1)
     if levers.edge_chunk_size is not None:

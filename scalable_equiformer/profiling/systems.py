@@ -81,7 +81,8 @@ def _packed(n_copies: int, seed: int, path: str) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(zs), np.concatenate(xs)
 
 
-def synthetic_molecule(n_atoms: int, seed: int = 0, frame_file: Path | str = ATAT_FILE) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_molecule(n_atoms: int, seed: int = 0,
+                       frame_file: Path | str = ATAT_FILE) -> tuple[np.ndarray, np.ndarray]:
     """``z`` [N] int64 and positions [N, 3] Å of a globular molecule packed from AT-AT copies."""
     if n_atoms < 1:
         raise DataError(f"--atoms {n_atoms}: must be >= 1")

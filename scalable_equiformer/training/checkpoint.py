@@ -158,5 +158,6 @@ __all__ = [
     "FORMAT", "WriteError", "CheckpointWriteError", "zip_problem", "normalise_elements", "check_atomic_numbers",
     "element_label", "element_list", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "load_checkpoint",
     "resolve_model_checkpoint", "read_init_checkpoint",
-    "check_same_model", "load_model_state", "clean_state", "rng_state", "set_rng_state", "versions", "git_hash", "write_json",
+    "check_same_model", "load_model_state", "clean_state", "rng_state", "set_rng_state", "versions", "git_hash",
+    "write_json",
 ]

@@ -200,7 +200,8 @@ class PlainEngine:
 
     def load_state_dict(self, state: dict, path) -> None:
         if state.get("optimizer") is None:
-            raise CheckpointError(f"{path}: no optimizer state in it (written by a DeepSpeed run? resume with DeepSpeed)")
+            raise CheckpointError(f"{path}: no optimizer state in it "
+                                  "(written by a DeepSpeed run? resume with DeepSpeed)")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
@@ -232,7 +233,8 @@ class DeepSpeedEngine:
         self.zero_stage = cfg.deepspeed.zero_stage
         self.ds_config = deepspeed_config(cfg, plan, world, num_params=sum(p.numel() for p in model.parameters()))
         optimizer = make_optimizer(model, cfg.optim)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config)
         self.client_optimizer = optimizer
         self.module = self.engine.module
         self.base = base_model(self.module)
@@ -335,8 +337,9 @@ def use_deepspeed(cfg, launcher: str, world_size: int) -> bool:
     fp64_stage0 = cfg.model.dtype == "float64" and cfg.deepspeed.zero_stage == 0
     if enabled == "true":
         if fp64_stage0:
-            raise ConfigError("model.dtype float64 with DeepSpeed ZeRO stage 0: DeepSpeed all-reduces only fp32/bf16/fp16 "
-                              "gradients; set deepspeed.enabled=auto or false (plain torch data parallel) or zero_stage >= 1")
+            raise ConfigError("model.dtype float64 with DeepSpeed ZeRO stage 0: DeepSpeed all-reduces only "
+                              "fp32/bf16/fp16 gradients; set deepspeed.enabled=auto or false (plain torch data "
+                              "parallel) or zero_stage >= 1")
         return True
     if enabled == "false":
         if cfg.deepspeed.zero_stage > 0:

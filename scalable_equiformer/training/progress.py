@@ -36,7 +36,8 @@ class ProgressLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=self.step if self.resume else None)
+                self.writer = SummaryWriter(str(self.run / "tensorboard"),
+                                            purge_step=self.step if self.resume else None)
             except ImportError:
                 log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
 
@@ -52,16 +53,18 @@ class ProgressLog:
                  self.n_params, cfg.model.dtype, cfg.model.lmax, cfg.model.num_blocks, cfg.model.irreps_node,
                  cfg.memory.checkpointing, cfg.memory.precision)
         ds = f"DeepSpeed ZeRO stage {cfg.deepspeed.zero_stage}" if self.use_ds else "plain torch"
-        threads = f", {torch.get_num_threads()} torch thread(s) per rank (OMP_NUM_THREADS)" if self.device.type == "cpu" else ""
+        threads = ""
+        if self.device.type == "cpu":
+            threads = f", {torch.get_num_threads()} torch thread(s) per rank (OMP_NUM_THREADS)"
         log.info("parallel: %d rank(s) (%s, %s backend, launcher %s) = %d data-parallel x %d graph partitions; on %s%s",
                  info.world_size, ds, info.backend, info.launcher, self.dp_world, self.partitions, self.device, threads)
         log.info("batch %d molecules per step = %d rank(s) x %d micro-batch(es) x %d; %d steps per epoch, %d epochs, "
-                 "%d steps in all", self.plan.batch_size, self.dp_world, self.plan.grad_accum, self.plan.micro_batch_size,
-                 self.steps_per_epoch, cfg.train.max_epochs, self.total_steps)
+                 "%d steps in all", self.plan.batch_size, self.dp_world, self.plan.grad_accum,
+                 self.plan.micro_batch_size, self.steps_per_epoch, cfg.train.max_epochs, self.total_steps)
         log.info("loss: %s, energy weight %g, force weight %g, divided by the model's energy scale %.4f eV (%s); "
                  "AdamW lr %g (warm-up %g epochs from %g, %s to %g), weight decay %g%s",
-                 cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale, cfg.model.energy_normalization,
-                 cfg.optim.lr,
+                 cfg.train.loss, cfg.train.energy_weight, cfg.train.force_weight, self.loss_scale,
+                 cfg.model.energy_normalization, cfg.optim.lr,
                  cfg.optim.warmup_epochs, cfg.optim.warmup_lr, cfg.optim.scheduler, cfg.optim.min_lr,
                  cfg.optim.weight_decay, f", EMA {cfg.train.ema_decay}" if self.ema else "")
         log.info("best.pt: %s", BEST_RULE if len(self.val_idx) else BEST_RULE_NO_VAL)

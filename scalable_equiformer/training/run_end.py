@@ -84,16 +84,18 @@ class RunEnd:
             "wall_time_s": round(self.elapsed(), 1),
             "device": str(self.device),
             # CUDA: the largest memory_allocated of this rank over the run (training steps dominate)
-            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
+            "peak_memory_bytes": (int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda"
+                                  else None),
             "units": "energy MAE meV per molecule; force MAE meV/Å per component; kcal/mol twins",
             "dataset": str(self.dataset.path),
         }
         if info.is_main:
             ckpt_io.write_json(self.run / "results.json", results)
             if metrics:
-                log.info("test (best.pt, epoch %s, %d frames): energy MAE %.3f meV (%.4f kcal/mol), force MAE %.3f meV/Å "
-                         "(%.4f kcal/mol/Å)", best.get("epoch"), results["n_test_frames"], results["test_energy_mae_meV"],
-                         results["test_energy_mae_kcal_per_mol"], results["test_force_mae_meV_per_A"],
+                log.info("test (best.pt, epoch %s, %d frames): energy MAE %.3f meV (%.4f kcal/mol), "
+                         "force MAE %.3f meV/Å (%.4f kcal/mol/Å)", best.get("epoch"), results["n_test_frames"],
+                         results["test_energy_mae_meV"], results["test_energy_mae_kcal_per_mol"],
+                         results["test_force_mae_meV_per_A"],
                          results["test_force_mae_kcal_per_mol_per_A"])
             if cfg.logging.plot:
                 plot_learning_curve(self.run.read_metrics(), self.run / "learning_curve.png")
@@ -130,7 +132,8 @@ class RunEnd:
             self.writer.close()
             self.writer = None
         if getattr(self, "info", None) is not None and getattr(self, "run", None) is not None and self.info.is_main \
-                and self.cfg.logging.plot and (self.run / "metrics.csv").exists() and not (self.run / "learning_curve.png").exists():
+                and self.cfg.logging.plot and (self.run / "metrics.csv").exists() \
+                and not (self.run / "learning_curve.png").exists():
             try:
                 plot_learning_curve(self.run.read_metrics(), self.run / "learning_curve.png")
             except Exception:  # noqa: BLE001 - a plot never hides the real error

@@ -141,7 +141,8 @@ def _holder(lock: Path) -> str:
 
 
 def _in_use(path: Path, resume: bool) -> ConfigError:
-    how = "wait until it has stopped, then --resume it" if resume else "wait until it has stopped, or choose another train.run_name"
+    how = ("wait until it has stopped, then --resume it" if resume
+           else "wait until it has stopped, or choose another train.run_name")
     return ConfigError(f"{path}: the run folder is in use by a running training process "
                        f"({_holder(path / LOCK_FILE)}); {how}")
 
@@ -181,7 +182,8 @@ def lock_run_folder(path: Path, resume: bool) -> int:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ConfigError(f"{lock}: is a symbolic link; refused (the run folder's lock is a plain file)") from None
-        raise ConfigError(f"{path}: the run folder is not writable ({ckpt_io.os_reason(exc)}); {not_writable}") from None
+        raise ConfigError(f"{path}: the run folder is not writable ({ckpt_io.os_reason(exc)}); "
+                          f"{not_writable}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -200,7 +202,8 @@ def lock_run_folder(path: Path, resume: bool) -> int:
                 if TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):
                     os.unlink(entry.path)  # left by a process killed while writing (we hold the lock)
         except OSError as exc:
-            raise ConfigError(f"{path}: the run folder is not writable ({ckpt_io.os_reason(exc)}); {not_writable}") from None
+            raise ConfigError(f"{path}: the run folder is not writable ({ckpt_io.os_reason(exc)}); "
+                              f"{not_writable}") from None
     except BaseException:
         os.close(fd)
         raise

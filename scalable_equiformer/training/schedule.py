@@ -29,7 +29,8 @@ class LRSchedule:
     @classmethod
     def from_config(cls, optim, steps_per_epoch: int, total_steps: int) -> "LRSchedule":
         warmup = int(round(optim.warmup_epochs * steps_per_epoch))
-        return cls(optim.lr, optim.warmup_lr, optim.min_lr, min(warmup, total_steps), max(total_steps, 1), optim.scheduler)
+        return cls(optim.lr, optim.warmup_lr, optim.min_lr, min(warmup, total_steps), max(total_steps, 1),
+                   optim.scheduler)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

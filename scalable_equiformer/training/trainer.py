@@ -313,7 +313,8 @@ class Trainer(CheckpointSteps, ProgressLog, RunEnd):
             epochs_this_session += 1
             if self.stop_after_epochs is not None and epochs_this_session >= self.stop_after_epochs \
                     and self.epoch < cfg.train.max_epochs and not done:
-                log.info("stopping after %d epoch(s) as asked; continue with --resume %s", epochs_this_session, self.run.path)
+                log.info("stopping after %d epoch(s) as asked; continue with --resume %s", epochs_this_session,
+                         self.run.path)
                 return None
         return self._finish()
 
@@ -329,7 +330,8 @@ class Trainer(CheckpointSteps, ProgressLog, RunEnd):
                 info=self.info, device=self.device)
         except steps.NonFiniteLoss:
             raise TrainingError(
-                f"non-finite training loss at epoch {epoch}, batch {s + 1} of {self.steps_per_epoch} (step {self.step + 1}); "
+                f"non-finite training loss at epoch {epoch}, batch {s + 1} of {self.steps_per_epoch} "
+                f"(step {self.step + 1}); "
                 f"stopped; {self._kept_hint()}") from None
         if self.ema is not None:
             self.ema.update(dict(self.engine.named_full_parameters()))

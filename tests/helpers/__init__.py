@@ -9,7 +9,8 @@ from scalable_equiformer.presets import paper_model_dict, tiny_model_dict
 #: the tiny model's irreps (configs/tiny.yaml), and their lmax 3 extension
 TINY_IRREPS = {
     2: {k: tiny_model_dict()[k] for k in ("irreps_node", "irreps_head", "irreps_feedforward")},
-    3: dict(irreps_node="8x0e+4x1e+2x2e+2x3e", irreps_head="4x0e+2x1e+1x2e+1x3e", irreps_feedforward="16x0e+8x1e+4x2e+4x3e"),
+    3: dict(irreps_node="8x0e+4x1e+2x2e+2x3e", irreps_head="4x0e+2x1e+1x2e+1x3e",
+            irreps_feedforward="16x0e+8x1e+4x2e+4x3e"),
 }
 
 #: the paper's irreps (configs/presets/md17_l{2,3}.yaml: the original's

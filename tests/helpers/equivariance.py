@@ -49,7 +49,8 @@ def float_dtype(request):
         torch.set_default_dtype(old)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, tol: float | None = None) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 tol: float | None = None) -> None:
     """``max|actual - expected| <= tol * max(max|expected|, 1)`` with the dtype's tolerance."""
     tol = TOLERANCE[dtype] if tol is None else tol
     actual, expected = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
@@ -59,7 +60,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
 
 
-def random_rotation(dtype=torch.float64, parity: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_rotation(dtype=torch.float64, parity: bool = False,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniformly random rotation [3, 3] (times -1, an improper one, when ``parity``)."""
     q = torch.randn(4, dtype=torch.float64, generator=generator)
     q = q / q.norm()
@@ -109,7 +111,8 @@ def assert_equivariant(
 # Molecules
 
 
-def make_molecule(num_atoms: int = 6, seed: int = 0, dtype=torch.float64, spread: float = 1.6, zs: Sequence[int] = (1, 6, 7, 8)) -> Data:
+def make_molecule(num_atoms: int = 6, seed: int = 0, dtype=torch.float64, spread: float = 1.6,
+                  zs: Sequence[int] = (1, 6, 7, 8)) -> Data:
     """A random compact molecule: atoms at least 0.9 Å apart, within ~spread * num_atoms^(1/3) Å."""
     g = torch.Generator().manual_seed(seed)
     pos = []
@@ -196,7 +199,8 @@ def check_finite_difference_forces(model, mol: Data, coords: int = 4, h: float =
             vals.append(_energy(model, Data(pos=pos, z=mol.z)))
         grad = (vals[0] - 8 * vals[1] + 8 * vals[2] - vals[3]) / (12 * h)
         err = abs(-grad - float(f0[a, c]))
-        assert err <= FD_TOLERANCE * fmax, f"force[{a},{c}] {float(f0[a, c]):.10f} vs -dE/dx {-grad:.10f} (error {err:.2e})"
+        assert err <= FD_TOLERANCE * fmax, \
+            f"force[{a},{c}] {float(f0[a, c]):.10f} vs -dE/dx {-grad:.10f} (error {err:.2e})"
 
 
 def cutoff_probe(mol: Data, cutoff: float, s: float) -> Data:

@@ -1,5 +1,6 @@
 """Check that the partitioned model equals the single-process model: the comparison harness (a
-test helper, not part of the package: no I/O at import, bad input is a ValueError).
+library for the tools and the tests, not part of the package: no I/O at import, bad input is a
+ValueError).
 
 Its command line is ``tools/check_partitions.py``:
 
@@ -23,8 +24,9 @@ a tensor whose gradient is a sum with cancellations is at the level of float32 r
 Loss of the step: ``sum_b E_b + 0.5 * sum F^2`` (its gradient exercises the force graph).
 
 The same machinery (:func:`run_partitioned`, :func:`reference_step`, :func:`compare`) is used by
-``tests/test_partition*.py``, ``tools/check_partitions.py`` and ``tools/bench_partition.py``
-(the tools put ``tests/`` on ``sys.path`` and import ``helpers.partitions``). A case's options
+``tools/check_partitions.py``, ``tools/bench_partition.py`` and ``tests/test_partition*.py``
+(``import partition_harness`` with ``tools/`` on ``sys.path``: the tools' own folder, and
+``tests/conftest.py`` appends it). A case's options
 (:func:`run_partitioned`) are ``PartitionedModel`` keyword arguments and lever values
 (``checkpointing="forces"``, ...): those make the partitioned model's ``memory.ForceRunner``.
 """
@@ -219,7 +221,8 @@ def partitioned_step(pmodel, system, loss_scale: float = 1.0, reduce_grads: bool
     if system.get("eval"):  # inference: no graph kept; must equal model.eval() too
         model.eval()
         out = pmodel(_as_batch(system).to(device))
-        res["eval"] = {**{k: _cpu(v) for k, v in out.items()}, "requires_grad": any(v.requires_grad for v in out.values())}
+        res["eval"] = {**{k: _cpu(v) for k, v in out.items()},
+                       "requires_grad": any(v.requires_grad for v in out.values())}
         model.train()
     return res
 
