@@ -204,6 +204,11 @@ def test_cueq_without_the_library_is_a_one_line_error(monkeypatch):
         build_model(ModelConfig(**{**paper_model_dict(), "tensor_product": "cueq"}))
 
 
+def test_compile_refuses_cueq():
+    with pytest.raises(ConfigError, match=r"train.compile=true needs model.tensor_product=fast or e3nn, not 'cueq'"):
+        load_config(None, ["data.name=x", "train.compile=true", "model.tensor_product=cueq"])
+
+
 def test_implementation_reaches_every_product_and_checkpoints_ignore_it():
     from scalable_equiformer.training.checkpoint import check_same_model
 

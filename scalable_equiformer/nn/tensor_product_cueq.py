@@ -169,6 +169,12 @@ class CueqDepthwise:
         # x: [E, irreps_in.dim], edge_sh: [E, irreps_edge.dim], weight: [E, numel] or [numel] (shared)
         if weight.dim() == 1:
             weight = weight.unsqueeze(0)  # [1, numel]: the library broadcasts a batch of one
+        # one dtype for the three operands (under autocast the harmonics may stay fp32 while the
+        # features are bf16): the node features', as the fast version's matmuls give
+        if edge_sh.dtype != x.dtype:
+            edge_sh = edge_sh.to(x.dtype)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
         xs = self._relayout(x, self.in_blocks, to_ir_mul=True)
         (out,) = self.module(x.device)([weight, xs, edge_sh])
         return self._relayout(out, self.out_blocks, to_ir_mul=False)
