@@ -12,7 +12,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,md]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,md,cueq]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -171,6 +171,8 @@ _COMPILE_NEEDS = (
     ("model.alpha_drop", lambda c: c.model.alpha_drop == 0, "0", "random masks are not traced"),
     ("model.proj_drop", lambda c: c.model.proj_drop == 0, "0", "random masks are not traced"),
     ("model.drop_path", lambda c: c.model.drop_path == 0, "0", "random masks are not traced"),
+    ("model.tensor_product", lambda c: c.model.tensor_product != "cueq", "fast or e3nn",
+     "cuEquivariance's products hold their constants outside the model, which the tracer cannot take"),
 )
 
 

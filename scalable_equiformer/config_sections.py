@@ -70,6 +70,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | float64
     smooth_cutoff: bool = False  # true: cutoff envelope on attention weights, values and edge-degree embedding (energy continuous at the cutoff); false = the original
     energy_normalization: str = "total_mean_std"  # total_mean_std (the original: E = std * out + mean of the training split's total energies) | per_atom_mean_force_rms
+    tensor_product: str = "fast"  # fast | e3nn | cueq: how the depth-wise tensor products compute (one function, the same weights: checkpoints load under any); cueq needs pip install '.[cueq]'
 
     def validate(self, check):
         """Every rule of the model section, the one copy: ``load_config`` runs it at load and
@@ -79,6 +80,7 @@ class ModelConfig:
 
         from .nn.attention import ATTENTION_TYPES, MESSAGE_TYPES
         from .nn.radial import RADIAL_BASES
+        from .nn.tensor_product import TP_IMPLEMENTATIONS
 
         irreps = {}
         for key in ("irreps_node", "irreps_head", "irreps_feedforward", "irreps_feature"):
@@ -115,6 +117,12 @@ class ModelConfig:
         check(self.dtype in ("float32", "float64"), "dtype", f"must be float32 or float64, not {self.dtype!r}")
         check(self.energy_normalization in ENERGY_NORMALIZATIONS, "energy_normalization",
               f"must be one of {', '.join(ENERGY_NORMALIZATIONS)}, not {self.energy_normalization!r}")
+        tp = getattr(self, "tensor_product", "fast")  # a ModelConfig-like object from before the key: the default
+        check(tp in TP_IMPLEMENTATIONS, "tensor_product", f"must be fast, e3nn or cueq, not {tp!r}")
+        if tp == "cueq":
+            from .nn import tensor_product_cueq
+
+            check(tensor_product_cueq.available(), "tensor_product", tensor_product_cueq.INSTALL_HINT)
 
 
 @dataclass

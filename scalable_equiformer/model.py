@@ -24,6 +24,7 @@ from .data.statistics import DatasetStatistics
 from .config import validate_section
 from .errors import ConfigError
 from .nn.equiformer import Equiformer
+from .nn.tensor_product import set_tensor_product
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,13 @@ def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
     finally:
         torch.set_default_dtype(old_default)
     model = model.to(_DTYPES[cfg.dtype])  # built in float64 (exact constants), then cast
+    set_tensor_product(model, getattr(cfg, "tensor_product", "fast"))  # every depth-wise TP; validated above
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
-        "Equiformer: %d parameters (%.3f M), %s, lmax %d, %d blocks, attention=%s, message=%s, cutoff %.2f Å",
+        "Equiformer: %d parameters (%.3f M), %s, lmax %d, %d blocks, attention=%s, message=%s, cutoff %.2f Å, "
+        "tensor products %s",
         n_params, n_params / 1e6, cfg.dtype, cfg.lmax, cfg.num_blocks, cfg.attention, cfg.message, cfg.cutoff,
+        getattr(cfg, "tensor_product", "fast"),
     )
     log.info(
         "normalisation %s: energy shift %.6f eV/atom, scale %.6f eV (%s); avg_num_neighbors %.4f (%s); "

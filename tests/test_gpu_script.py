@@ -52,7 +52,7 @@ def test_runs_every_phase_within_its_budget(cpu_run):
     proc, out, site, s = cpu_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert s is not None
-    assert list(s["phases"]) == ["env", "tests", "memory", "train", "compile", "report"]
+    assert list(s["phases"]) == ["env", "tests", "memory", "train", "compile", "tp", "report"]
     for name, p in s["phases"].items():
         assert p["status"] == "ok", (name, p.get("error"))
         assert 0 < p["seconds"] <= p["budget_s"] + 5, (name, p)
@@ -123,6 +123,27 @@ def test_compiled_vs_eager_step(cpu_run):
     assert run["eager_s"] > 0 and run["compiled_s"] > 0 and run["compiled_over_eager"] > 0 and run["cold_compile_s"] > 0
     assert run["size_probe"] == [] and run["atoms"] == 42
     assert "## train.compile: compiled vs eager training step" in (out / "summary.md").read_text()
+
+
+def test_tensor_products_phase(cpu_run):
+    """The tp phase: e3nn, fast and cueq on the same steps (tiny model on the CPU, cueq's naive
+    method), each case's seconds, the bf16 force error, the table in summary.md and the page."""
+    _, out, _, s = cpu_run
+    tp = s["phases"]["tp"]
+    assert tp["implementations"] == ["e3nn", "fast", "cueq"] and tp["cueq_method"] == "naive"
+    cases = [(c["system"], c["mode"], c["precision"]) for c in tp["runs"]]
+    assert cases[:4] == [("aspirin_b2", "train", "fp32"), ("aspirin_b2", "infer", "fp32"),
+                         ("aspirin_b2", "train", "bf16"), ("aspirin_b2", "infer", "bf16")]
+    assert {c["system"] for c in tp["runs"]} == {"aspirin_b2", "atat_b1", "atat_b2"}
+    first = tp["runs"][0]["results"]
+    for impl in ("e3nn", "fast", "cueq"):
+        assert first[impl]["status"] == "ok" and first[impl]["seconds"] > 0 and first[impl]["peak_bytes"] is None
+    for c in tp["runs"]:  # within the budget every implementation ran; past it all were skipped
+        assert {r["status"] for r in c["results"].values()} <= {"ok", "skipped"}, c
+        if c["precision"] == "bf16" and c["results"]["cueq"]["status"] == "ok":
+            assert c["results"]["cueq"]["correct"], c
+    assert "## Depth-wise tensor products: e3nn, fast, cueq" in (out / "summary.md").read_text()
+    assert "| aspirin_b2 | 21 | 2 | train | fp32 |" in (out / "memory_cpu.md").read_text()
 
 
 def test_markdown_pages(cpu_run):

@@ -42,7 +42,7 @@ high-water mark (VmHWM, reset before each mode through /proc/self/clear_refs whe
 allows, else the lifetime peak), reported as the peak and its growth over the RSS at the start of
 the mode (``profiling.meter.PeakMemoryMeter``). Times in seconds, memory in bytes (MiB in the table).
 
-``--tp fast|e3nn`` picks the depth-wise tensor product implementation (default: the library's
+``--tp fast|e3nn|cueq`` picks the depth-wise tensor product implementation (default: the library's
 default). ``--tp compare`` times both on the same model and batch, alternating them run by run
 (order flipped every round) so that drift on a shared machine hits both alike, and reports the
 ratio fast/e3nn of the medians. Its memory figures come from one run of each implementation after
@@ -410,8 +410,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=output_file, default=None, help="write the results to this file")
     p.add_argument(
-        "--tp", choices=("default", "fast", "e3nn", "compare"), default="default",
-        help="depth-wise tensor product: the library default, hand-written, e3nn's, or both alternated (default: default)",
+        "--tp", choices=("default", "fast", "e3nn", "cueq", "compare"), default="default",
+        help="depth-wise tensor product: the library default, hand-written, e3nn's, cuEquivariance's, "
+             "or fast and e3nn alternated (default: default)",
     )
     p.add_argument(
         "--compile", choices=("off", "compare"), default="off",
@@ -465,7 +466,7 @@ def main(argv=None) -> int:
             cfg = ModelConfig(**kw)
             model = build_model(cfg, stats=stats).to(device)
             optimizer = make_engine(model, full_config(cfg))
-            if args.tp in ("fast", "e3nn"):
+            if args.tp in ("fast", "e3nn", "cueq"):
                 set_tp_implementation(model, args.tp)
             batch = _make_batch(ds, batch_size, device)
             edges = int(model.build_graph(batch.pos.to(model.dtype), batch.batch).shape[1])

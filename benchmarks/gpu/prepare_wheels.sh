@@ -15,6 +15,10 @@
 #              typing-extensions (run.sh installs a wheel only when its distribution is missing);
 #   ase (needs numpy, scipy, matplotlib, typing-extensions: preinstalled there; scipy's wheel alone
 #        is ~35 MB, which the 64 MiB transfer limit cannot take next to the checkout).
+#   cuequivariance, cuequivariance-torch (model.tensor_product=cueq; pure python) and opt_einsum;
+#   with CUEQ_OPS=cu13 (or cu12: the machine's CUDA) also cuequivariance-ops-torch-$CUEQ_OPS and
+#   cuequivariance-ops-$CUEQ_OPS, the CUDA kernels (without them cueq runs its naive PyTorch method
+#   and the tp phase says so); mind their size against the 64 MiB transfer limit.
 # Never torch, numpy or anything with CUDA in it. The scalable_equiformer package itself is used
 # from the checkout (PYTHONPATH), not installed.
 set -euo pipefail
@@ -34,10 +38,17 @@ DOWNLOAD=(download -q --no-deps --only-binary=:all: --python-version 3.12 --impl
 echo "deepspeed==$(ver deepspeed): building a pure-python wheel from the sdist"
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "deepspeed==$(ver deepspeed)"
 for name in hjson pydantic pydantic_core annotated_types typing_inspection ase \
+            cuequivariance cuequivariance_torch opt_einsum \
             ninja py_cpuinfo msgpack psutil einops tqdm packaging typing_extensions; do
     echo "$name==$(ver "$name")"
     "$PY" -m pip "${DOWNLOAD[@]}" "$name==$(ver "$name")"
 done
+if [ -n "${CUEQ_OPS:-}" ]; then
+    for name in "cuequivariance-ops-torch-$CUEQ_OPS" "cuequivariance-ops-$CUEQ_OPS"; do
+        echo "$name==$(ver cuequivariance_torch)"
+        "$PY" -m pip "${DOWNLOAD[@]}" "$name==$(ver cuequivariance_torch)"
+    done
+fi
 
 n=$(ls "$DEST"/*.whl | wc -l)
 if [ "$(ls "$DEST" | grep -v '\.whl$' | wc -l)" != 0 ]; then

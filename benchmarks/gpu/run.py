@@ -30,10 +30,17 @@ happens to the others:
             recompile. ``--device cpu``: the tiny model only, batch 2, with torch.compile's
             ``eager`` backend (Dynamo only, the traced graph run as it is: inductor's cold compile
             takes minutes on two cores), so CI checks the phase and the tracing, not the speed
+``tp``      ``benchmarks/gpu/tp_bench.py``: the depth-wise tensor products e3nn, fast and cueq
+            (``model.tensor_product``) on the same steps of the paper's model: aspirin batch 8,
+            AT-AT batch 1 and 4, training and inference step, fp32 and bf16 (with the bf16 force
+            error against fp32 fast); median seconds, CUDA peak, the method cueq ran (uniform_1d =
+            its CUDA kernel); results in summary.json, the table in summary.md and the memory page.
+            ``--device cpu``: the tiny model, aspirin batch 2, AT-AT batch 1 and 2
 ``report``  ``tools/memory_tables.py``: OUT/memory_cuda.md (the page for benchmarks/memory_cuda.md)
-            and, on CUDA, OUT/time_factors_cuda.json (the planner's CUDA time factors)
+            and, on CUDA, OUT/time_factors_cuda.json (the planner's CUDA time factors); the ``tp``
+            phase's table is appended to the page
 
-``--device cpu``: the same phases with a tiny model, tiny molecules and 3 steps (about 2-3
+``--device cpu``: the same phases with a tiny model, tiny molecules and 3 steps (about 3-4
 minutes on two busy cores), so that CI proves the script works (tests/test_gpu_script.py).
 OUT gets at most 7 files (the device tool brings back 8): summary.json, summary.md, run.log (every
 subprocess's output), pytest.xml, memory_profile.json, memory_cuda.md (memory_cpu.md with
@@ -65,8 +72,8 @@ MD22_SIZES = [370, 42, 56, 60, 87, 118, 148]
 LEVER_SETS = ["none", "checkpointing=forces", "checkpointing=forces,edge_chunk_size=auto", "precision=bf16",
               "checkpointing=forces,precision=bf16", "keep_blocks=3"]
 #: shares of the time budget (what a phase does not use goes to the later ones)
-SHARES = {"tests": 70, "memory": 190, "train": 170, "compile": 110}
-PHASES = ["env", "tests", "memory", "train", "compile", "report"]
+SHARES = {"tests": 70, "memory": 190, "train": 170, "compile": 110, "tp": 70}
+PHASES = ["env", "tests", "memory", "train", "compile", "tp", "report"]
 
 #: the tiny model of --device cpu (tests/helpers/partitions.py's tiny_model)
 TINY = {"irreps_node": "8x0e+4x1e+2x2e", "num_blocks": 2, "num_heads": 2, "irreps_head": "4x0e+2x1e+1x2e",
@@ -223,7 +230,8 @@ if torch.cuda.is_available():
     except Exception as e:
         out["nccl"] = f"unavailable: {e}"
 out["distributed"] = {b: getattr(torch.distributed, f"is_{b}_available")() for b in ("nccl", "gloo")}
-for name in ("e3nn", "torch_geometric", "numpy", "scipy", "deepspeed", "ase", "pydantic", "pytest", "yaml"):
+for name in ("e3nn", "torch_geometric", "numpy", "scipy", "deepspeed", "ase", "pydantic", "pytest", "yaml",
+             "cuequivariance_torch", "cuequivariance_ops_torch"):
     try:
         m = importlib.import_module(name)
         out[name] = getattr(m, "__version__", "?") + " " + str(getattr(m, "__file__", ""))
@@ -584,6 +592,33 @@ def phase_compile(r: Runner, timeout: float) -> dict:
     return out
 
 
+def phase_tp(r: Runner, timeout: float) -> dict:
+    doc_path = r.work / "tp.json"
+    # the tool stops starting cases at its budget; the rest of the limit covers start-up and one case
+    budget = max(timeout * (0.6 if r.cuda else 0.5) - 10.0, 5.0)
+    res = r.call([r.python, "benchmarks/gpu/tp_bench.py", "--device", r.args.device, "--budget", f"{budget:.0f}",
+                  "--out", doc_path], timeout)
+    out = {"seconds_tool": res["seconds"]}
+    if not doc_path.is_file():
+        out.update(_status(res, ok=False))
+        return out
+    doc = json.loads(doc_path.read_text())
+    out.update({k: doc[k] for k in ("device", "model", "parameters", "repeats", "implementations", "cueq_available",
+                                    "cueq_cuda_ops", "cueq_method", "runs", "markdown") if k in doc})
+    out.update(_status(res))
+    first = doc["runs"][0]["results"] if doc.get("runs") else {}
+    bad = [i for i in ("e3nn", "fast", "cueq") if first.get(i, {}).get("status") != "ok"]
+    if out.get("status") == "ok" and bad:
+        out.update(status="failed", error=f"first case: {', '.join(bad)} not ok "
+                                          f"({'; '.join(str(first.get(i, {}).get('error', 'not run')) for i in bad)[:500]})")
+    if r.cuda and doc.get("cueq_method") not in (None, "uniform_1d"):
+        out["note"] = f"cueq ran the {doc.get('cueq_method')} method, not the uniform_1d CUDA kernel"
+    ok_runs = sum(all(v.get("status") == "ok" for v in c["results"].values()) for c in doc.get("runs", []))
+    r.say(f"  tensor products: {ok_runs} of {len(doc.get('runs', []))} cases with every implementation; "
+          f"cueq method {doc.get('cueq_method')}")
+    return out
+
+
 def phase_report(r: Runner, timeout: float) -> dict:
     out = {}
     prof = r.out / "memory_profile.json"
@@ -594,6 +629,10 @@ def phase_report(r: Runner, timeout: float) -> dict:
                      timeout / 2, stdout_file=page)
         if res["rc"] == 0:
             out["page"] = page.name
+            tp = r.summary["phases"].get("tp", {})
+            if tp.get("markdown"):  # the tensor products' table, for the same page of benchmarks/
+                with page.open("a") as f:
+                    f.write("\n" + tp["markdown"])
         else:
             page.unlink(missing_ok=True)
             out.update(_status(res))
@@ -649,6 +688,9 @@ def write_markdown(r: Runner) -> None:
             lines.append(f"| {x['name']} | {x.get('model', '-')} | {x.get('backend', '-')} | {x.get('atoms', '-')} | "
                          f"{f('eager_s', '{:.4f}')} | {f('compiled_s', '{:.4f}')} | {f('compiled_over_eager', '{:.3f}')} | "
                          f"{f('cold_compile_s', '{:.1f}')} | {probe} | {x.get('status')} |")
+    tp = s["phases"].get("tp", {})
+    if tp.get("markdown"):
+        lines += ["", tp["markdown"].rstrip()]
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from memory_tables import summary_sections
@@ -686,6 +728,7 @@ def main(argv=None) -> int:
         r.phase("memory", lambda t: phase_memory(r, t))
         r.phase("train", lambda t: phase_train(r, t))
         r.phase("compile", lambda t: phase_compile(r, t))
+        r.phase("tp", lambda t: phase_tp(r, t))
         r.phase("report", lambda t: phase_report(r, t))
     finally:
         r.write_summary()

@@ -117,9 +117,18 @@ class _CatBlocks(torch.autograd.Function):
         return tuple(g.reshape(shape) for g, shape in zip(grad.split(ctx.sizes, dim=1), ctx.shapes))
 
 
-# Default implementation of DepthwiseTensorProduct: "fast" (hand-written) or "e3nn" (the reference).
+# Default implementation of DepthwiseTensorProduct: "fast" (hand-written), "e3nn" (the reference) or
+# "cueq" (cuEquivariance, tensor_product_cueq.py); a model's is the config's model.tensor_product
 DEPTHWISE_TP_IMPLEMENTATION = "fast"
-_IMPLEMENTATIONS = ("fast", "e3nn")
+_IMPLEMENTATIONS = ("fast", "e3nn", "cueq")
+TP_IMPLEMENTATIONS = _IMPLEMENTATIONS  # public: the choices of model.tensor_product
+
+
+def set_tensor_product(model: torch.nn.Module, implementation: str) -> None:
+    """Every DepthwiseTensorProduct of ``model`` computes with ``implementation`` (same weights)."""
+    for m in model.modules():
+        if isinstance(m, DepthwiseTensorProduct):
+            m.implementation = implementation
 
 
 class DepthwiseTensorProduct(torch.nn.Module):
@@ -131,8 +140,9 @@ class DepthwiseTensorProduct(torch.nn.Module):
     list (its layout equals ``irreps_out.simplify()``). Weights are per edge (``weight`` argument,
     [E, weight_numel]) or internal and shared (``internal_weights=True``, init ``randn``).
 
-    Two implementations of the same function (``implementation``; default
-    ``DEPTHWISE_TP_IMPLEMENTATION``, switchable later through the ``implementation`` attribute):
+    Three implementations of the same function (``implementation``; default
+    ``DEPTHWISE_TP_IMPLEMENTATION``, switchable later through the ``implementation`` attribute;
+    a built model's is ``model.tensor_product``, set by :func:`set_tensor_product`):
 
     * ``"e3nn"``: e3nn's generated ``o3.TensorProduct`` (``self.tp``), the reference.
     * ``"fast"``: hand-written, the same function with few large ops. One matmul gives, for every
@@ -143,6 +153,8 @@ class DepthwiseTensorProduct(torch.nn.Module):
       into the output layout. Only ``split``/``reshape`` and a concatenation whose backward is a
       ``split`` (:class:`_CatBlocks`): no narrow/index-assign, so no full-size zero tensors in the
       first or second derivative.
+    * ``"cueq"``: NVIDIA cuEquivariance (the optional extra ``.[cueq]``), the same constants and
+      weight layout: ``tensor_product_cueq.py``.
 
     ``self.tp`` is kept in both cases: it owns the internal weight (``tp.weight``) and the buffers,
     so the state_dict and parameter count are those of the e3nn version and checkpoints load either way.
@@ -187,8 +199,12 @@ class DepthwiseTensorProduct(torch.nn.Module):
     def implementation(self, value: str) -> None:
         if value not in _IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {value!r}")
-        if value == "fast" and not self._fast_ok:
+        if value in ("fast", "cueq") and not self._fast_ok:
             value = "e3nn"
+        if value == "cueq" and getattr(self, "_cueq", None) is None:
+            from .tensor_product_cueq import CueqDepthwise  # the optional extra; ImportError names it
+
+            self._cueq = CueqDepthwise(self)  # not a submodule: the state_dict stays e3nn's
         self._implementation = value
 
     def _build_fast_plan(self) -> None:
@@ -239,6 +255,8 @@ class DepthwiseTensorProduct(torch.nn.Module):
         # x: [E, irreps_in.dim], edge_sh: [E, irreps_edge.dim], weight: [E, weight_numel] -> [E, irreps_out.dim]
         if self._implementation == "e3nn":
             return self.tp(x, edge_sh, weight)
+        if self._implementation == "cueq":
+            return self._cueq(x, edge_sh, self.tp.weight if self.internal_weights else weight)
         return self._forward_fast(x, edge_sh, weight)
 
     def _forward_fast(self, x: torch.Tensor, edge_sh: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

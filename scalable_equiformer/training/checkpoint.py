@@ -83,10 +83,15 @@ def save_checkpoint(path: Path, payload: dict) -> None:
             switch.compute_crc32 = before
 
 
+#: model keys that do not change the model's function or parameters (resume / init_from may change them)
+_SAME_MODEL_WHATEVER = ("tensor_product",)
+
+
 def check_same_model(saved: dict, current: dict, path) -> None:
-    """CheckpointError naming the first model keys that differ between two config dicts."""
+    """CheckpointError naming the first model keys that differ between two config dicts
+    (``model.tensor_product`` aside: it is how the same function is computed, with the same weights)."""
     a, b = saved.get("model", {}), current.get("model", {})
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in _SAME_MODEL_WHATEVER]
     if diff:
         shown = ", ".join(f"model.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}" for k in diff[:3])
         raise CheckpointError(f"{path}: checkpoint from a different model config ({shown}"
