@@ -20,8 +20,12 @@ def _bench():
 
 def test_counters_are_positive_and_written(tmp_path):
     out = tmp_path / "b.json"
-    rc = _bench().main(["--tiny", "--data", str(ASPIRIN), "--batch-size", "2", "--repeats", "1", "--modes", "train_step",
-                        "--threads", "1", "--json", str(out)])
+    rc = _bench().main(
+        [
+            "--tiny", "--data", str(ASPIRIN), "--batch-size", "2", "--repeats", "1",
+            "--modes", "train_step", "--threads", "1", "--json", str(out),
+        ]
+    )
     assert rc == 0
     (entry,) = json.loads(out.read_text())["datasets"]
     assert entry["batch_size"] == 2 and entry["modes"]["train_step"]["median_s"] > 0

@@ -66,7 +66,9 @@ def _batch():
 def _step(model, batch, levers: Levers):
     model.zero_grad(set_to_none=True)
     out = ForceRunner(levers)(model, batch, training=True)
-    loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(out["forces"] - batch.forces, dim=-1).mean()
+    loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(
+        out["forces"] - batch.forces, dim=-1
+    ).mean()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out["energy"].detach(), out["forces"].detach(), grads
@@ -79,8 +81,11 @@ def _close(a, b, what):
 
 
 @pytest.mark.parametrize("attention,message", list(itertools.product(["mlp", "dot"], ["nonlinear", "linear"])))
-@pytest.mark.parametrize("levers", [Levers("none"), Levers("blocks"), Levers("forces", edge_chunk_size=40, keep_blocks=1)],
-                         ids=["none", "blocks", "forces+chunks+keep"])
+@pytest.mark.parametrize(
+    "levers",
+    [Levers("none"), Levers("blocks"), Levers("forces", edge_chunk_size=40, keep_blocks=1)],
+    ids=["none", "blocks", "forces+chunks+keep"],
+)
 def test_fused_model_equals_module_path(attention, message, levers):
     model, batch = _model(attention, message), _batch()
     attn = [m for m in model.modules() if isinstance(m, GraphAttention)]
@@ -102,7 +107,8 @@ def test_separable_fctp_fused_equals_modules(internal, gate):
     torch.manual_seed(3)
     irreps = "6x0e+4x1e+2x2e"
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # e3nn's constants made in float64 (a float32 module cast up keeps float32 digits)
+    # e3nn's constants made in float64 (a float32 module cast up keeps float32 digits)
+    torch.set_default_dtype(torch.float64)
     try:
         sep = SeparableFCTP(irreps, SH2, irreps, None if internal else [5, 7], use_activation=gate)
     finally:

@@ -55,9 +55,13 @@ def test_speed_table_medians_over_rounds_and_ratios_against_the_original(tmp_pat
         (tmp_path / name).write_text(json.dumps({"implementation": impl, "runs": [run]}))
         return str(tmp_path / name)
 
-    files = [write("r1_o.json", "original", [1.0, 1.2], [0.4, 0.4]), write("r2_o.json", "original", [1.4, 5.0], [0.4, 0.4]),
-             write("r1_n.json", "this, levers off", [0.5, 0.6], [0.2, 0.2]), write("r2_n.json", "this, levers off", [0.7, 9.0], [0.1, 0.1]),
-             write("r1_f.json", "this, checkpointing=forces", [1.3, 1.3], [0.3, 0.3])]
+    files = [
+        write("r1_o.json", "original", [1.0, 1.2], [0.4, 0.4]),
+        write("r2_o.json", "original", [1.4, 5.0], [0.4, 0.4]),
+        write("r1_n.json", "this, levers off", [0.5, 0.6], [0.2, 0.2]),
+        write("r2_n.json", "this, levers off", [0.7, 9.0], [0.1, 0.1]),
+        write("r1_f.json", "this, checkpointing=forces", [1.3, 1.3], [0.3, 0.3]),
+    ]
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--speed", *files, "--json", str(out)],
                           capture_output=True, text=True, timeout=60)
@@ -66,7 +70,10 @@ def test_speed_table_medians_over_rounds_and_ratios_against_the_original(tmp_pat
     assert "| aspirin | 21 | 318 | 1.300 s | 0.650 s (2.00x) | 1.300 s (1.00x) | 4/4/2 |" in proc.stdout
     assert "| aspirin | 21 | 318 | 0.400 s | 0.150 s (2.67x) | 0.300 s (1.33x) | 4/4/2 |" in proc.stdout
     s = json.loads(out.read_text())["molecules"]["aspirin"]
-    assert abs(s["original"]["train"]["median_cpu_s"] - 1.3) < 1e-12 and s["this, levers off"]["infer"]["cpu_s"] == [0.2, 0.2, 0.1, 0.1]
+    assert (
+        abs(s["original"]["train"]["median_cpu_s"] - 1.3) < 1e-12
+        and s["this, levers off"]["infer"]["cpu_s"] == [0.2, 0.2, 0.1, 0.1]
+    )
 
 
 def test_speed_table_has_a_before_column_when_given(tmp_path):

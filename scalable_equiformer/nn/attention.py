@@ -40,7 +40,12 @@ ATTENTION_TYPES = ("mlp", "dot")
 MESSAGE_TYPES = ("nonlinear", "linear")
 
 
-def scatter_softmax(logits: torch.Tensor, index: torch.Tensor, num_nodes: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+def scatter_softmax(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    num_nodes: int,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Softmax of ``logits`` [E, H] over the edges sharing a target ``index`` [E].
 
     ``weight`` [E] (optional, >= 0) multiplies each exponential: ``w_e exp(a_e) / sum w exp(a)``.
@@ -84,7 +89,10 @@ class Heads2Vec(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        return torch.cat([c.reshape(n, x.shape[1] * size) for c, size in zip(x.split(self._chunks, dim=2), self._chunks)], dim=1)
+        return torch.cat(
+            [c.reshape(n, x.shape[1] * size) for c, size in zip(x.split(self._chunks, dim=2), self._chunks)],
+            dim=1,
+        )
 
 
 def _even_scalar_mul(irreps: o3.Irreps) -> int:
@@ -140,8 +148,9 @@ class GraphAttention(torch.nn.Module):
             self.mul_alpha_head = mul_alpha // num_heads
             irreps_alpha = o3.Irreps(f"{mul_alpha}x0e")
             if message == "nonlinear":
-                self.sep_act = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels,
-                                             use_activation=True)
+                self.sep_act = SeparableFCTP(
+                    self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True
+                )
                 self.sep_alpha = EquivariantLinear(self.sep_act.dtp.irreps_out, irreps_alpha)
                 self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_heads, None)
                 self.vec2heads_alpha = Vec2Heads(f"{self.mul_alpha_head}x0e", num_heads)
@@ -149,7 +158,9 @@ class GraphAttention(torch.nn.Module):
             else:
                 irreps_all = (irreps_alpha + irreps_heads).simplify()
                 self.sep = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_all, radial_channels)
-                self.vec2heads = Vec2Heads((o3.Irreps(f"{self.mul_alpha_head}x0e") + self.irreps_head).simplify(), num_heads)
+                self.vec2heads = Vec2Heads(
+                    (o3.Irreps(f"{self.mul_alpha_head}x0e") + self.irreps_head).simplify(), num_heads
+                )
             self.alpha_act = NormalizedActivation("smooth_leaky_relu")
             alpha_dot = torch.empty(1, num_heads, self.mul_alpha_head)
             bound = (6.0 / (num_heads + self.mul_alpha_head)) ** 0.5  # glorot, as torch_geometric
@@ -158,8 +169,9 @@ class GraphAttention(torch.nn.Module):
             irreps_kv = sort_irreps_even_first(self.irreps_head * (2 * num_heads))[0].simplify()
             self.query = EquivariantLinear(self.irreps_in, irreps_heads)
             if message == "nonlinear":
-                self.sep_act = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels,
-                                             use_activation=True)
+                self.sep_act = SeparableFCTP(
+                    self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True
+                )
                 self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, None)
             else:
                 self.key_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, radial_channels)
@@ -216,7 +228,9 @@ class GraphAttention(torch.nn.Module):
             logits = (self.alpha_act(alpha) * self.alpha_dot).sum(-1)  # [E, H]
         else:
             if self.message == "nonlinear":
-                kv = self.sep_value.forward_parts(self.sep_act.forward_parts(xs, edges.sh, edges.radial)[0], edges.sh, None)[0]
+                kv = self.sep_value.forward_parts(
+                    self.sep_act.forward_parts(xs, edges.sh, edges.radial)[0], edges.sh, None
+                )[0]
             else:
                 kv = self.key_value.forward_parts(xs, edges.sh, edges.radial)[0]
             kv = [self._heads(p, 2 * heads) for p in kv]  # [E, d, 2H, m]
@@ -232,7 +246,14 @@ class GraphAttention(torch.nn.Module):
             value = [p[:, :, heads:] for p in kv]
         return self._aggregate(logits, value, dst, num_nodes, edges)
 
-    def _aggregate(self, logits: torch.Tensor, value: list[torch.Tensor], dst: torch.Tensor, num_nodes: int, edges) -> torch.Tensor:
+    def _aggregate(
+        self,
+        logits: torch.Tensor,
+        value: list[torch.Tensor],
+        dst: torch.Tensor,
+        num_nodes: int,
+        edges,
+    ) -> torch.Tensor:
         """Softmax over each target's edges, the weighted values summed into the atoms ([N, d, H, m]
         parts), then back to e3nn's layout of the heads (Heads2Vec) and the output projection."""
         env = edges.envelope if self.smooth else None
@@ -249,7 +270,8 @@ class GraphAttention(torch.nn.Module):
         return out
 
     def forward_modules(self, x: torch.Tensor, node_attr: torch.Tensor, edges) -> torch.Tensor:
-        """Module by module in e3nn's layout (the oracle of :meth:`forward_fused`); x: [N, irreps_in.dim] -> [N, irreps_out.dim]."""
+        """Module by module in e3nn's layout (the oracle of :meth:`forward_fused`);
+        x: [N, irreps_in.dim] -> [N, irreps_out.dim]."""
         src, dst = edges.index[0], edges.index[1]
         num_nodes = x.shape[0]
         message = gather(self.merge_src(x), src) + gather(self.merge_dst(x), dst)  # [E, pre_attn]

@@ -24,7 +24,14 @@ class FeedForwardNetwork(torch.nn.Module):
     the even scalars (:class:`EquivariantLinear` with ``attr``).
     """
 
-    def __init__(self, irreps_node_input, irreps_node_attr, irreps_node_output, irreps_mlp_mid=None, proj_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        irreps_node_input,
+        irreps_node_attr,
+        irreps_node_output,
+        irreps_mlp_mid=None,
+        proj_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_node_input)
         self.irreps_node_attr = o3.Irreps(irreps_node_attr)
@@ -96,10 +103,20 @@ class TransformerBlock(torch.nn.Module):
         )
         self.drop_path = GraphDropPath(drop_path) if drop_path > 0 else None
         self.norm_2 = EquivariantLayerNorm(self.irreps_in)
-        self.ffn = FeedForwardNetwork(self.irreps_in, self.irreps_node_attr, self.irreps_out, irreps_mlp_mid, proj_drop=proj_drop)
-        self.ffn_shortcut = EquivariantLinear(self.irreps_in, self.irreps_out) if self.irreps_in != self.irreps_out else None
+        self.ffn = FeedForwardNetwork(
+            self.irreps_in, self.irreps_node_attr, self.irreps_out, irreps_mlp_mid, proj_drop=proj_drop
+        )
+        self.ffn_shortcut = (
+            EquivariantLinear(self.irreps_in, self.irreps_out) if self.irreps_in != self.irreps_out else None
+        )
 
-    def forward(self, x: torch.Tensor, node_attr: torch.Tensor, edges, batch: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        node_attr: torch.Tensor,
+        edges,
+        batch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = self.ga(self.norm_1(x), node_attr, edges)
         if self.drop_path is not None:
             h = self.drop_path(h, batch)

@@ -117,7 +117,9 @@ def fused_plan(dtp, lin) -> FusedPlan | None:
     if not getattr(dtp, "_fast_ok", False):
         return None
     mid = dtp.irreps_out
-    if lin.irreps_in != mid.simplify() or any(ir in [j for _, j in lin.irreps_in[:i]] for i, (_, ir) in enumerate(lin.irreps_in)):
+    if lin.irreps_in != mid.simplify() or any(
+        ir in [j for _, j in lin.irreps_in[:i]] for i, (_, ir) in enumerate(lin.irreps_in)
+    ):
         return None
     ins = dtp.tp.instructions
     where = {}  # instruction -> (block n, path m)
@@ -161,7 +163,8 @@ def extra_scalar_columns(plan: FusedPlan, dtp, extra) -> bool:
 
 
 def _matrix(lin, tp: _Type, weights: list | None, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linear's matrix for one type, [fan_in, sum of its entries' mul (+ extra's columns)], and its bias (or None)."""
+    """The linear's matrix for one type, [fan_in, sum of its entries' mul (+ extra's columns)], and
+    its bias (or None)."""
     mats, biases, any_bias = [], [], False
     for _, offset, mul_out, b0 in tp.entries:
         mats.append(lin.weight.narrow(0, offset, tp.fan_in * mul_out).view(tp.fan_in, mul_out))
@@ -185,7 +188,12 @@ def _matrix(lin, tp: _Type, weights: list | None, extra) -> tuple[torch.Tensor, 
     return mat, bias
 
 
-def _block_products(dtp, xs: list[torch.Tensor], edge_sh: torch.Tensor, shared_input: bool) -> list[tuple[torch.Tensor, ...]]:
+def _block_products(
+    dtp,
+    xs: list[torch.Tensor],
+    edge_sh: torch.Tensor,
+    shared_input: bool,
+) -> list[tuple[torch.Tensor, ...]]:
     """Per input block with paths: its paths' products ``[E, 2 l_out + 1, u]`` (unweighted), one
     batched matmul (an outer product for scalar inputs) per block."""
     n = edge_sh.shape[0]
@@ -205,8 +213,17 @@ def _block_products(dtp, xs: list[torch.Tensor], edge_sh: torch.Tensor, shared_i
     return out
 
 
-def fused_tp_linear(plan: FusedPlan, dtp, lin, xs: list[torch.Tensor], edge_sh: torch.Tensor, weight: torch.Tensor | None,
-                    weight_perm: torch.Tensor, extra=None, shared_input: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def fused_tp_linear(
+    plan: FusedPlan,
+    dtp,
+    lin,
+    xs: list[torch.Tensor],
+    edge_sh: torch.Tensor,
+    weight: torch.Tensor | None,
+    weight_perm: torch.Tensor,
+    extra=None,
+    shared_input: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """``lin(dtp(x, sh, weight))`` in dim-major layout.
 
     ``xs``: one ``[E, d, mul]`` tensor per entry of ``dtp.irreps_in`` (``[1, d, mul]`` with
@@ -236,7 +253,10 @@ def fused_tp_linear(plan: FusedPlan, dtp, lin, xs: list[torch.Tensor], edge_sh: 
         if t == 0 and extra is not None:
             extra_out = out[:, 0, mat.shape[1] - extra.irreps_out.dim:]
         results.append(out)
-    parts = [results[t].narrow(2, col, mul) if results[t].shape[2] != mul else results[t] for t, col, mul in plan.out_entries]
+    parts = [
+        results[t].narrow(2, col, mul) if results[t].shape[2] != mul else results[t]
+        for t, col, mul in plan.out_entries
+    ]
     return parts, extra_out
 
 

@@ -91,8 +91,11 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         self.rad = RadialProfile(list(radial_channels) + [self.dw.weight_numel])
         self.proj = EquivariantLinear(self.dw.irreps_out.simplify(), self.irreps_out)
         self._plan = fused_plan(self.dw, self.proj)  # the fast path's fused DTP + linear (nn/dim_major.py)
-        self.register_buffer("_weight_perm", torch.tensor(self._plan.weight_perm if self._plan else (), dtype=torch.long),
-                             persistent=False)
+        self.register_buffer(
+            "_weight_perm",
+            torch.tensor(self._plan.weight_perm if self._plan else (), dtype=torch.long),
+            persistent=False,
+        )
 
     def forward(self, edges: EdgeFeatures, num_nodes: int, avg_num_neighbors: torch.Tensor) -> torch.Tensor:
         num_edges = edges.sh.shape[0]
@@ -183,7 +186,9 @@ class Equiformer(torch.nn.Module):
         radial_channels = [num_radial] + list(radial_hidden)
         self.radial = RadialEmbedding(num_radial, cutoff, radial_basis)
         self.atom_embed = NodeEmbedding(self.irreps_node, max_atomic_number)
-        self.edge_deg_embed = EdgeDegreeEmbedding(self.irreps_node, self.irreps_sh, radial_channels, smooth=smooth_cutoff)
+        self.edge_deg_embed = EdgeDegreeEmbedding(
+            self.irreps_node, self.irreps_sh, radial_channels, smooth=smooth_cutoff
+        )
         self.blocks = torch.nn.ModuleList()
         for i in range(num_blocks):
             out = self.irreps_feature if i == num_blocks - 1 else self.irreps_node
@@ -223,14 +228,21 @@ class Equiformer(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.atom_embed.lin.weight.dtype
 
-    def set_statistics(self, energy_shift: float, energy_scale: float, avg_num_neighbors: float, avg_num_atoms: float) -> None:
+    def set_statistics(
+        self,
+        energy_shift: float,
+        energy_scale: float,
+        avg_num_neighbors: float,
+        avg_num_atoms: float,
+    ) -> None:
         for name, value in zip(_STAT_BUFFERS, (energy_shift, energy_scale, avg_num_neighbors, avg_num_atoms)):
             if not math.isfinite(float(value)):
                 raise ValueError(f"statistic {name} must be finite, got {value}")
             self._buffers[name].fill_(float(value))
 
     def statistics(self) -> dict[str, float]:
-        """The normalisation constants in use: {energy_shift eV/atom, energy_scale eV, avg_num_neighbors, avg_num_atoms}."""
+        """The normalisation constants in use: {energy_shift eV/atom, energy_scale eV,
+        avg_num_neighbors, avg_num_atoms}."""
         return {name: float(self._buffers[name]) for name in _STAT_BUFFERS}
 
     # -- stages -------------------------------------------------------------------------------

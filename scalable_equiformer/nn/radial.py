@@ -62,7 +62,9 @@ class ExpNormalBasis(torch.nn.Module):
         self.cutoff = float(cutoff)
         self.alpha = 5.0 / self.cutoff
         start = math.exp(-self.cutoff)
-        self.register_buffer("means", torch.linspace(start, 1.0, num_radial, dtype=torch.float64).to(torch.get_default_dtype()))
+        self.register_buffer(
+            "means", torch.linspace(start, 1.0, num_radial, dtype=torch.float64).to(torch.get_default_dtype())
+        )
         beta = (2.0 / num_radial * (1.0 - start)) ** -2
         self.register_buffer("betas", torch.full((num_radial,), beta, dtype=torch.get_default_dtype()))
 
@@ -97,7 +99,9 @@ class BesselBasis(torch.nn.Module):
         self.num_radial = num_radial
         self.cutoff = float(cutoff)
         self.norm_const = math.sqrt(2.0 / self.cutoff**3)
-        self.frequencies = torch.nn.Parameter(math.pi * torch.arange(1, num_radial + 1, dtype=torch.get_default_dtype()))
+        self.frequencies = torch.nn.Parameter(
+            math.pi * torch.arange(1, num_radial + 1, dtype=torch.get_default_dtype())
+        )
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         x = (r / self.cutoff).unsqueeze(-1)
