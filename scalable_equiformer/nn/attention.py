@@ -144,43 +144,9 @@ class GraphAttention(torch.nn.Module):
         self.merge_dst = EquivariantLinear(self.irreps_in, self.irreps_pre_attn, bias=False)
 
         if attention == "mlp":
-            mul_alpha = _even_scalar_mul(irreps_heads)
-            self.mul_alpha_head = mul_alpha // num_heads
-            irreps_alpha = o3.Irreps(f"{mul_alpha}x0e")
-            if message == "nonlinear":
-                self.sep_act = SeparableFCTP(
-                    self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True
-                )
-                self.sep_alpha = EquivariantLinear(self.sep_act.dtp.irreps_out, irreps_alpha)
-                self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_heads, None)
-                self.vec2heads_alpha = Vec2Heads(f"{self.mul_alpha_head}x0e", num_heads)
-                self.vec2heads_value = Vec2Heads(self.irreps_head, num_heads)
-            else:
-                irreps_all = (irreps_alpha + irreps_heads).simplify()
-                self.sep = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_all, radial_channels)
-                self.vec2heads = Vec2Heads(
-                    (o3.Irreps(f"{self.mul_alpha_head}x0e") + self.irreps_head).simplify(), num_heads
-                )
-            self.alpha_act = NormalizedActivation("smooth_leaky_relu")
-            alpha_dot = torch.empty(1, num_heads, self.mul_alpha_head)
-            bound = (6.0 / (num_heads + self.mul_alpha_head)) ** 0.5  # glorot, as torch_geometric
-            self.alpha_dot = torch.nn.Parameter(alpha_dot.uniform_(-bound, bound))
+            self._build_mlp(radial_channels)
         else:
-            irreps_kv = sort_irreps_even_first(self.irreps_head * (2 * num_heads))[0].simplify()
-            self.query = EquivariantLinear(self.irreps_in, irreps_heads)
-            if message == "nonlinear":
-                self.sep_act = SeparableFCTP(
-                    self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True
-                )
-                self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, None)
-            else:
-                self.key_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, radial_channels)
-            self.vec2heads_q = Vec2Heads(self.irreps_head, num_heads)
-            self.vec2heads_kv = Vec2Heads(self.irreps_head, 2 * num_heads)
-            scale = []
-            for mul, ir in self.irreps_head:
-                scale.append(torch.full((mul * ir.dim,), (self.irreps_head.num_irreps * ir.dim) ** -0.5))
-            self.register_buffer("query_scale", torch.cat(scale), persistent=False)
+            self._build_dot(radial_channels)
 
         self.heads2vec = Heads2Vec(self.irreps_head)
         self.alpha_dropout = torch.nn.Dropout(alpha_drop) if alpha_drop > 0 else None
@@ -189,6 +155,48 @@ class GraphAttention(torch.nn.Module):
         self._fusable = all(m._plan is not None for m in self._separables()) and (
             not (attention == "mlp" and message == "nonlinear")
             or extra_scalar_columns(self.sep_act._plan, self.sep_act.dtp, self.sep_alpha))
+
+    def _build_mlp(self, radial_channels: list[int]) -> None:
+        """The MLP attention's modules (the paper's): logits from the messages' scalars."""
+        mul_alpha = _even_scalar_mul(self.irreps_heads)
+        self.mul_alpha_head = mul_alpha // self.num_heads
+        irreps_alpha = o3.Irreps(f"{mul_alpha}x0e")
+        if self.message == "nonlinear":
+            self.sep_act = SeparableFCTP(
+                self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True
+            )
+            self.sep_alpha = EquivariantLinear(self.sep_act.dtp.irreps_out, irreps_alpha)
+            self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, self.irreps_heads, None)
+            self.vec2heads_alpha = Vec2Heads(f"{self.mul_alpha_head}x0e", self.num_heads)
+            self.vec2heads_value = Vec2Heads(self.irreps_head, self.num_heads)
+        else:
+            irreps_all = (irreps_alpha + self.irreps_heads).simplify()
+            self.sep = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_all, radial_channels)
+            self.vec2heads = Vec2Heads(
+                (o3.Irreps(f"{self.mul_alpha_head}x0e") + self.irreps_head).simplify(), self.num_heads
+            )
+        self.alpha_act = NormalizedActivation("smooth_leaky_relu")
+        alpha_dot = torch.empty(1, self.num_heads, self.mul_alpha_head)
+        bound = (6.0 / (self.num_heads + self.mul_alpha_head)) ** 0.5  # glorot, as torch_geometric
+        self.alpha_dot = torch.nn.Parameter(alpha_dot.uniform_(-bound, bound))
+
+    def _build_dot(self, radial_channels: list[int]) -> None:
+        """The dot-product attention's modules: a query per target atom, keys and values per edge."""
+        irreps_kv = sort_irreps_even_first(self.irreps_head * (2 * self.num_heads))[0].simplify()
+        self.query = EquivariantLinear(self.irreps_in, self.irreps_heads)
+        if self.message == "nonlinear":
+            self.sep_act = SeparableFCTP(
+                self.irreps_pre_attn, self.irreps_edge, self.irreps_pre_attn, radial_channels, use_activation=True
+            )
+            self.sep_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, None)
+        else:
+            self.key_value = SeparableFCTP(self.irreps_pre_attn, self.irreps_edge, irreps_kv, radial_channels)
+        self.vec2heads_q = Vec2Heads(self.irreps_head, self.num_heads)
+        self.vec2heads_kv = Vec2Heads(self.irreps_head, 2 * self.num_heads)
+        scale = []
+        for mul, ir in self.irreps_head:
+            scale.append(torch.full((mul * ir.dim,), (self.irreps_head.num_irreps * ir.dim) ** -0.5))
+        self.register_buffer("query_scale", torch.cat(scale), persistent=False)
 
     def _separables(self) -> list:
         return [m for m in self.children() if isinstance(m, SeparableFCTP)]

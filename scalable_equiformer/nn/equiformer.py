@@ -189,30 +189,20 @@ class Equiformer(torch.nn.Module):
         self.edge_deg_embed = EdgeDegreeEmbedding(
             self.irreps_node, self.irreps_sh, radial_channels, smooth=smooth_cutoff
         )
-        self.blocks = torch.nn.ModuleList()
-        for i in range(num_blocks):
-            out = self.irreps_feature if i == num_blocks - 1 else self.irreps_node
-            self.blocks.append(
-                TransformerBlock(
-                    self.irreps_node,
-                    self.irreps_node_attr,
-                    self.irreps_sh,
-                    out,
-                    radial_channels,
-                    irreps_head,
-                    num_heads,
-                    attention=attention,
-                    message=message,
-                    alpha_drop=alpha_drop,
-                    proj_drop=proj_drop,
-                    drop_path=drop_path,
-                    irreps_mlp_mid=irreps_feedforward,
-                    smooth=smooth_cutoff,
-                )
-            )
+        block_options = dict(attention=attention, message=message, alpha_drop=alpha_drop, proj_drop=proj_drop,
+                             drop_path=drop_path, irreps_mlp_mid=irreps_feedforward, smooth=smooth_cutoff)
+        self.blocks = torch.nn.ModuleList(
+            self._block(i, radial_channels, irreps_head, num_heads, block_options) for i in range(num_blocks)
+        )
         self.head = EnergyHead(self.irreps_feature)
         for name, value in zip(_STAT_BUFFERS, (energy_shift, energy_scale, avg_num_neighbors, avg_num_atoms)):
             self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))
+
+    def _block(self, i: int, radial_channels: list[int], irreps_head, num_heads: int, options: dict) -> TransformerBlock:
+        """Block ``i``: node irreps in and out, except the last, which maps to ``irreps_feature``."""
+        out = self.irreps_feature if i == self.num_blocks - 1 else self.irreps_node
+        return TransformerBlock(self.irreps_node, self.irreps_node_attr, self.irreps_sh, out, radial_channels, irreps_head,
+                                num_heads, **options)
 
     # -- dtype / statistics -------------------------------------------------------------------
 
