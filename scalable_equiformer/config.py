@@ -89,7 +89,8 @@ class Config:
                     value = value.replace("\n...", "").replace("...", "").strip()
                 note = comments.get(name, "")
                 origin = self.sources.get(f"{section}.{name}")
-                tail = "  # " + "; ".join(x for x in (note, f"from {origin}" if origin else "") if x) if (note or origin) else ""
+                tail = ("  # " + "; ".join(x for x in (note, f"from {origin}" if origin else "") if x)
+                        if (note or origin) else "")
                 lines.append(f"  {name}: {value}{tail}")
         text = "\n".join(lines) + "\n"
         if path is not None:
@@ -110,12 +111,14 @@ class Config:
                               f"than model.num_blocks ({self.model.num_blocks})")
         if self.memory.micro_batch_size is not None and self.memory.micro_batch_size > self.train.batch_size:
             raise ConfigError(f"{self.sources.get('memory.micro_batch_size', origin)}: memory.micro_batch_size "
-                              f"({self.memory.micro_batch_size}) is larger than train.batch_size ({self.train.batch_size})")
+                              f"({self.memory.micro_batch_size}) is larger than train.batch_size "
+                              f"({self.train.batch_size})")
         if self.deepspeed.zero_stage == 3 and self.model.dtype == "float64":
             where = self.sources.get("deepspeed.zero_stage", origin)
-            raise ConfigError(f"{where}: deepspeed.zero_stage=3 with model.dtype=float64: DeepSpeed's ZeRO-3 partitions "
-                              "only fp32/bf16/fp16 parameters (whether it notices depends on the processor); use "
-                              "model.dtype=float32, or zero_stage 1-2 for a float64 model")
+            raise ConfigError(f"{where}: deepspeed.zero_stage=3 with model.dtype=float64: "
+                              "DeepSpeed's ZeRO-3 partitions only fp32/bf16/fp16 parameters (whether it notices "
+                              "depends on the processor); use model.dtype=float32, or zero_stage 1-2 for a float64 "
+                              "model")
         check_compile(self, where=where)
 
     def _make_levers(self, where) -> None:
@@ -236,7 +239,8 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str, from_st
         hints = {k: hints[k] for k in Levers.keys(section)}
     if key not in hints:
         hint = difflib.get_close_matches(key, list(hints), n=1)
-        raise ConfigError(f"{origin}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint[0]}?)" if hint else ""))
+        raise ConfigError(f"{origin}: unknown key {section}.{key}"
+                          + (f" (did you mean {section}.{hint[0]}?)" if hint else ""))
     value = coerce(value, hints[key], f"{section}.{key}", origin, from_string)
     if levers:
         cfg._lever_values[key] = value  # made into cfg.memory, and checked, by Config.validate
@@ -281,7 +285,8 @@ def load_config(name_or_path: Union[str, Path, None] = None, overrides: Optional
             for key, value in values.items():
                 _apply(cfg, section, str(key), value, origin, False, written_by_us=dumped)
         if dumped:
-            _fill_added(cfg, {(sec, str(k)) for sec, vals in raw.items() if isinstance(vals, dict) for k in vals}, origin)
+            _fill_added(cfg, {(sec, str(k)) for sec, vals in raw.items() if isinstance(vals, dict) for k in vals},
+                        origin)
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.max_epochs=10")

@@ -48,12 +48,13 @@ def normalization_constants(config, stats: DatasetStatistics | None) -> tuple[fl
     if kind == "per_atom_mean_force_rms":
         return stats.energy_per_atom_mean, stats.force_rms
     if stats.energy_mean is None or stats.energy_std is None:
-        raise ConfigError("model.energy_normalization=total_mean_std needs the total-energy mean and standard deviation "
-                          "of the training split (statistics stored before they existed, or a single training frame); "
-                          "use model.energy_normalization=per_atom_mean_force_rms")
+        raise ConfigError("model.energy_normalization=total_mean_std needs the total-energy mean and standard "
+                          "deviation of the training split (statistics stored before they existed, or a single "
+                          "training frame); use model.energy_normalization=per_atom_mean_force_rms")
     if stats.num_atoms is None:
         raise ConfigError("model.energy_normalization=total_mean_std (the original's) needs training molecules of one "
-                          "size; this training split mixes atom counts: use model.energy_normalization=per_atom_mean_force_rms")
+                          "size; this training split mixes atom counts: "
+                          "use model.energy_normalization=per_atom_mean_force_rms")
     if not stats.energy_std > 0:
         raise ConfigError(f"model.energy_normalization=total_mean_std: the training energies have standard deviation "
                           f"{stats.energy_std} eV; use model.energy_normalization=per_atom_mean_force_rms")
@@ -119,7 +120,8 @@ def build_model(config, stats: DatasetStatistics | None = None) -> Equiformer:
         "normalisation %s: energy shift %.6f eV/atom, scale %.6f eV (%s); avg_num_neighbors %.4f (%s); "
         "avg_num_atoms %.4f (%s); smooth cutoff %s",
         getattr(cfg, "energy_normalization", "per_atom_mean_force_rms"), shift, scale,
-        "training split" if stats is not None else "defaults, no statistics given", avg_nb, source_nb, avg_at, source_at,
+        "training split" if stats is not None else "defaults, no statistics given",
+        avg_nb, source_nb, avg_at, source_at,
         "on" if cfg.smooth_cutoff else "off (the original)",
     )
     return model

@@ -39,7 +39,9 @@ from scalable_equiformer.presets import paper_model_dict
 from scalable_equiformer.profiling import systems
 from scalable_equiformer.profiling.measured_step import make_batch
 
-needs_cueq = pytest.mark.skipif(not tpc.available(), reason="cuequivariance_torch is not installed (pip install '.[cueq]')")
+needs_cueq = pytest.mark.skipif(
+    not tpc.available(), reason="cuequivariance_torch is not installed (pip install '.[cueq]')"
+)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SH2 = o3.Irreps.spherical_harmonics(2, p=1)
@@ -108,7 +110,8 @@ def test_cueq_equals_fast_with_derivatives(float64, case, internal):
 def test_cueq_no_edges_and_state_dict(float64):
     dtp = DepthwiseTensorProduct(*CASES["lmax2"], implementation="cueq")
     keys = {k: v.shape for k, v in dtp.state_dict().items()}
-    assert keys == {k: v.shape for k, v in DepthwiseTensorProduct(*CASES["lmax2"], implementation="fast").state_dict().items()}
+    fast = DepthwiseTensorProduct(*CASES["lmax2"], implementation="fast")
+    assert keys == {k: v.shape for k, v in fast.state_dict().items()}
     y = dtp(torch.randn(0, dtp.irreps_in.dim), torch.randn(0, 9), torch.randn(0, dtp.weight_numel))
     assert y.shape == (0, dtp.irreps_out.dim)
     assert "implementation='cueq'" in repr(dtp)
@@ -248,7 +251,9 @@ def _step(model, batch, checkpointing="none"):
     """Energies, forces and parameter gradients of a loss with energies and forces."""
     model.zero_grad(set_to_none=True)
     out = ForceRunner(Levers(checkpointing))(model, batch, training=True)
-    loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(out["forces"] - batch.forces, dim=-1).mean()
+    loss = (out["energy"] - batch.energy).abs().sum() + 80 * torch.linalg.vector_norm(
+        out["forces"] - batch.forces, dim=-1
+    ).mean()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out["energy"].detach(), out["forces"].detach(), grads
@@ -262,7 +267,9 @@ def _assert_same(a, b, what, tol=1e-10):
     scale = max(float(g.abs().max()) for g in g2.values())
     for name in g2:
         err = float((g1[name] - g2[name]).abs().max())
-        assert err <= tol * max(float(g2[name].abs().max()), 1e-3 * scale), f"{what}: gradient of {name} off by {err:.2e}"
+        assert err <= tol * max(float(g2[name].abs().max()), 1e-3 * scale), (
+            f"{what}: gradient of {name} off by {err:.2e}"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,8 @@ def count_aten_calls(step) -> dict:
     return {"aten_calls": len(events), "aten_calls_top": top, "aten_calls_leaf": leaf,
             "aten_calls_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:30]),
             "profiled_self_s": total / 1e6,
-            "aten_self_time_by_op": {k: {"calls": n, "self_s": t / 1e6, "self_share": t / total} for k, n, t in self_time}}
+            "aten_self_time_by_op": {k: {"calls": n, "self_s": t / 1e6, "self_share": t / total}
+                                     for k, n, t in self_time}}
 
 
 def count_matmul_flops(step) -> int:
@@ -276,7 +277,9 @@ def run_mode(model, batch, mode: str, repeats: int, device: torch.device, optimi
             "cpu_times_s": cpu, **mem}
 
 
-def run_mode_compare(model, batch, mode: str, repeats: int, device: torch.device, optimizer, impls=("e3nn", "fast")) -> dict:
+def run_mode_compare(
+    model, batch, mode: str, repeats: int, device: torch.device, optimizer, impls=("e3nn", "fast")
+) -> dict:
     """Both TP implementations on the same model: warm-ups, one measured run each, then ``repeats``
     rounds of one timed run per implementation, the order flipped every round."""
     step = mode_step(model, batch, mode, optimizer)
@@ -345,7 +348,8 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
     steps["eager"]()
     _sync(device)
     _alternate(steps, repeats, device, res)
-    print(f"    eager {res['eager']['times_s']} s, compiled {res['compiled']['times_s']} s", flush=True)  # before the probe
+    # before the probe
+    print(f"    eager {res['eager']['times_s']} s, compiled {res['compiled']['times_s']} s", flush=True)
     probe = []
     for other in size_batches:  # other sizes: does the compiled step recompile?
         step = mode_step(model, other, "train_step", optimizer, compiled=fn)
@@ -368,12 +372,13 @@ def run_compile_compare(model, batch, repeats: int, device: torch.device, optimi
 
 def counters_markdown(results: dict) -> str:
     """The counters of ``results`` (this tool's JSON) as a markdown table, one row per file and step."""
-    rows = ["| data | atoms | step | ATen calls (all / top-level / leaf) | matmul GFLOP | step s (CPU time on a CPU) | matmul GFLOP/s | "
-            "gemm GFLOP/s | % of gemm |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| data | atoms | step | ATen calls (all / top-level / leaf) | matmul GFLOP | step s (CPU time on a CPU) | "
+            "matmul GFLOP/s | gemm GFLOP/s | % of gemm |", "|---|---|---|---|---|---|---|---|---|"]
     for e in results["datasets"]:
         for name, c in e.get("counters", {}).items():
             rows.append(f"| {Path(e['data']).stem} x{e['batch_size']} | {e['atoms']} | {name.replace('_', ' ')} | "
-                        f"{c['aten_calls']:,} / {c['aten_calls_top']:,} / {c['aten_calls_leaf']:,} | {c['matmul_gflop']:.2f} | "
+                        f"{c['aten_calls']:,} / {c['aten_calls_top']:,} / {c['aten_calls_leaf']:,} | "
+                        f"{c['matmul_gflop']:.2f} | "
                         f"{c['step_s']:.3f} | {c['matmul_gflops_per_s']:.1f} | {c['gemm_gflops_per_s']:.1f} | "
                         f"{100 * c['fraction_of_gemm']:.1f} |")
     return "\n".join(rows)
@@ -405,7 +410,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-counters", action="store_true",
                    help="skip the ATen-call and matmul FLOP-rate counters (see the module docstring)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per mode after one warm-up (default 5)")
-    p.add_argument("--modes", nargs="+", choices=("forward", "forces", "train_step"), default=["forward", "forces", "train_step"])
+    p.add_argument("--modes", nargs="+", choices=("forward", "forces", "train_step"),
+                   default=["forward", "forces", "train_step"])
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=output_file, default=None, help="write the results to this file")
@@ -443,7 +449,9 @@ def main(argv=None) -> int:
 
     results = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
@@ -489,13 +497,15 @@ def main(argv=None) -> int:
                     probe_sizes = args.size_probe if args.size_probe is not None else sorted(
                         {(batch_size + 1) // 2, 1} - {batch_size}, reverse=True)
                     others = [_make_batch(ds, n, device) for n in probe_sizes]
-                    entry["modes"][mode] = r = run_compile_compare(model, batch, args.repeats, device, optimizer, others,
-                                                                      args.compile_backend)
+                    entry["modes"][mode] = r = run_compile_compare(
+                        model, batch, args.repeats, device, optimizer, others, args.compile_backend
+                    )
                     rr = r["round_ratios_compiled_over_eager"]
                     print(
                         f"{path.name:28s} {mode:11s} atoms {entry['atoms']:5d} edges {edges:6d}  eager "
                         f"{r['eager']['median_s'] * 1e3:9.1f} ms  compiled {r['compiled']['median_s'] * 1e3:9.1f} ms  "
-                        f"compiled/eager {r['ratio_compiled_over_eager']:.3f} (CPU time {r['cpu_ratio_compiled_over_eager']:.3f}; "
+                        f"compiled/eager {r['ratio_compiled_over_eager']:.3f} "
+                        f"(CPU time {r['cpu_ratio_compiled_over_eager']:.3f}; "
                         f"round ratios {min(rr):.3f}-{max(rr):.3f})  cold compile {r['compile']['first_step_s']:.1f} s",
                         flush=True,
                     )
@@ -521,7 +531,8 @@ def main(argv=None) -> int:
                 entry["modes"][mode] = run_mode(model, batch, mode, args.repeats, device, optimizer)
                 r = entry["modes"][mode]
                 print(
-                    f"{path.name:28s} {mode:11s} atoms {entry['atoms']:5d} edges {edges:6d}  median {r['median_s'] * 1e3:9.1f} ms  "
+                    f"{path.name:28s} {mode:11s} atoms {entry['atoms']:5d} edges {edges:6d}  "
+                    f"median {r['median_s'] * 1e3:9.1f} ms  "
                     f"peak {r['peak_bytes'] / 2**20:8.1f} MiB  (+{r['peak_growth_bytes'] / 2**20:7.1f} MiB)",
                     flush=True,
                 )
@@ -536,8 +547,9 @@ def main(argv=None) -> int:
                 entry["counters"] = c = step_counters(model, batch, optimizer, device, args.repeats, gemm, times)
                 for name, r in c.items():
                     print(
-                        f"{path.name:28s} {name:14s} ATen calls {r['aten_calls']:7d} (top-level {r['aten_calls_top']:6d}, "
-                        f"leaf {r['aten_calls_leaf']:6d})  matmul {r['matmul_gflop']:8.2f} GFLOP in {r['step_s']:.3f} s: "
+                        f"{path.name:28s} {name:14s} ATen calls {r['aten_calls']:7d} "
+                        f"(top-level {r['aten_calls_top']:6d}, leaf {r['aten_calls_leaf']:6d})  "
+                        f"matmul {r['matmul_gflop']:8.2f} GFLOP in {r['step_s']:.3f} s: "
                         f"{r['matmul_gflops_per_s']:6.1f} GFLOP/s, {100 * r['fraction_of_gemm']:5.1f} % of the "
                         f"{r['gemm_gflops_per_s']:.1f} GFLOP/s of a 1024x1024 gemm",
                         flush=True,

@@ -75,7 +75,7 @@ LEVER_SETS = ["none", "checkpointing=forces", "checkpointing=forces,edge_chunk_s
 SHARES = {"tests": 70, "memory": 190, "train": 170, "compile": 110, "tp": 70}
 PHASES = ["env", "tests", "memory", "train", "compile", "tp", "report"]
 
-#: the tiny model of --device cpu (tests/helpers/partitions.py's tiny_model)
+#: the tiny model of --device cpu (tools/partition_harness.py's tiny_model)
 TINY = {"irreps_node": "8x0e+4x1e+2x2e", "num_blocks": 2, "num_heads": 2, "irreps_head": "4x0e+2x1e+1x2e",
         "irreps_feedforward": "16x0e+8x1e+4x2e", "irreps_feature": "16x0e", "num_radial": 8, "radial_hidden": "[16]"}
 
@@ -93,7 +93,8 @@ class Runner:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.budget
         self.python = args.python or sys.executable
-        self.summary = {"device_arg": args.device, "budget_s": args.budget, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        self.summary = {"device_arg": args.device, "budget_s": args.budget,
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                         "python": self.python, "root": str(ROOT), "work": str(self.work), "phases": {},
                         "install": _install_info()}
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -239,7 +240,8 @@ for name in ("e3nn", "torch_geometric", "numpy", "scipy", "deepspeed", "ase", "p
         out[name] = f"NOT IMPORTABLE: {type(e).__name__}: {e}"
 try:
     out["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                        "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+                                        "--format=csv,noheader"],
+                                       capture_output=True, text=True, timeout=20).stdout.strip()
 except Exception as e:
     out["nvidia_smi"] = f"unavailable: {e}"
 print("ENV_JSON " + json.dumps(out))
@@ -272,7 +274,8 @@ def phase_tests(r: Runner, timeout: float) -> dict:
     cmd = [r.python, "-m", "pytest", "tests/test_device_equivalence.py", "-m", marker, "--device",
            r.args.device, "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={xml}"]
     res = r.call(cmd, timeout)
-    out = {"command": "python " + " ".join(f"'{c}'" if " " in str(c) else str(c) for c in cmd[1:]).replace(str(xml), "OUT/pytest.xml")}
+    out = {"command": "python " + " ".join(f"'{c}'" if " " in str(c) else str(c)
+                                           for c in cmd[1:]).replace(str(xml), "OUT/pytest.xml")}
     counts, failures = {}, []
     if xml.is_file():
         root = ET.parse(xml).getroot()
@@ -343,7 +346,8 @@ def _fit(doc: dict) -> dict:
         if x.get("oom"):
             per[label] = {"fits": False, "peak_gib": None, "oom": True}
         elif "peak_bytes" in x:
-            per[label] = {"fits": (x["peak_bytes"] <= total) if total else None, "peak_gib": round(x["peak_bytes"] / GiB, 3)}
+            per[label] = {"fits": (x["peak_bytes"] <= total) if total else None,
+                          "peak_gib": round(x["peak_bytes"] / GiB, 3)}
         else:
             per[label] = {"fits": None, "peak_gib": None, "why": x.get("error")}
         per[label]["estimate_gib"] = round(x["estimated_peak_bytes"] / GiB, 3)
@@ -528,7 +532,8 @@ def estimate_training(spec: dict, out_path: str) -> int:
                          zero_stage=cfg.deepspeed.zero_stage, ranks=1)
         out[run["name"]] = {"estimated_peak_bytes": int(e.peak_bytes), "levers": lev.label(), "atoms": int(len(z)),
                             "edges_per_molecule": int(edges), "zero_stage": cfg.deepspeed.zero_stage}
-    Path(out_path).write_text(json.dumps(out, indent=1, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
+    Path(out_path).write_text(json.dumps(out, indent=1,
+                                         default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
     return 0
 
 
@@ -575,15 +580,17 @@ def phase_compile(r: Runner, timeout: float) -> dict:
             d = json.loads(doc.read_text())
             entry = d["datasets"][0]
             m = entry["modes"]["train_step"]
-            rec.update(model=entry["model"], atoms=entry["atoms"], batch=d["batch_size"], backend=d.get("compile_backend"),
+            rec.update(model=entry["model"], atoms=entry["atoms"], batch=d["batch_size"],
+                       backend=d.get("compile_backend"),
                        eager_s=m["eager"]["median_s"], compiled_s=m["compiled"]["median_s"],
                        compiled_over_eager=m["ratio_compiled_over_eager"],
                        cold_compile_s=m["compile"]["first_step_s"], trace_s=m["compile"]["trace_s"],
                        size_probe=[{k: p[k] for k in ("atoms", "molecules", "graphs_compiled", "first_step_s")}
                                    for p in m.get("size_probe", [])])
         rec.update(_status(res, ok=doc.is_file()))
-        r.say(f"  {name}: {rec['status']}" + (f", compiled/eager {rec['compiled_over_eager']:.3f}, cold compile "
-                                              f"{rec['cold_compile_s']:.0f} s" if rec.get("compiled_over_eager") else ""))
+        r.say(f"  {name}: {rec['status']}"
+              + (f", compiled/eager {rec['compiled_over_eager']:.3f}, cold compile "
+                 f"{rec['cold_compile_s']:.0f} s" if rec.get("compiled_over_eager") else ""))
     first = out["runs"][0] if out["runs"] else {}
     if first.get("status") != "ok":
         out.update(status="failed", error=f"{first.get('name', 'no run')}: {first.get('error', 'not run')}")
@@ -609,8 +616,9 @@ def phase_tp(r: Runner, timeout: float) -> dict:
     first = doc["runs"][0]["results"] if doc.get("runs") else {}
     bad = [i for i in ("e3nn", "fast", "cueq") if first.get(i, {}).get("status") != "ok"]
     if out.get("status") == "ok" and bad:
-        out.update(status="failed", error=f"first case: {', '.join(bad)} not ok "
-                                          f"({'; '.join(str(first.get(i, {}).get('error', 'not run')) for i in bad)[:500]})")
+        out.update(status="failed",
+                   error=f"first case: {', '.join(bad)} not ok "
+                         f"({'; '.join(str(first.get(i, {}).get('error', 'not run')) for i in bad)[:500]})")
     if r.cuda and doc.get("cueq_method") not in (None, "uniform_1d"):
         out["note"] = f"cueq ran the {doc.get('cueq_method')} method, not the uniform_1d CUDA kernel"
     ok_runs = sum(all(v.get("status") == "ok" for v in c["results"].values()) for c in doc.get("runs", []))
@@ -665,16 +673,19 @@ def write_markdown(r: Runner) -> None:
     mem = s["phases"].get("memory", {})
     fit = mem.get("fit")
     if fit:
-        mem_gib = f"{fit['device_memory_gib']} GiB" if fit["device_memory_gib"] else "the device's memory (none: a CPU run)"
+        mem_gib = (f"{fit['device_memory_gib']} GiB" if fit["device_memory_gib"]
+                   else "the device's memory (none: a CPU run)")
         lines += ["", f"## Does {fit['atoms']} atoms x batch {fit['batch']} fit in {mem_gib}?", "",
                   f"Without levers: {fit['without_levers']}; lever sets that fit: "
                   f"{', '.join(fit['with_levers_that_fit']) or 'none'}.", "",
                   "| levers | measured peak GiB | fits | estimate GiB |", "|---|---|---|---|"]
         for k, v in fit["per_lever_set"].items():
-            peak = "out of memory" if v.get("oom") else (v["peak_gib"] if v.get("peak_gib") is not None else v.get("why"))
+            peak = ("out of memory" if v.get("oom")
+                    else (v["peak_gib"] if v.get("peak_gib") is not None else v.get("why")))
             lines.append(f"| {k} | {peak} | {v['fits']} | {v['estimate_gib']} |")
     if mem.get("plan"):
-        lines += ["", f"Plan for {mem['plan']['budget_gib']} GiB: `{' '.join('--set ' + o for o in mem['plan']['overrides'])}` "
+        lines += ["", f"Plan for {mem['plan']['budget_gib']} GiB: "
+                      f"`{' '.join('--set ' + o for o in mem['plan']['overrides'])}` "
                       f"(time factors: {mem['plan']['time_factors']})."]
     comp = s["phases"].get("compile", {})
     if comp.get("runs"):
@@ -686,7 +697,8 @@ def write_markdown(r: Runner) -> None:
                 return fmt.format(x[k]) if x.get(k) is not None else "-"
             probe = ", ".join(f"{p['atoms']} atoms: {p['graphs_compiled']}" for p in x.get("size_probe", [])) or "-"
             lines.append(f"| {x['name']} | {x.get('model', '-')} | {x.get('backend', '-')} | {x.get('atoms', '-')} | "
-                         f"{f('eager_s', '{:.4f}')} | {f('compiled_s', '{:.4f}')} | {f('compiled_over_eager', '{:.3f}')} | "
+                         f"{f('eager_s', '{:.4f}')} | {f('compiled_s', '{:.4f}')} | "
+                         f"{f('compiled_over_eager', '{:.3f}')} | "
                          f"{f('cold_compile_s', '{:.1f}')} | {probe} | {x.get('status')} |")
     tp = s["phases"].get("tp", {})
     if tp.get("markdown"):
@@ -698,12 +710,14 @@ def write_markdown(r: Runner) -> None:
         lines += ["", summary_sections(s)]
     except Exception as exc:  # noqa: BLE001
         lines += ["", f"(tests / training sections unavailable: {exc})"]
-    lines += ["", f"Memory tables: {s['phases'].get('report', {}).get('page', '-')}; every subprocess's output: run.log."]
+    lines += ["", f"Memory tables: {s['phases'].get('report', {}).get('page', '-')}; "
+                  "every subprocess's output: run.log."]
     (r.out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--budget", type=float, help="seconds for all phases (default: 540 cuda, 460 cpu)")

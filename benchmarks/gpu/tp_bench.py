@@ -130,8 +130,8 @@ def run(device: torch.device, budget: float, repeats: int) -> dict:
         batch = make_batch(z, frames, torch.float32, device)
         for precision in ("fp32", "bf16"):
             for mode in ("train", "infer"):
-                case = {"system": name, "atoms": int(len(z)), "batch": int(len(frames)), "precision": precision, "mode": mode,
-                        "results": {}}
+                case = {"system": name, "atoms": int(len(z)), "batch": int(len(frames)), "precision": precision,
+                        "mode": mode, "results": {}}
                 doc["runs"].append(case)
                 ref = None
                 for impl in (["fast"] + [i for i in impls if i != "fast"]):  # fast first: the bf16 reference
@@ -165,10 +165,12 @@ def markdown(doc: dict) -> str:
     impls = doc["implementations"]
     lines = [f"## Depth-wise tensor products: {', '.join(impls)} (model.tensor_product)", "",
              f"{doc['device']}, torch {doc['torch']}, {doc['model']}; median of {doc['repeats']} steps after "
-             f"warm-ups; peak = max_memory_allocated over the timed steps. cueq method: {doc.get('cueq_method', 'not installed')}"
+             f"warm-ups; peak = max_memory_allocated over the timed steps. "
+             f"cueq method: {doc.get('cueq_method', 'not installed')}"
              f" (uniform_1d = the CUDA kernel, naive = PyTorch ops). bf16 rows: force error against fp32 fast.", "",
              "| system | atoms | batch | step | precision | " + " | ".join(f"{i} s" for i in impls)
-             + " | " + " | ".join(f"{i} peak MiB" for i in impls) + " | " + " | ".join(f"e3nn/{i}" for i in impls if i != "e3nn")
+             + " | " + " | ".join(f"{i} peak MiB" for i in impls)
+             + " | " + " | ".join(f"e3nn/{i}" for i in impls if i != "e3nn")
              + " | bf16 force error |",
              "|" + "---|" * (5 + 2 * len(impls) + len(impls) - 1 + 1)]
     for case in doc["runs"]:
@@ -186,7 +188,8 @@ def markdown(doc: dict) -> str:
             a, b = res.get("e3nn", {}), res.get(i, {})
             return f"{a['seconds'] / b['seconds']:.2f}" if a.get("status") == b.get("status") == "ok" else "-"
 
-        errs = ", ".join(f"{i} {res[i]['force_error_vs_fp32_fast']:.1e}{'' if res[i].get('correct', True) else ' (over 0.05)'}"
+        errs = ", ".join(f"{i} {res[i]['force_error_vs_fp32_fast']:.1e}"
+                         f"{'' if res[i].get('correct', True) else ' (over 0.05)'}"
                          for i in impls if case["precision"] == "bf16" and "force_error_vs_fp32_fast" in res.get(i, {}))
         lines.append(f"| {case['system']} | {case['atoms']} | {case['batch']} | {case['mode']} | {case['precision']} | "
                      + " | ".join(sec(i) for i in impls) + " | " + " | ".join(peak(i) for i in impls) + " | "

@@ -76,7 +76,8 @@ class EquivariantLinear(torch.nn.Module):
                 # a copy of the one input block, not a view: the matmul saves its input for the weight
                 # gradient, and a saved view would keep all of x (a whole tensor-product output per
                 # edge) alive until the loss's backward; the d > 1 branch copies anyway (issue 15)
-                xi = chunks[inputs[0]].contiguous() if len(inputs) == 1 else torch.cat([chunks[i] for i in inputs], dim=1)
+                xi = (chunks[inputs[0]].contiguous() if len(inputs) == 1
+                      else torch.cat([chunks[i] for i in inputs], dim=1))
                 if d == 1:
                     out = xi @ w  # [N, mul_out]
                 else:
@@ -160,7 +161,14 @@ class DepthwiseTensorProduct(torch.nn.Module):
     so the state_dict and parameter count are those of the e3nn version and checkpoints load either way.
     """
 
-    def __init__(self, irreps_in, irreps_edge, irreps_filter, internal_weights: bool = False, implementation: str | None = None) -> None:
+    def __init__(
+        self,
+        irreps_in,
+        irreps_edge,
+        irreps_filter,
+        internal_weights: bool = False,
+        implementation: str | None = None,
+    ) -> None:
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_edge = o3.Irreps(irreps_edge)
@@ -248,7 +256,9 @@ class DepthwiseTensorProduct(torch.nn.Module):
         # float64 constant, cast to the input dtype at use; not persistent: the state_dict stays e3nn's
         self.register_buffer("_cg", torch.cat(cols, dim=1), persistent=False)
         self._out_order = sorted(
-            ((ins_list[k].i_out, n, m) for n, (_, _, _, _, _, paths) in enumerate(self._blocks) for m, k in enumerate(paths))
+            (ins_list[k].i_out, n, m)
+            for n, (_, _, _, _, _, paths) in enumerate(self._blocks)
+            for m, k in enumerate(paths)
         )
 
     def forward(self, x: torch.Tensor, edge_sh: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,13 +311,24 @@ class SeparableFCTP(torch.nn.Module):
     :meth:`forward` wraps it in e3nn's layout. Otherwise (``e3nn``) each module runs in turn.
     """
 
-    def __init__(self, irreps_in, irreps_edge, irreps_out, radial_channels: list[int] | None, use_activation: bool = False) -> None:
+    def __init__(
+        self,
+        irreps_in,
+        irreps_edge,
+        irreps_out,
+        radial_channels: list[int] | None,
+        use_activation: bool = False,
+    ) -> None:
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_edge = o3.Irreps(irreps_edge)
         self.irreps_out = o3.Irreps(irreps_out)
-        self.dtp = DepthwiseTensorProduct(self.irreps_in, self.irreps_edge, self.irreps_out, internal_weights=radial_channels is None)
-        self.rad = RadialProfile(list(radial_channels) + [self.dtp.weight_numel]) if radial_channels is not None else None
+        self.dtp = DepthwiseTensorProduct(
+            self.irreps_in, self.irreps_edge, self.irreps_out, internal_weights=radial_channels is None
+        )
+        self.rad = (
+            RadialProfile(list(radial_channels) + [self.dtp.weight_numel]) if radial_channels is not None else None
+        )
         self.gate = Gate(self.irreps_out) if use_activation else None
         lin_out = self.gate.irreps_in if self.gate is not None else self.irreps_out
         self.lin = EquivariantLinear(self.dtp.irreps_out.simplify(), lin_out)
@@ -337,7 +358,9 @@ class SeparableFCTP(torch.nn.Module):
         ``irreps_out`` (after the gate, if any), and ``extra(DTP output)`` [E, mul] when ``extra`` (a
         linear map of the tensor product's scalars, as the MLP attention's ``sep_alpha``) is given."""
         weight = self.rad(edge_radial) if self.rad is not None else None
-        parts, extra_out = fused_tp_linear(self._plan, self.dtp, self.lin, xs, edge_sh, weight, self._weight_perm, extra)
+        parts, extra_out = fused_tp_linear(
+            self._plan, self.dtp, self.lin, xs, edge_sh, weight, self._weight_perm, extra
+        )
         if self.gate is not None:
             parts = gate_dim_major(self.gate, parts)
         return parts, extra_out
