@@ -311,7 +311,7 @@ def test_checkpoints_interchange(tmp_path):
 @pytest.mark.slow
 def test_partitioned_cueq_equals_single_process_fast():
     """P=2 gloo processes, each with cueq products: the single-process fast step's numbers."""
-    from helpers.partitions import (TOLERANCE, build_checked_model, evaluate, make_system, reference_step,
+    from partition_harness import (TOLERANCE, build_checked_model, evaluate, make_system, reference_step,
                                     run_partitioned, tiny_model_config)
 
     z, pos = systems.synthetic_molecule(16)

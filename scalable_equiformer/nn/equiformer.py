@@ -198,11 +198,12 @@ class Equiformer(torch.nn.Module):
         for name, value in zip(_STAT_BUFFERS, (energy_shift, energy_scale, avg_num_neighbors, avg_num_atoms)):
             self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))
 
-    def _block(self, i: int, radial_channels: list[int], irreps_head, num_heads: int, options: dict) -> TransformerBlock:
+    def _block(self, i: int, radial_channels: list[int], irreps_head, num_heads: int,
+               options: dict) -> TransformerBlock:
         """Block ``i``: node irreps in and out, except the last, which maps to ``irreps_feature``."""
         out = self.irreps_feature if i == self.num_blocks - 1 else self.irreps_node
-        return TransformerBlock(self.irreps_node, self.irreps_node_attr, self.irreps_sh, out, radial_channels, irreps_head,
-                                num_heads, **options)
+        return TransformerBlock(self.irreps_node, self.irreps_node_attr, self.irreps_sh, out, radial_channels,
+                                irreps_head, num_heads, **options)
 
     # -- dtype / statistics -------------------------------------------------------------------
 
