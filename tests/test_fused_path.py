@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 from e3nn import o3
 
-from helpers import tiny_sets
+from helpers import force_loss_batch, tiny_sets
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)
 from scalable_equiformer.config import load_config
 from scalable_equiformer.memory import ForceRunner, Levers
@@ -26,8 +25,6 @@ from scalable_equiformer.nn import SeparableFCTP
 from scalable_equiformer.nn.attention import GraphAttention
 from scalable_equiformer.nn.dim_major import from_dim_major, to_dim_major
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct
-from scalable_equiformer.profiling import systems
-from scalable_equiformer.profiling.measured_step import make_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -54,13 +51,7 @@ def _model(attention: str, message: str):
 
 
 def _batch():
-    z, pos = systems.synthetic_molecule(12)
-    frames = np.stack([pos, pos + 0.1 * np.random.default_rng(1).normal(size=pos.shape)])
-    batch = make_batch(z, frames, torch.float64, "cpu")
-    g = torch.Generator().manual_seed(2)
-    batch.forces = torch.randn(batch.forces.shape, generator=g, dtype=torch.float64)
-    batch.energy = torch.randn(batch.energy.shape, generator=g, dtype=torch.float64)
-    return batch
+    return force_loss_batch(12)
 
 
 def _step(model, batch, levers: Levers):

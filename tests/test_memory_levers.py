@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_sets
+from helpers import force_loss_batch, tiny_sets
 from helpers.equivariance import run_model_battery, single_thread  # noqa: F401 (fixture)
 from scalable_equiformer.config import load_config
 from scalable_equiformer.errors import ConfigError
@@ -24,7 +23,6 @@ from scalable_equiformer.model import build_model
 from scalable_equiformer.memory.precision import autocast
 from scalable_equiformer.nn.precision import fp32_island
 from scalable_equiformer.profiling import systems
-from scalable_equiformer.profiling.measured_step import make_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -40,13 +38,7 @@ def _model(dtype="float64", extra=()):
 
 
 def _batch(dtype=torch.float64, atoms=14):
-    z, pos = systems.synthetic_molecule(atoms)
-    frames = np.stack([pos, pos + 0.1 * np.random.default_rng(1).normal(size=pos.shape)])
-    batch = make_batch(z, frames, dtype, "cpu")
-    g = torch.Generator().manual_seed(2)
-    batch.forces = torch.randn(batch.forces.shape, generator=g, dtype=dtype)
-    batch.energy = torch.randn(batch.energy.shape, generator=g, dtype=dtype)
-    return batch
+    return force_loss_batch(atoms, dtype)
 
 
 def _step(model, batch, strategy, chunk=None, seed=5, training=True, keep=0):

@@ -27,7 +27,7 @@ import pytest
 import torch
 from e3nn import o3
 
-from helpers import tiny_sets
+from helpers import force_loss_batch, tiny_sets
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)
 from scalable_equiformer.config import ModelConfig, load_config
 from scalable_equiformer.errors import ConfigError
@@ -37,7 +37,6 @@ from scalable_equiformer.nn import tensor_product_cueq as tpc
 from scalable_equiformer.nn.tensor_product import DepthwiseTensorProduct, set_tensor_product
 from scalable_equiformer.presets import paper_model_dict
 from scalable_equiformer.profiling import systems
-from scalable_equiformer.profiling.measured_step import make_batch
 
 needs_cueq = pytest.mark.skipif(
     not tpc.available(), reason="cuequivariance_torch is not installed (pip install '.[cueq]')"
@@ -238,13 +237,7 @@ def _model(attention, message, tp="fast", seed=0):
 
 
 def _batch(dtype=torch.float64, atoms=12):
-    z, pos = systems.synthetic_molecule(atoms)
-    frames = np.stack([pos, pos + 0.1 * np.random.default_rng(1).normal(size=pos.shape)])
-    batch = make_batch(z, frames, dtype, "cpu")
-    g = torch.Generator().manual_seed(2)
-    batch.forces = torch.randn(batch.forces.shape, generator=g, dtype=dtype)
-    batch.energy = torch.randn(batch.energy.shape, generator=g, dtype=dtype)
-    return batch
+    return force_loss_batch(atoms, dtype)
 
 
 def _step(model, batch, checkpointing="none"):

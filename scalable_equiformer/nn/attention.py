@@ -254,6 +254,17 @@ class GraphAttention(torch.nn.Module):
             value = [p[:, :, heads:] for p in kv]
         return self._aggregate(logits, value, dst, num_nodes, edges)
 
+    def _attention_weights(self, logits: torch.Tensor, dst: torch.Tensor, num_nodes: int, edges) -> torch.Tensor:
+        """[E, H]: the softmax of ``logits`` over each target's edges (weighted by the cutoff envelope
+        when smooth, then times it again), with attention dropout."""
+        env = edges.envelope if self.smooth else None
+        alpha = scatter_softmax(logits, dst, num_nodes, weight=env)  # [E, H]
+        if self.alpha_dropout is not None:
+            alpha = self.alpha_dropout(alpha)
+        if env is not None:
+            alpha = alpha * env.unsqueeze(-1)
+        return alpha
+
     def _aggregate(
         self,
         logits: torch.Tensor,
@@ -264,13 +275,7 @@ class GraphAttention(torch.nn.Module):
     ) -> torch.Tensor:
         """Softmax over each target's edges, the weighted values summed into the atoms ([N, d, H, m]
         parts), then back to e3nn's layout of the heads (Heads2Vec) and the output projection."""
-        env = edges.envelope if self.smooth else None
-        alpha = scatter_softmax(logits, dst, num_nodes, weight=env)  # [E, H]
-        if self.alpha_dropout is not None:
-            alpha = self.alpha_dropout(alpha)
-        if env is not None:
-            alpha = alpha * env.unsqueeze(-1)
-        alpha = alpha.unsqueeze(1).unsqueeze(-1)  # [E, 1, H, 1]
+        alpha = self._attention_weights(logits, dst, num_nodes, edges).unsqueeze(1).unsqueeze(-1)  # [E, 1, H, 1]
         out = [flat(scatter_sum(v * alpha, dst, num_nodes).permute(0, 2, 3, 1)) for v in value]
         out = self.proj(cat(out, dim=1))
         if self.proj_drop is not None:
@@ -307,12 +312,7 @@ class GraphAttention(torch.nn.Module):
             value = kv.narrow(1, self.num_heads, self.num_heads)
             logits = (gather(q, dst) * k).sum(-1)  # [E, H]
 
-        env = edges.envelope if self.smooth else None
-        alpha = scatter_softmax(logits, dst, num_nodes, weight=env)  # [E, H]
-        if self.alpha_dropout is not None:
-            alpha = self.alpha_dropout(alpha)
-        if env is not None:
-            alpha = alpha * env.unsqueeze(-1)
+        alpha = self._attention_weights(logits, dst, num_nodes, edges)
         attn = value * alpha.unsqueeze(-1)  # [E, H, head]
         out = scatter_sum(attn, dst, num_nodes)  # [N, H, head]
         out = self.proj(self.heads2vec(out))

@@ -61,3 +61,22 @@ def load_tool(name: str):
         sys.modules[key] = mod  # dataclasses look their module up by name
         spec.loader.exec_module(mod)
     return sys.modules[key]
+
+
+def force_loss_batch(atoms: int, dtype=None):
+    """Two frames of a synthetic ``atoms``-atom molecule (the second displaced by 0.1 Å noise) with
+    random energy and force labels: a batch for comparing the gradients of a force loss."""
+    import numpy as np
+    import torch
+
+    from scalable_equiformer.profiling import systems
+    from scalable_equiformer.profiling.measured_step import make_batch
+
+    dtype = torch.float64 if dtype is None else dtype
+    z, pos = systems.synthetic_molecule(atoms)
+    frames = np.stack([pos, pos + 0.1 * np.random.default_rng(1).normal(size=pos.shape)])
+    batch = make_batch(z, frames, dtype, "cpu")
+    g = torch.Generator().manual_seed(2)
+    batch.forces = torch.randn(batch.forces.shape, generator=g, dtype=dtype)
+    batch.energy = torch.randn(batch.energy.shape, generator=g, dtype=dtype)
+    return batch
