@@ -8,6 +8,7 @@ import pytest
 import torch
 from e3nn import o3
 
+from helpers import assert_bf16_close, bf16_tp_outputs
 from scalable_equiformer.nn import DepthwiseTensorProduct, SeparableFCTP
 from scalable_equiformer.nn import tensor_product as tp_module
 
@@ -137,17 +138,7 @@ def test_fast_under_bf16_autocast():
     for internal in (False, True):
         dtp = DepthwiseTensorProduct("16x0e+8x1e+4x2e", SH2, "16x0e+8x1e+4x2e", internal_weights=internal)
         x, sh, w = _inputs(dtp, 30)
-        outs = {}
-        for impl in ("e3nn", "fast"):
-            dtp.implementation = impl
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = dtp(x, sh, w)
-                (gsh,) = torch.autograd.grad(y.float().pow(2).sum(), [sh], create_graph=True)
-                (gx,) = torch.autograd.grad(gsh.float().pow(2).sum(), [x])
-            outs[impl] = (y.float(), gsh.float(), gx.float())
-        for a, b in zip(outs["fast"], outs["e3nn"]):
-            assert torch.isfinite(a).all()
-            assert float(((a - b).abs().max() / b.abs().max()).detach()) < 3e-2
+        assert_bf16_close(bf16_tp_outputs(dtp, ("fast", "e3nn"), x, sh, w))
 
 
 def test_implementation_switch_and_fallback():

@@ -27,7 +27,7 @@ import pytest
 import torch
 from e3nn import o3
 
-from helpers import force_loss_batch, tiny_sets
+from helpers import assert_bf16_close, bf16_tp_outputs, force_loss_batch, tiny_sets
 from helpers.equivariance import single_thread  # noqa: F401 (fixture)
 from scalable_equiformer.config import ModelConfig, load_config
 from scalable_equiformer.errors import ConfigError
@@ -122,17 +122,7 @@ def test_cueq_under_bf16_autocast():
     torch.manual_seed(4)
     dtp = DepthwiseTensorProduct("16x0e+8x1e+4x2e", SH2, "16x0e+8x1e+4x2e")
     x, sh, w = _inputs(dtp, 30)
-    outs = {}
-    for impl in ("fast", "cueq"):
-        dtp.implementation = impl
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = dtp(x, sh, w)
-            (gsh,) = torch.autograd.grad(y.float().pow(2).sum(), [sh], create_graph=True)
-            (gx,) = torch.autograd.grad(gsh.float().pow(2).sum(), [x])
-        outs[impl] = (y.float(), gsh.float(), gx.float())
-    for a, b in zip(outs["cueq"], outs["fast"]):
-        assert torch.isfinite(a).all()
-        assert float(((a - b).abs().max() / b.abs().max()).detach()) < 3e-2
+    assert_bf16_close(bf16_tp_outputs(dtp, ("cueq", "fast"), x, sh, w))
 
 
 # --- uniform descriptors -------------------------------------------------------------------------

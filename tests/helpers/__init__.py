@@ -80,3 +80,31 @@ def force_loss_batch(atoms: int, dtype=None):
     batch.forces = torch.randn(batch.forces.shape, generator=g, dtype=dtype)
     batch.energy = torch.randn(batch.energy.shape, generator=g, dtype=dtype)
     return batch
+
+
+def bf16_tp_outputs(dtp, implementations, x, sh, w) -> dict:
+    """Under CPU bf16 autocast, per implementation of ``dtp``: its output, the gradient of its squared
+    sum in the harmonics (kept for a second derivative) and that gradient's squared sum's gradient in
+    ``x``, all as float32."""
+    import torch
+
+    outs = {}
+    for impl in implementations:
+        dtp.implementation = impl
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = dtp(x, sh, w)
+            (gsh,) = torch.autograd.grad(y.float().pow(2).sum(), [sh], create_graph=True)
+            (gx,) = torch.autograd.grad(gsh.float().pow(2).sum(), [x])
+        outs[impl] = (y.float(), gsh.float(), gx.float())
+    return outs
+
+
+def assert_bf16_close(outs, tol: float = 3e-2) -> None:
+    """The first implementation's outputs in ``outs`` (from :func:`bf16_tp_outputs`) finite and within
+    ``tol`` (relative to the largest entry) of the second's."""
+    import torch
+
+    (a_all, b_all) = list(outs.values())[:2]
+    for a, b in zip(a_all, b_all):
+        assert torch.isfinite(a).all()
+        assert float(((a - b).abs().max() / b.abs().max()).detach()) < tol
