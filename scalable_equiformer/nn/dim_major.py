@@ -53,8 +53,28 @@ def enabled() -> bool:
     return _DISABLED[0] == 0
 
 
+def runs(plan, dtp) -> bool:
+    """Whether a fused pair with ``plan`` (None: not covered) runs fused now: the fast tensor
+    product, outside :func:`module_path`."""
+    return plan is not None and dtp.implementation == "fast" and enabled()
+
+
+def weight_perm(plan) -> torch.Tensor:
+    """``plan.weight_perm`` as a long tensor (empty without a plan), for the owner to register as a
+    non-persistent buffer (it follows the module to its device)."""
+    return torch.tensor(plan.weight_perm if plan is not None else (), dtype=torch.long)
+
+
 class CatSplit(torch.autograd.Function):
-    """``torch.cat(xs, dim)`` whose backward is ``grad.split(sizes, dim)`` (differentiable again)."""
+    """``torch.cat(xs, dim)`` whose backward is ``grad.split(sizes, dim)`` (differentiable again).
+
+    ``torch.cat``'s backward narrows the gradient once per input; under ``create_graph`` those
+    narrows are recorded, and the next backward (``loss.backward()`` after forces) turns each into a
+    full-size zero tensor plus a copy plus a full-size accumulation. A ``split``'s backward is one
+    ``cat``, so this is differentiable any number of times with no zero-filling. (``torch.cat``, not
+    ``copy_`` into views of one buffer: it promotes mixed dtypes, and a traced graph of it,
+    ``training/compiled.py``, runs without in-place writes into multi-output views.)
+    """
 
     @staticmethod
     def forward(ctx, dim: int, *xs: torch.Tensor) -> torch.Tensor:
@@ -117,9 +137,8 @@ def fused_plan(dtp, lin) -> FusedPlan | None:
     if not getattr(dtp, "_fast_ok", False):
         return None
     mid = dtp.irreps_out
-    if lin.irreps_in != mid.simplify() or any(
-        ir in [j for _, j in lin.irreps_in[:i]] for i, (_, ir) in enumerate(lin.irreps_in)
-    ):
+    types_in = [ir for _, ir in lin.irreps_in]
+    if lin.irreps_in != mid.simplify() or len(set(types_in)) != len(types_in):  # one entry per irrep type
         return None
     ins = dtp.tp.instructions
     where = {}  # instruction -> (block n, path m)
@@ -229,7 +248,7 @@ def fused_tp_linear(
     ``xs``: one ``[E, d, mul]`` tensor per entry of ``dtp.irreps_in`` (``[1, d, mul]`` with
     ``shared_input``: the same input on every edge); ``weight``: per-edge weights
     [E, dtp.weight_numel] in e3nn's layout, or None for the tensor product's internal weights;
-    ``weight_perm``: ``plan.weight_perm`` as a long tensor on the device. Returns one ``[E, d, mul]``
+    ``weight_perm``: :func:`weight_perm` of the plan, on the device. Returns one ``[E, d, mul]``
     view per entry of ``lin.irreps_out``, and ``extra``'s output [E, mul] (None without ``extra``).
     """
     n = edge_sh.shape[0]

@@ -36,8 +36,7 @@ from .gate import ScalarActivation
 from .norm import EquivariantLayerNorm
 from .precision import fp32_island
 from .radial import RadialEmbedding, RadialProfile
-from .dim_major import cat, flat, fused_plan, fused_tp_linear, to_dim_major
-from .dim_major import enabled as dim_major_enabled
+from .dim_major import cat, flat, fused_plan, fused_tp_linear, runs, to_dim_major, weight_perm
 from .scatter import scatter_sum
 from .tensor_product import DepthwiseTensorProduct, EquivariantLinear
 
@@ -91,18 +90,14 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         self.rad = RadialProfile(list(radial_channels) + [self.dw.weight_numel])
         self.proj = EquivariantLinear(self.dw.irreps_out.simplify(), self.irreps_out)
         self._plan = fused_plan(self.dw, self.proj)  # the fast path's fused DTP + linear (nn/dim_major.py)
-        self.register_buffer(
-            "_weight_perm",
-            torch.tensor(self._plan.weight_perm if self._plan else (), dtype=torch.long),
-            persistent=False,
-        )
+        self.register_buffer("_weight_perm", weight_perm(self._plan), persistent=False)
 
     def forward(self, edges: EdgeFeatures, num_nodes: int, avg_num_neighbors: torch.Tensor) -> torch.Tensor:
         num_edges = edges.sh.shape[0]
         feat = self.exp(edges.sh.new_ones(1, 1))  # [1, irreps_node.dim]: the same on every edge
         scale = avg_num_neighbors.to(feat.dtype).sqrt()
         # fast path: dim-major, summed into the atoms irrep by irrep
-        if self._plan is not None and self.dw.implementation == "fast" and dim_major_enabled():
+        if runs(self._plan, self.dw):
             parts, _ = fused_tp_linear(self._plan, self.dw, self.proj, to_dim_major(feat, self.irreps_out), edges.sh,
                                        self.rad(edges.radial), self._weight_perm, shared_input=True)
             if self.smooth:

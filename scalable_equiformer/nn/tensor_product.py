@@ -15,7 +15,7 @@ import torch
 from e3nn import o3
 
 from . import dim_major
-from .dim_major import from_dim_major, fused_plan, fused_tp_linear, gate_covers, gate_dim_major, to_dim_major
+from .dim_major import flat, from_dim_major, fused_plan, fused_tp_linear, gate_covers, gate_dim_major, to_dim_major
 from .gate import Gate
 from .radial import RadialProfile
 
@@ -94,30 +94,6 @@ class EquivariantLinear(torch.nn.Module):
         return f"{self.irreps_in} -> {self.irreps_out}, weights={self.weight_numel}, bias={self.bias is not None}"
 
 
-class _CatBlocks(torch.autograd.Function):
-    """``torch.cat([b.reshape(E, -1) for b in blocks], 1)`` whose backward is one ``split`` (+ reshapes).
-
-    ``torch.cat``'s backward narrows the gradient once per block; under ``create_graph`` those
-    narrows are recorded, and the next backward (``loss.backward()`` after forces) turns each into a
-    full-size zero tensor plus a copy plus a full-size accumulation. A ``split``'s backward is one
-    ``cat``, so this is differentiable any number of times with no zero-filling.
-    """
-
-    @staticmethod
-    def forward(ctx, *blocks: torch.Tensor) -> torch.Tensor:
-        n = blocks[0].shape[0]
-        ctx.shapes = [b.shape for b in blocks]
-        ctx.sizes = [math.prod(b.shape[1:]) for b in blocks]
-        # torch.cat (it promotes mixed dtypes) rather than copy_ into split views of one buffer:
-        # the same values, and a traced graph of it (training/compiled.py) can run without
-        # in-place writes into multi-output views
-        return torch.cat([b.reshape(n, size) for b, size in zip(blocks, ctx.sizes)], dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return tuple(g.reshape(shape) for g, shape in zip(grad.split(ctx.sizes, dim=1), ctx.shapes))
-
-
 # Default implementation of DepthwiseTensorProduct: "fast" (hand-written), "e3nn" (the reference) or
 # "cueq" (cuEquivariance, tensor_product_cueq.py); a model's is the config's model.tensor_product
 DEPTHWISE_TP_IMPLEMENTATION = "fast"
@@ -152,8 +128,8 @@ class DepthwiseTensorProduct(torch.nn.Module):
       ``y[e, u, K] = x_i[e, u, :] @ t[e]`` (one batched matmul per block; for scalar inputs, per path
       the outer product of ``x_i * w``) times the per-path weights ``w[e, u]``, and one concatenation
       into the output layout. Only ``split``/``reshape`` and a concatenation whose backward is a
-      ``split`` (:class:`_CatBlocks`): no narrow/index-assign, so no full-size zero tensors in the
-      first or second derivative.
+      ``split`` (:class:`.dim_major.CatSplit`): no narrow/index-assign, so no full-size zero tensors
+      in the first or second derivative.
     * ``"cueq"``: NVIDIA cuEquivariance (the optional extra ``.[cueq]``), the same constants and
       weight layout: ``tensor_product_cueq.py``.
 
@@ -290,7 +266,7 @@ class DepthwiseTensorProduct(torch.nn.Module):
                 parts = y.split(sizes, dim=2) if len(sizes) > 1 else (y,)
                 ys.append([yk * ws[k].unsqueeze(-1) for yk, k in zip(parts, paths)])
         out = [ys[blk][m] for _, blk, m in self._out_order]
-        return _CatBlocks.apply(*out) if len(out) > 1 else out[0].reshape(n, -1)
+        return dim_major.cat([flat(b) for b in out], dim=1)  # each block [E, u, d] -> [E, u * d] (a view)
 
     def extra_repr(self) -> str:
         return (
@@ -334,13 +310,12 @@ class SeparableFCTP(torch.nn.Module):
         self.lin = EquivariantLinear(self.dtp.irreps_out.simplify(), lin_out)
         plan = fused_plan(self.dtp, self.lin)
         self._plan = plan if plan is not None and (self.gate is None or gate_covers(self.gate)) else None
-        perm = self._plan.weight_perm if self._plan is not None else ()
-        self.register_buffer("_weight_perm", torch.tensor(perm, dtype=torch.long), persistent=False)
+        self.register_buffer("_weight_perm", dim_major.weight_perm(self._plan), persistent=False)
 
     @property
     def fused(self) -> bool:
         """True when :meth:`forward_parts` applies (the fast tensor product, a layout the plan covers)."""
-        return self._plan is not None and self.dtp.implementation == "fast" and dim_major.enabled()
+        return dim_major.runs(self._plan, self.dtp)
 
     def forward(self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor | None) -> torch.Tensor:
         # x: [E, irreps_in.dim] -> [E, irreps_out.dim]
