@@ -66,6 +66,7 @@ def _step(model, batch, levers: Levers):
 
 
 def _close(a, b, what):
+    a, b = a.detach(), b.detach()
     scale = max(float(b.abs().max()), 1e-30)
     err = float((a - b).abs().max()) / scale
     assert err < TOL, f"{what}: relative error {err:.2e}"
