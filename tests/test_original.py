@@ -157,13 +157,22 @@ def _train_batch(ref):
 def test_training_step_loss_and_gradients_are_the_originals(ref, checkpointing):
     """The original's loss is L2MAE on targets normalised by the training energies' mean and std;
     this project's l2mae loss in eV divided by the model's energy scale (std) is the same number."""
+    check_original_training_step(ref, [f"memory.checkpointing={checkpointing}"])
+
+
+def check_original_training_step(ref, sets, check_model=None):
+    """The md17_aspirin config (float64, plus ``sets``) with the original's weights: one training
+    step on the reference batch gives the original's predictions (1e-10), loss and its two terms,
+    gradient norm and every stored gradient (1e-9). ``check_model(model)`` runs on the imported model."""
     from scalable_equiformer.memory import with_levers
     from scalable_equiformer.training.steps import loss_parts, model_call
 
     _, t = ref
-    cfg = load_config("md17_aspirin", ["model.dtype=float64", f"memory.checkpointing={checkpointing}"])
+    cfg = load_config("md17_aspirin", ["model.dtype=float64", *sets])
     mean, std = float(t["energy_mean"]) / KCAL_PER_EV, float(t["energy_std"]) / KCAL_PER_EV
     model, stats = import_original(CKPT, cfg, mean, std, 21)
+    if check_model is not None:
+        check_model(model)
     model.train()
     batch = _train_batch(ref)
     out = model_call(with_levers(model, cfg.memory), batch, cfg)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from e3nn import o3
@@ -331,30 +330,11 @@ def test_original_reference_energy_and_forces_through_cueq(ref, raw_model):
 
 @needs_cueq
 def test_original_training_step_through_cueq(ref):
-    """The original's training step on two aspirin frames (loss, predictions, gradient norm, every
-    gradient to 1e-9) with ``model.tensor_product=cueq``."""
-    from test_original import CKPT, _train_batch
+    """The original's training step on two aspirin frames (predictions, loss and its terms, gradient
+    norm, every gradient to 1e-9) with ``model.tensor_product=cueq``."""
+    from test_original import check_original_training_step
 
-    from scalable_equiformer.data import KCAL_PER_EV
-    from scalable_equiformer.memory import with_levers
-    from scalable_equiformer.original import import_original, original_parameter_name
-    from scalable_equiformer.training.steps import loss_parts, model_call
+    def every_product_is_cueq(model):
+        assert {m.implementation for m in model.modules() if isinstance(m, DepthwiseTensorProduct)} == {"cueq"}
 
-    _, t = ref
-    cfg = load_config("md17_aspirin", ["model.dtype=float64", "model.tensor_product=cueq"])
-    mean, std = float(t["energy_mean"]) / KCAL_PER_EV, float(t["energy_std"]) / KCAL_PER_EV
-    model, stats = import_original(CKPT, cfg, mean, std, 21)
-    assert {m.implementation for m in model.modules() if isinstance(m, DepthwiseTensorProduct)} == {"cueq"}
-    model.train()
-    batch = _train_batch(ref)
-    out = model_call(with_levers(model, cfg.memory), batch, cfg)
-    np.testing.assert_allclose((out["energy"].detach().numpy() - mean) / std, t["pred_energy"].reshape(-1), rtol=1e-10)
-    assert _rel_np(out["forces"].detach() / std, t["pred_forces"]) <= 1e-10
-    terms = loss_parts(out, batch, cfg, stats.energy_std)
-    terms.loss.backward()
-    assert abs(float(terms.loss.detach()) - float(t["loss"])) <= 1e-10 * float(t["loss"])
-    params = dict(model.named_parameters())
-    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values() if p.grad is not None))
-    assert abs(float(norm) - float(t["grad_norm"])) <= 1e-9 * float(t["grad_norm"])
-    for name in t["grad_names"]:
-        assert _rel_np(params[original_parameter_name(str(name), model)].grad, t[f"grad:{name}"]) <= 1e-9, name
+    check_original_training_step(ref, ["model.tensor_product=cueq"], check_model=every_product_is_cueq)
