@@ -116,9 +116,12 @@ class _Type:
     """One output irrep type of the tensor product, as the linear layer reads it."""
 
     d: int  # 2 l + 1
-    paths: tuple  # ((block n, path m within the block), ...) in the order of the linear's input channels
-    fan_in: int  # sum of the paths' channels
+    paths: tuple  # ((block n, path m), ...): the paths concatenated into the type's matmul, in the linear's order
+    fan_in: int  # the linear's input channels (rows of its matrix) of every path of the type
     entries: tuple  # ((lin output entry j, weight offset, mul_out, bias offset or -1), ...)
+    rows: tuple  # ((first row, rows), ...): the runs of matrix rows that ``paths`` read
+    fan: int  # sum of the paths' channels (the rows of ``rows``)
+    outer: tuple  # ((block n, path m, first row, u, input entry i, first harmonic row), ...): scalar-input paths
 
 
 @dataclass(frozen=True)
@@ -126,14 +129,34 @@ class FusedPlan:
     """Index plan of :func:`fused_tp_linear` for one (DepthwiseTensorProduct, EquivariantLinear) pair."""
 
     types: tuple  # _Type per output irrep type of the tensor product, in the linear's input order
-    weight_perm: tuple  # e3nn's per-edge weight columns, reordered type by type as the linear reads them
+    weight_perm: tuple  # the per-edge weight columns the types read, type by type: paths, then outer paths
     out_entries: tuple  # per lin output entry: (type index, column offset in that type's matmul, mul)
+    needed: tuple  # per block: the paths m whose products the types concatenate
 
 
-def fused_plan(dtp, lin) -> FusedPlan | None:
+def _runs(rows: list[tuple[int, int]]) -> tuple:
+    """``(start, length)`` row ranges merged where they touch."""
+    merged = []
+    for start, length in rows:
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        else:
+            merged.append((start, length))
+    return tuple(merged)
+
+
+def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | None:
     """The plan for ``lin(dtp(x, sh, w))``, or None where the fused path does not cover the pair
     (the plain path then runs): the fast tensor product must apply, the linear must read the
-    tensor product's simplified output, and every output entry of the linear must have inputs."""
+    tensor product's simplified output, and every output entry of the linear must have inputs.
+
+    ``zero_inputs``: entries of ``dtp.irreps_in`` that are zero by construction (the edge-degree
+    embedding's input has no ``l > 0`` part); their paths add exactly nothing and are left out.
+
+    A path from a scalar input (``0e x Y_l -> l``, l > 0) is an outer product ``Y_l(e) (x w)(e)``
+    per channel: its part of the linear layer, ``Y_l (x w) L = Y_l ((x w) L)``, is applied to the
+    ``[E, u]`` scalars before the product with the harmonics (``2 l + 1`` times fewer FLOPs, and its
+    product with the harmonics is never formed): the type's ``outer`` paths."""
     if not getattr(dtp, "_fast_ok", False):
         return None
     mid = dtp.irreps_out
@@ -141,17 +164,32 @@ def fused_plan(dtp, lin) -> FusedPlan | None:
     if lin.irreps_in != mid.simplify() or len(set(types_in)) != len(types_in):  # one entry per irrep type
         return None
     ins = dtp.tp.instructions
-    where = {}  # instruction -> (block n, path m)
-    for n, (_, _, _, _, _, paths) in enumerate(dtp._blocks):
+    where = {}  # instruction -> (block n, path m, first harmonic row of the path in the block's products)
+    for n, (_, _, _, _, sizes, paths) in enumerate(dtp._blocks):
         for m, k in enumerate(paths):
-            where[k] = (n, m)
+            where[k] = (n, m, sum(sizes[:m]))
     w_offsets = [sum(dtp._w_sizes[:k]) for k in range(len(ins))]
-    types, perm = [], []
+    types, perm, needed = [], [], [set() for _ in dtp._blocks]
     entry_type = {}
     for t, (mul_t, ir_t) in enumerate(lin.irreps_in):
         ks = sorted((k for k in range(len(ins)) if mid[ins[k].i_out].ir == ir_t), key=lambda k: ins[k].i_out)
+        paths, rows, outer, outer_cols, row = [], [], [], [], 0
         for k in ks:
-            perm.extend(range(w_offsets[k], w_offsets[k] + dtp._w_sizes[k]))
+            n, m, t0 = where[k]
+            i, u, d1 = dtp._blocks[n][0], dtp._blocks[n][1], dtp._blocks[n][2]
+            cols = list(range(w_offsets[k], w_offsets[k] + dtp._w_sizes[k]))
+            if i in zero_inputs:
+                pass
+            elif d1 == 1 and ir_t.dim > 1:
+                outer.append((n, m, row, u, i, t0))
+                outer_cols.extend(cols)
+            else:
+                paths.append((n, m))
+                rows.append((row, u))
+                perm.extend(cols)
+                needed[n].add(m)
+            row += u
+        perm.extend(outer_cols)
         entries = []
         for j, (inputs, offset, fan_in, mul_out, d, b0) in enumerate(lin._plan):
             if lin.irreps_out[j].ir == ir_t:
@@ -159,7 +197,10 @@ def fused_plan(dtp, lin) -> FusedPlan | None:
                     return None
                 entries.append((j, offset, mul_out, b0))
                 entry_type[j] = t
-        types.append(_Type(ir_t.dim, tuple(where[k] for k in ks), mul_t, tuple(entries)))
+        if not paths and not outer:
+            return None
+        types.append(_Type(ir_t.dim, tuple(paths), mul_t, tuple(entries), _runs(rows), sum(r for _, r in rows),
+                           tuple(outer)))
     if len(entry_type) != len(lin._plan):
         return None  # an output type the tensor product does not make (zeros in the plain path)
     out_entries, col = [], {}
@@ -167,7 +208,7 @@ def fused_plan(dtp, lin) -> FusedPlan | None:
         t = entry_type[j]
         out_entries.append((t, col.get(t, 0), mul))
         col[t] = col.get(t, 0) + mul
-    return FusedPlan(tuple(types), tuple(perm), tuple(out_entries))
+    return FusedPlan(tuple(types), tuple(perm), tuple(out_entries), tuple(tuple(sorted(s)) for s in needed))
 
 
 def extra_scalar_columns(plan: FusedPlan, dtp, extra) -> bool:
@@ -176,12 +217,14 @@ def extra_scalar_columns(plan: FusedPlan, dtp, extra) -> bool:
     so that its matrix can join the ``0e`` matmul as extra columns."""
     if len(extra._plan) != 1 or extra.irreps_out[0][1] != o3.Irrep("0e") or not plan.types or plan.types[0].d != 1:
         return False
+    if plan.types[0].rows != ((0, plan.types[0].fan_in),):
+        return False  # the 0e matmul leaves paths out
     inputs = extra._plan[0][0]
     scalars = [i for i, (_, ir) in enumerate(dtp.irreps_out) if ir == o3.Irrep("0e")]
     return list(inputs) == scalars and dtp.irreps_out.simplify()[0][1] == o3.Irrep("0e")
 
 
-def _matrix(lin, tp: _Type, weights: list | None, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _matrix(lin, tp: _Type, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linear's matrix for one type, [fan_in, sum of its entries' mul (+ extra's columns)], and
     its bias (or None)."""
     mats, biases, any_bias = [], [], False
@@ -198,8 +241,6 @@ def _matrix(lin, tp: _Type, weights: list | None, extra) -> tuple[torch.Tensor, 
         biases.append(extra.bias.narrow(0, b0, mul_out) if b0 >= 0 else None)
         any_bias = any_bias or b0 >= 0
     mat = torch.cat(mats, dim=1) if len(mats) > 1 else mats[0]
-    if weights is not None:  # shared tensor-product weights fold into the rows: (Y * w) L = Y (w L)
-        mat = mat * weights.unsqueeze(1)
     bias = None
     if any_bias:
         cols = [m.shape[1] for m in mats]
@@ -207,29 +248,48 @@ def _matrix(lin, tp: _Type, weights: list | None, extra) -> tuple[torch.Tensor, 
     return mat, bias
 
 
+def _rows(mat: torch.Tensor, runs: tuple) -> torch.Tensor:
+    """The rows ``runs`` (``(start, length)`` pairs) of ``mat``, in order."""
+    if len(runs) == 1 and runs[0] == (0, mat.shape[0]):
+        return mat
+    parts = [mat.narrow(0, start, length) for start, length in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
 def _block_products(
+    plan: FusedPlan,
     dtp,
     xs: list[torch.Tensor],
     edge_sh: torch.Tensor,
     shared_input: bool,
-) -> list[tuple[torch.Tensor, ...]]:
-    """Per input block with paths: its paths' products ``[E, 2 l_out + 1, u]`` (unweighted), one
-    batched matmul (an outer product for scalar inputs) per block."""
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """Per input block: its needed paths' products ``{m: [E, 2 l_out + 1, u]}`` (unweighted), one
+    batched matmul per block (an outer product for scalar inputs), and the block's harmonics x
+    Clebsch-Gordan rows ``[E, Ktot, d1]`` (the outer paths read theirs)."""
     n = edge_sh.shape[0]
     t_all = edge_sh @ dtp._cg.to(dtype=edge_sh.dtype)  # [E, sum_i d1_i * Ktot_i]: harmonics x Clebsch-Gordan
     ts = t_all.split(dtp._t_sizes, dim=1) if len(dtp._t_sizes) > 1 else (t_all,)
-    out = []
-    for (i, mul, d1, ktot, sizes, _), t in zip(dtp._blocks, ts):
+    out, tts = [], []
+    for (i, mul, d1, ktot, sizes, _), t, needed in zip(dtp._blocks, ts, plan.needed):
         tt = t.view(n, d1, ktot).transpose(1, 2)  # [E, Ktot, d1]
-        x = xs[i]  # [E, d1, u]
-        if d1 == 1:
-            y = tt * x  # [E, Ktot, 1] * [E, 1, u]
-        elif shared_input:  # one input [1, d1, u] for every edge (the edge-degree embedding)
-            y = tt @ x[0]
-        else:
-            y = torch.bmm(tt, x)  # [E, Ktot, u]
-        out.append(y.split(sizes, dim=1) if len(sizes) > 1 else (y,))
-    return out
+        tts.append(tt)
+        products = {}
+        if needed:
+            x = xs[i]  # [E, d1, u]
+            if d1 == 1 and len(needed) < len(sizes):  # only these paths: their rows times the scalars
+                for m in needed:
+                    products[m] = tt.narrow(1, sum(sizes[:m]), sizes[m]) * x
+            else:
+                if d1 == 1:
+                    y = tt * x  # [E, Ktot, 1] * [E, 1, u]
+                elif shared_input:  # one input [1, d1, u] for every edge (the edge-degree embedding)
+                    y = tt @ x[0]
+                else:
+                    y = torch.bmm(tt, x)  # [E, Ktot, u]
+                ys = y.split(sizes, dim=1) if len(sizes) > 1 else (y,)
+                products = {m: ys[m] for m in needed}
+        out.append(products)
+    return out, tts
 
 
 def fused_tp_linear(
@@ -252,23 +312,39 @@ def fused_tp_linear(
     view per entry of ``lin.irreps_out``, and ``extra``'s output [E, mul] (None without ``extra``).
     """
     n = edge_sh.shape[0]
-    products = _block_products(dtp, xs, edge_sh, shared_input)
+    products, tts = _block_products(plan, dtp, xs, edge_sh, shared_input)
     shared = dtp.tp.weight if dtp.internal_weights else None
+    sizes = [s for tp in plan.types for s in (tp.fan, *(o[3] for o in tp.outer))]
     if shared is not None:
-        w_types = shared.index_select(0, weight_perm).split([tp.fan_in for tp in plan.types])
+        w_all = shared.index_select(0, weight_perm).split(sizes)
     else:
         if weight is None:
             raise ValueError("DepthwiseTensorProduct without internal weights needs per-edge weights")
-        w_types = weight.index_select(1, weight_perm).split([tp.fan_in for tp in plan.types], dim=1)
-    results, extra_out = [], None
-    for t, (tp, w) in enumerate(zip(plan.types, w_types)):
-        y = cat([products[b][m] for b, m in tp.paths], dim=2)  # [E, d, fan_in]
-        mat, bias = _matrix(lin, tp, w if shared is not None else None, extra if t == 0 else None)
-        if shared is None:
-            y = y * w.unsqueeze(1)
-        y = y.reshape(n * tp.d, tp.fan_in)
-        out = torch.addmm(bias, y, mat) if bias is not None else y @ mat
-        out = out.view(n, tp.d, mat.shape[1])
+        w_all = weight.index_select(1, weight_perm).split(sizes, dim=1)
+    results, extra_out, k = [], None, 0
+    for t, tp in enumerate(plan.types):
+        w, w_outer = w_all[k], w_all[k + 1 : k + 1 + len(tp.outer)]
+        k += 1 + len(tp.outer)
+        mat, bias = _matrix(lin, tp, extra if t == 0 else None)
+        out = None
+        if tp.paths:
+            y = cat([products[b][m] for b, m in tp.paths], dim=2)  # [E, d, fan]
+            rows = _rows(mat, tp.rows)
+            if shared is not None:  # shared tensor-product weights fold into the rows: (Y * w) L = Y (w L)
+                rows = rows * w.unsqueeze(1)
+            else:
+                y = y * w.unsqueeze(1)
+            y = y.reshape(n * tp.d, tp.fan)
+            out = torch.addmm(bias, y, rows) if bias is not None else y @ rows
+            out = out.view(n, tp.d, mat.shape[1])
+        elif bias is not None:
+            out = bias.expand(n, tp.d, mat.shape[1])
+        for (b, _, row, u, i, t0), wo in zip(tp.outer, w_outer):
+            rows = mat.narrow(0, row, u)
+            x0 = xs[i][:, 0, :]  # [E, u] ([1, u] with shared_input)
+            s = x0 @ (rows * wo.unsqueeze(1)) if shared is not None else (x0 * wo) @ rows  # [E, cols]
+            harm = tts[b].narrow(1, t0, tp.d)  # [E, d, 1]: the path's harmonics
+            out = harm * s.unsqueeze(1) if out is None else torch.addcmul(out, harm, s.unsqueeze(1))
         if t == 0 and extra is not None:
             extra_out = out[:, 0, mat.shape[1] - extra.irreps_out.dim:]
         results.append(out)

@@ -89,7 +89,10 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         self.dw = DepthwiseTensorProduct(self.irreps_out, irreps_sh, self.irreps_out, internal_weights=False)
         self.rad = RadialProfile(list(radial_channels) + [self.dw.weight_numel])
         self.proj = EquivariantLinear(self.dw.irreps_out.simplify(), self.irreps_out)
-        self._plan = fused_plan(self.dw, self.proj)  # the fast path's fused DTP + linear (nn/dim_major.py)
+        # the fast path's fused DTP + linear (nn/dim_major.py); exp(1) has no l > 0 part (no inputs
+        # feed it: exact zeros), so the tensor product's paths from those entries are left out
+        zero = frozenset(j for j, entry in enumerate(self.exp._plan) if entry[2] == 0)
+        self._plan = fused_plan(self.dw, self.proj, zero_inputs=zero)
         self.register_buffer("_weight_perm", weight_perm(self._plan), persistent=False)
 
     def forward(self, edges: EdgeFeatures, num_nodes: int, avg_num_neighbors: torch.Tensor) -> torch.Tensor:
