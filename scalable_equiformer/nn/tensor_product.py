@@ -209,7 +209,7 @@ class DepthwiseTensorProduct(torch.nn.Module):
         self._in_sizes = [mul * ir.dim for mul, ir in irreps_in]
         self._w_sizes = [math.prod(ins.path_shape) for ins in ins_list]  # e3nn's flat weight layout: instruction order
         self._blocks = []  # per input block with paths: (i, u, d1, Ktot, [path sizes], [instruction indices])
-        cols = []
+        cols, cols_km = [], []
         for i, (mul, ir_in) in enumerate(irreps_in):
             paths = [k for k, ins in enumerate(ins_list) if ins.i_in1 == i]
             if not paths:
@@ -227,10 +227,13 @@ class DepthwiseTensorProduct(torch.nn.Module):
                 c[b0 : b0 + 2 * l2 + 1, :, col : col + size] = ins.path_weight * w3j.transpose(0, 1)
                 col += size
             cols.append(c.reshape(irreps_edge.dim, ir_in.dim * ktot))
+            cols_km.append(c.transpose(1, 2).reshape(irreps_edge.dim, ktot * ir_in.dim))
             self._blocks.append((i, mul, ir_in.dim, ktot, sizes, paths))
         self._t_sizes = [c.shape[1] for c in cols]
         # float64 constant, cast to the input dtype at use; not persistent: the state_dict stays e3nn's
         self.register_buffer("_cg", torch.cat(cols, dim=1), persistent=False)
+        # the same constants, each block's columns ordered (K, a): the fused path's [E, Ktot, d1] (contiguous)
+        self.register_buffer("_cg_km", torch.cat(cols_km, dim=1), persistent=False)
         self._out_order = sorted(
             (ins_list[k].i_out, n, m)
             for n, (_, _, _, _, _, paths) in enumerate(self._blocks)
