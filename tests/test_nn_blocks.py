@@ -26,7 +26,7 @@ from scalable_equiformer.nn import (
     scatter_softmax,
 )
 from scalable_equiformer.nn.equiformer import EdgeDegreeEmbedding, EnergyHead
-from scalable_equiformer.nn.radial import BesselBasis, CosineCutoff, ExpNormalBasis, PolynomialEnvelope
+from scalable_equiformer.nn.radial import BesselBasis, CosineCutoff, ExpNormalBasis, PolynomialEnvelope, RadialProfile
 
 IRREPS = o3.Irreps("8x0e+4x1e+2x2e")
 IRREPS_SH = o3.Irreps.spherical_harmonics(2, p=1)
@@ -214,3 +214,20 @@ def _check_radial_formulas():
     assert isinstance(RadialEmbedding(k, c, "bessel").basis, BesselBasis)
     assert isinstance(RadialEmbedding(k, c, "gaussian").envelope, CosineCutoff)
     assert isinstance(emb.basis, ExpNormalBasis)
+
+
+def test_radial_profile_columns_are_those_of_the_full_output():
+    """``rad(x, columns)`` (the fused path's per-edge weights in its order) is ``rad(x)[:, columns]``,
+    with the gradients of every parameter."""
+    torch.manual_seed(0)
+    rad = RadialProfile([8, 16, 16, 40]).double()
+    x = torch.randn(11, 8, dtype=torch.float64)
+    columns = torch.tensor([5, 0, 39, 7, 8, 2])
+    full, picked = rad(x)[:, columns], rad(x, columns)
+    assert picked.shape == (11, 6)
+    torch.testing.assert_close(picked, full, rtol=1e-14, atol=1e-14)
+    g = torch.randn_like(full)
+    grads_full = torch.autograd.grad((full * g).sum(), list(rad.parameters()))
+    grads_picked = torch.autograd.grad((rad(x, columns) * g).sum(), list(rad.parameters()))
+    for a, b in zip(grads_full, grads_picked):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-13)

@@ -310,7 +310,8 @@ def fused_tp_linear(
 
     ``xs``: one ``[E, d, mul]`` tensor per entry of ``dtp.irreps_in`` (``[1, d, mul]`` with
     ``shared_input``: the same input on every edge); ``weight``: per-edge weights
-    [E, dtp.weight_numel] in e3nn's layout, or None for the tensor product's internal weights;
+    ``[E, len(weight_perm)]``, e3nn's weight columns ``weight_perm`` (the radial MLP computes just
+    those: ``rad(radial, columns=weight_perm)``), or None for the tensor product's internal weights;
     ``weight_perm``: :func:`weight_perm` of the plan, on the device. Returns one ``[E, d, mul]``
     view per entry of ``lin.irreps_out``, and ``extra``'s output [E, mul] (None without ``extra``).
     """
@@ -323,7 +324,7 @@ def fused_tp_linear(
     else:
         if weight is None:
             raise ValueError("DepthwiseTensorProduct without internal weights needs per-edge weights")
-        w_all = weight.index_select(1, weight_perm).split(sizes, dim=1)
+        w_all = weight.split(sizes, dim=1)
     results, extra_out, k = [], None, 0
     for t, tp in enumerate(plan.types):
         w, w_outer = w_all[k], w_all[k + 1 : k + 1 + len(tp.outer)]

@@ -102,7 +102,8 @@ class EdgeDegreeEmbedding(torch.nn.Module):
         # fast path: dim-major, summed into the atoms irrep by irrep
         if runs(self._plan, self.dw):
             parts, _ = fused_tp_linear(self._plan, self.dw, self.proj, to_dim_major(feat, self.irreps_out), edges.sh,
-                                       self.rad(edges.radial), self._weight_perm, shared_input=True)
+                                       self.rad(edges.radial, self._weight_perm), self._weight_perm,
+                                       shared_input=True)
             if self.smooth:
                 parts = [p * edges.envelope.view(-1, 1, 1) for p in parts]
             agg = [flat(scatter_sum(p, edges.index[1], num_nodes).transpose(1, 2)) for p in parts]

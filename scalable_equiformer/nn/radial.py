@@ -166,9 +166,14 @@ class RadialProfile(torch.nn.Module):
         self.channels = list(channels)
 
     @fp32_island(only=torch.float16)  # memory.precision=fp16: its layer norm's double backward overflows fp16
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [E, channels[0]] -> [E, channels[-1]]
-        return self.net(x) + self.offset
+    def forward(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [E, channels[0]] -> [E, channels[-1]]; with ``columns`` (long [K]) only those output
+        # columns, in that order: [E, K] (the last layer's rows are picked, not its [E, K] output)
+        if columns is None:
+            return self.net(x) + self.offset
+        h = self.net[:-1](x)
+        last = self.net[-1]
+        return torch.nn.functional.linear(h, last.weight.index_select(0, columns)) + self.offset.index_select(0, columns)
 
     @torch.no_grad()
     def scale_output_(self, sl: slice, factor: float) -> None:

@@ -335,7 +335,7 @@ class SeparableFCTP(torch.nn.Module):
         """The fused path: ``xs`` one ``[E, d, mul]`` part per entry of ``irreps_in`` -> one per entry of
         ``irreps_out`` (after the gate, if any), and ``extra(DTP output)`` [E, mul] when ``extra`` (a
         linear map of the tensor product's scalars, as the MLP attention's ``sep_alpha``) is given."""
-        weight = self.rad(edge_radial) if self.rad is not None else None
+        weight = self.rad(edge_radial, self._weight_perm) if self.rad is not None else None
         parts, extra_out = fused_tp_linear(
             self._plan, self.dtp, self.lin, xs, edge_sh, weight, self._weight_perm, extra
         )
