@@ -30,7 +30,7 @@ import math
 import torch
 from e3nn import o3
 
-from .dim_major import cat, extra_scalar_columns, flat, to_dim_major
+from .dim_major import cat, extra_scalar_columns, flat
 from .drop import EquivariantDropout
 from .gate import NormalizedActivation
 from .scatter import gather, scatter_sum
@@ -221,8 +221,9 @@ class GraphAttention(torch.nn.Module):
         """The same function as :meth:`forward_modules`, with the edge tensors dim-major."""
         src, dst = edges.index[0], edges.index[1]
         num_nodes, heads = x.shape[0], self.num_heads
-        message = gather(self.merge_src(x), src) + gather(self.merge_dst(x), dst)  # [E, pre_attn]
-        xs = to_dim_major(message, self.irreps_pre_attn)
+        # the message, one contiguous dim-major [E, d, mul] part per entry of irreps_pre_attn
+        xs = [gather(a, src) + gather(b, dst)
+              for a, b in zip(self.merge_src.forward_dim_major(x), self.merge_dst.forward_dim_major(x))]
         if self.attention == "mlp":
             if self.message == "nonlinear":
                 h, alpha = self.sep_act.forward_parts(xs, edges.sh, edges.radial, extra=self.sep_alpha)

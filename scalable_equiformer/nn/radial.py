@@ -173,7 +173,8 @@ class RadialProfile(torch.nn.Module):
             return self.net(x) + self.offset
         h = self.net[:-1](x)
         last = self.net[-1]
-        return torch.nn.functional.linear(h, last.weight.index_select(0, columns)) + self.offset.index_select(0, columns)
+        weight, offset = last.weight.index_select(0, columns), self.offset.index_select(0, columns)
+        return torch.nn.functional.linear(h, weight) + offset
 
     @torch.no_grad()
     def scale_output_(self, sl: slice, factor: float) -> None:

@@ -64,13 +64,23 @@ class EquivariantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, attr: torch.Tensor | None = None) -> torch.Tensor:
         # x: [N, irreps_in.dim], attr: [N, 1] or None -> [N, irreps_out.dim]
+        outs = self._outputs(x, attr, dim_major=False)
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def forward_dim_major(self, x: torch.Tensor, attr: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The same map, each output entry dim-major ``[N, d, mul_out]`` (contiguous: the matmul's own
+        layout, no transpose back); x: [N, irreps_in.dim] in e3nn's layout."""
+        return self._outputs(x, attr, dim_major=True)
+
+    def _outputs(self, x: torch.Tensor, attr: torch.Tensor | None, dim_major: bool) -> list[torch.Tensor]:
+        """One tensor per output entry: ``[N, mul_out * d]`` (mul-major) or ``[N, d, mul_out]``."""
         n = x.shape[0]
         # split (not narrow): its backward is one cat, where each narrow's backward fills a full-size zero tensor
         chunks = x.split(self._in_sizes, dim=1) if len(self._in_sizes) > 1 else (x,)
         outs = []
         for inputs, offset, fan_in, mul_out, d, b0 in self._plan:
             if fan_in == 0:
-                out = x.new_zeros(n, mul_out * d)
+                out = x.new_zeros(n, d, mul_out) if dim_major else x.new_zeros(n, mul_out * d)
             else:
                 w = self.weight.narrow(0, offset, fan_in * mul_out).view(fan_in, mul_out)
                 # a copy of the one input block, not a view: the matmul saves its input for the weight
@@ -80,15 +90,18 @@ class EquivariantLinear(torch.nn.Module):
                       else torch.cat([chunks[i] for i in inputs], dim=1))
                 if d == 1:
                     out = xi @ w  # [N, mul_out]
+                    if dim_major:
+                        out = out.unsqueeze(1)
                 else:
-                    xi = xi.reshape(n, fan_in, d).transpose(1, 2)  # [N, d, fan_in]
-                    out = (xi @ w).transpose(1, 2).reshape(n, mul_out * d)
+                    out = xi.reshape(n, fan_in, d).transpose(1, 2) @ w  # [N, d, mul_out]
+                    if not dim_major:
+                        out = out.transpose(1, 2).reshape(n, mul_out * d)
             if attr is not None:
-                out = out * attr
+                out = out * (attr.unsqueeze(-1) if dim_major else attr)
             if b0 >= 0:
                 out = out + self.bias[b0 : b0 + mul_out]
             outs.append(out)
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        return outs
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}, weights={self.weight_numel}, bias={self.bias is not None}"
