@@ -153,7 +153,10 @@ class PlainEngine:
         return model_call(self.module, batch, self.cfg)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        # only the parameters' gradients: the positions (a leaf that requires grad, for the forces)
+        # would get one too, and autograd would run every node that leads only to them
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(inputs=params)
 
     def after_micro(self) -> None:
         pass
