@@ -94,18 +94,25 @@ def test_fused_model_equals_module_path(attention, message, levers):
 
 
 @pytest.mark.parametrize("internal,gate", [(False, False), (False, True), (True, False), (True, True)])
-def test_separable_fctp_fused_equals_modules(internal, gate):
-    """Module level, with second derivatives: values, input and weight gradients, double backward."""
+@pytest.mark.parametrize("irreps,sh", [("6x0e+4x1e+2x2e", SH2), ("5x0e+4x1e+3x2e+2x3e", "1x0e+1x1e+1x2e+1x3e")],
+                         ids=["l2", "l3"])
+def test_separable_fctp_fused_equals_modules(internal, gate, irreps, sh):
+    """Module level, with second derivatives: values, input and weight gradients, double backward.
+    Every kind of path of the plan is covered: concatenated into a type's matmul, scalar-input
+    (outer) and smaller-input (inner, linear first; at l3 also 1e -> 3e and 2e -> 3e)."""
     torch.manual_seed(3)
-    irreps = "6x0e+4x1e+2x2e"
     default = torch.get_default_dtype()
     # e3nn's constants made in float64 (a float32 module cast up keeps float32 digits)
     torch.set_default_dtype(torch.float64)
     try:
-        sep = SeparableFCTP(irreps, SH2, irreps, None if internal else [5, 7], use_activation=gate)
+        sep = SeparableFCTP(irreps, sh, irreps, None if internal else [5, 7], use_activation=gate)
     finally:
         torch.set_default_dtype(default)
     assert sep.fused
+    kinds = [(bool(t.paths), bool(t.outer), bool(t.inner)) for t in sep._plan.types]
+    assert any(o for _, o, _ in kinds) and any(i for _, _, i in kinds) and all(p for p, _, _ in kinds)
+    if sh != SH2:
+        assert len([t for t in sep._plan.types if t.d == 7][0].inner) == 5  # 1e x (2e, 3e), 2e x (1e, 2e, 3e) -> 3e
     e = 9
     x = torch.randn(e, sep.irreps_in.dim, dtype=torch.float64, requires_grad=True)
     vec = torch.randn(e, 3, dtype=torch.float64, requires_grad=True)
@@ -113,8 +120,8 @@ def test_separable_fctp_fused_equals_modules(internal, gate):
 
     def run(fused: bool):
         sep.dtp.implementation = "fast" if fused else "e3nn"
-        sh = o3.spherical_harmonics(SH2, vec, normalize=True, normalization="component")
-        out = sep(x, sh, None if internal else radial)
+        harmonics = o3.spherical_harmonics(sh, vec, normalize=True, normalization="component")
+        out = sep(x, harmonics, None if internal else radial)
         first = torch.autograd.grad((out ** 2).sum(), [x, vec], create_graph=True)
         loss = sum((g ** 2).sum() for g in first)
         params = [p for p in sep.parameters()]

@@ -122,6 +122,7 @@ class _Type:
     rows: tuple  # ((first row, rows), ...): the runs of matrix rows that ``paths`` read
     fan: int  # sum of the paths' channels (the rows of ``rows``)
     outer: tuple  # ((block n, path m, first row, u, input entry i, first harmonic row), ...): scalar-input paths
+    inner: tuple  # the same for the paths from a smaller non-scalar input, 1 < 2 l_in + 1 < d (linear first)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class FusedPlan:
     """Index plan of :func:`fused_tp_linear` for one (DepthwiseTensorProduct, EquivariantLinear) pair."""
 
     types: tuple  # _Type per output irrep type of the tensor product, in the linear's input order
-    weight_perm: tuple  # the per-edge weight columns the types read, type by type: paths, then outer paths
+    weight_perm: tuple  # the per-edge weight columns the types read, type by type: paths, outer, inner paths
     out_entries: tuple  # per lin output entry: (type index, column offset in that type's matmul, mul)
     needed: tuple  # per block: the paths m whose products the types concatenate
 
@@ -156,7 +157,10 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
     A path from a scalar input (``0e x Y_l -> l``, l > 0) is an outer product ``Y_l(e) (x w)(e)``
     per channel: its part of the linear layer, ``Y_l (x w) L = Y_l ((x w) L)``, is applied to the
     ``[E, u]`` scalars before the product with the harmonics (``2 l + 1`` times fewer FLOPs, and its
-    product with the harmonics is never formed): the type's ``outer`` paths."""
+    product with the harmonics is never formed): the type's ``outer`` paths. Likewise a path from a
+    smaller input (``1 < 2 l_in + 1 < 2 l + 1``, e.g. ``1e x Y -> 2e``) applies its rows of the
+    linear to the ``[E, 2 l_in + 1, u]`` input first, then its Clebsch-Gordan rows: ``inner`` paths,
+    one batched matmul per type for all of them."""
     if not getattr(dtp, "_fast_ok", False):
         return None
     mid = dtp.irreps_out
@@ -173,7 +177,7 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
     entry_type = {}
     for t, (mul_t, ir_t) in enumerate(lin.irreps_in):
         ks = sorted((k for k in range(len(ins)) if mid[ins[k].i_out].ir == ir_t), key=lambda k: ins[k].i_out)
-        paths, rows, outer, outer_cols, row = [], [], [], [], 0
+        paths, rows, outer, outer_cols, inner, inner_cols, row = [], [], [], [], [], [], 0
         for k in ks:
             n, m, t0 = where[k]
             i, u, d1 = dtp._blocks[n][0], dtp._blocks[n][1], dtp._blocks[n][2]
@@ -183,13 +187,16 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
             elif d1 == 1 and ir_t.dim > 1:
                 outer.append((n, m, row, u, i, t0))
                 outer_cols.extend(cols)
+            elif 1 < d1 < ir_t.dim:
+                inner.append((n, m, row, u, i, t0))
+                inner_cols.extend(cols)
             else:
                 paths.append((n, m))
                 rows.append((row, u))
                 perm.extend(cols)
                 needed[n].add(m)
             row += u
-        perm.extend(outer_cols)
+        perm.extend(outer_cols + inner_cols)
         entries = []
         for j, (inputs, offset, fan_in, mul_out, d, b0) in enumerate(lin._plan):
             if lin.irreps_out[j].ir == ir_t:
@@ -197,10 +204,10 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
                     return None
                 entries.append((j, offset, mul_out, b0))
                 entry_type[j] = t
-        if not paths and not outer:
+        if not paths and not outer and not inner:
             return None
         types.append(_Type(ir_t.dim, tuple(paths), mul_t, tuple(entries), _runs(rows), sum(r for _, r in rows),
-                           tuple(outer)))
+                           tuple(outer), tuple(inner)))
     if len(entry_type) != len(lin._plan):
         return None  # an output type the tensor product does not make (zeros in the plain path)
     out_entries, col = [], {}
@@ -283,14 +290,18 @@ def _block_products(
                 for m in needed:
                     products[m] = tt.narrow(1, sum(sizes[:m]), sizes[m]) * x
             else:
+                kept = [sizes[m] for m in needed]
+                rows = tt
+                if len(needed) < len(sizes):  # only the needed paths' rows (the others run linear first)
+                    rows = cat([tt.narrow(1, sum(sizes[:m]), sizes[m]) for m in needed], dim=1).contiguous()
                 if d1 == 1:
-                    y = tt * x  # [E, Ktot, 1] * [E, 1, u]
+                    y = rows * x  # [E, K, 1] * [E, 1, u]
                 elif shared_input:  # one input [1, d1, u] for every edge (the edge-degree embedding)
-                    y = tt @ x[0]
+                    y = rows @ x[0]
                 else:  # x contiguous also makes autograd's gradient of x the faster tt^T @ grad
-                    y = torch.bmm(tt, x.contiguous())  # [E, Ktot, u]
-                ys = y.split(sizes, dim=1) if len(sizes) > 1 else (y,)
-                products = {m: ys[m] for m in needed}
+                    y = torch.bmm(rows, x.contiguous())  # [E, K, u]
+                ys = y.split(kept, dim=1) if len(kept) > 1 else (y,)
+                products = dict(zip(needed, ys))
         out.append(products)
     return out, tts
 
@@ -318,7 +329,7 @@ def fused_tp_linear(
     n = edge_sh.shape[0]
     products, tts = _block_products(plan, dtp, xs, edge_sh, shared_input)
     shared = dtp.tp.weight if dtp.internal_weights else None
-    sizes = [s for tp in plan.types for s in (tp.fan, *(o[3] for o in tp.outer))]
+    sizes = [s for tp in plan.types for s in (tp.fan, *(o[3] for o in tp.outer + tp.inner))]
     if shared is not None:
         w_all = shared.index_select(0, weight_perm).split(sizes)
     else:
@@ -328,7 +339,8 @@ def fused_tp_linear(
     results, extra_out, k = [], None, 0
     for t, tp in enumerate(plan.types):
         w, w_outer = w_all[k], w_all[k + 1 : k + 1 + len(tp.outer)]
-        k += 1 + len(tp.outer)
+        w_inner = w_all[k + 1 + len(tp.outer) : k + 1 + len(tp.outer) + len(tp.inner)]
+        k += 1 + len(tp.outer) + len(tp.inner)
         mat, bias = _matrix(lin, tp, extra if t == 0 else None)
         out = None
         if tp.paths:
@@ -349,6 +361,20 @@ def fused_tp_linear(
             s = x0 @ (rows * wo.unsqueeze(1)) if shared is not None else (x0 * wo) @ rows  # [E, cols]
             harm = tts[b].narrow(1, t0, tp.d)  # [E, d, 1]: the path's harmonics
             out = harm * s.unsqueeze(1) if out is None else torch.addcmul(out, harm, s.unsqueeze(1))
+        if tp.inner:
+            harms, lins = [], []
+            for (b, _, row, u, i, t0), wi in zip(tp.inner, w_inner):
+                rows = mat.narrow(0, row, u)
+                x = xs[i]  # [E, d1, u] ([1, d1, u] with shared_input)
+                d1 = x.shape[1]
+                if shared is not None:
+                    s = x.reshape(-1, u) @ (rows * wi.unsqueeze(1))
+                else:
+                    s = (x * wi.unsqueeze(1)).reshape(-1, u) @ rows
+                lins.append(s.view(-1, d1, mat.shape[1]).expand(n, d1, mat.shape[1]))  # [E, d1, cols]
+                harms.append(tts[b].narrow(1, t0, tp.d))  # [E, d, d1]
+            harm, lin_in = cat(harms, dim=2).contiguous(), cat(lins, dim=1)  # [E, d, sum d1], [E, sum d1, cols]
+            out = torch.bmm(harm, lin_in) if out is None else torch.baddbmm(out, harm, lin_in)
         if t == 0 and extra is not None:
             extra_out = out[:, 0, mat.shape[1] - extra.irreps_out.dim:]
         results.append(out)
