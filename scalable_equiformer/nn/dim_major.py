@@ -13,9 +13,12 @@ atoms, after the scatter, it costs ``N`` rows, not ``E``).
 :class:`~.tensor_product.DepthwiseTensorProduct` followed by :class:`~.tensor_product.EquivariantLinear`
 -- with, per input block, one batched matmul (all its paths at once, straight into dim-major
 layout), and per output irrep type one concatenation of its paths, one multiply by the per-edge
-weights (for shared weights, folded into the linear's matrix) and one matmul. No tensor of the
-tensor product's full output is ever formed, and nothing is transposed. Every concatenation is
-:class:`CatSplit`, whose backward is one ``split`` (differentiable, any order): no full-size zero
+weights (for shared weights, folded into the linear's matrix) and one matmul. Paths whose input has
+fewer components than their output (``0e x Y_l -> l``, ``1e x Y -> 2e``, ...) run the other way
+round: their rows of the linear layer first, on the smaller input, then the Clebsch-Gordan product
+(the same sum in another order, with ``2 l_out + 1`` / ``2 l_in + 1`` times fewer FLOPs in the
+linear). No tensor of the tensor product's full output is ever formed, and nothing is transposed.
+Every concatenation is :class:`CatSplit`, whose backward is one ``split`` (differentiable, any order): no full-size zero
 tensors in the force loss's double backward.
 
 The parameters stay where they were (``dtp.tp.weight``, ``lin.weight``, ``lin.bias``), so the
