@@ -18,8 +18,8 @@ fewer components than their output (``0e x Y_l -> l``, ``1e x Y -> 2e``, ...) ru
 round: their rows of the linear layer first, on the smaller input, then the Clebsch-Gordan product
 (the same sum in another order, with ``2 l_out + 1`` / ``2 l_in + 1`` times fewer FLOPs in the
 linear). No tensor of the tensor product's full output is ever formed, and nothing is transposed.
-Every concatenation is :class:`CatSplit`, whose backward is one ``split`` (differentiable, any order): no full-size zero
-tensors in the force loss's double backward.
+Every concatenation is :class:`CatSplit`, whose backward is one ``split`` (differentiable, any
+order): no full-size zero tensors in the force loss's double backward.
 
 The parameters stay where they were (``dtp.tp.weight``, ``lin.weight``, ``lin.bias``), so the
 state_dict and checkpoints are those of the plain path, which remains the oracle (tests compare
