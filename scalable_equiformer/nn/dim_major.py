@@ -234,36 +234,48 @@ def extra_scalar_columns(plan: FusedPlan, dtp, extra) -> bool:
     return list(inputs) == scalars and dtp.irreps_out.simplify()[0][1] == o3.Irrep("0e")
 
 
-def _matrix(lin, tp: _Type, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _param_pieces(lin) -> tuple[list[torch.Tensor], dict]:
+    """``lin``'s weight as one ``[fan_in, mul_out]`` view per output entry and its bias per entry with
+    one, from one ``split`` each (a narrow per entry would fill a full-size zero gradient for each)."""
+    plan = lin._plan
+    pieces = lin.weight.split([fan_in * mul_out for _, _, fan_in, mul_out, _, _ in plan])
+    mats = [w.view(fan_in, mul_out) for w, (_, _, fan_in, mul_out, _, _) in zip(pieces, plan)]
+    with_bias = [j for j, entry in enumerate(plan) if entry[5] >= 0]
+    biases = dict(zip(with_bias, lin.bias.split([plan[j][3] for j in with_bias]))) if with_bias else {}
+    return mats, biases
+
+
+def _matrix(tp: _Type, mats: list, biases: dict, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linear's matrix for one type, [fan_in, sum of its entries' mul (+ extra's columns)], and
-    its bias (or None)."""
-    mats, biases, any_bias = [], [], False
-    for _, offset, mul_out, b0 in tp.entries:
-        mats.append(lin.weight.narrow(0, offset, tp.fan_in * mul_out).view(tp.fan_in, mul_out))
-        if b0 >= 0:
-            biases.append(lin.bias.narrow(0, b0, mul_out))
-            any_bias = True
-        else:
-            biases.append(None)
+    its bias (or None); ``mats``, ``biases``: :func:`_param_pieces` of the linear."""
+    cols = [mats[j] for j, _, _, _ in tp.entries]
+    bias_parts = [biases.get(j) for j, _, _, _ in tp.entries]
     if extra is not None:
-        inputs, offset, fan_in, mul_out, _, b0 = extra._plan[0]
-        mats.append(extra.weight.narrow(0, offset, fan_in * mul_out).view(fan_in, mul_out))
-        biases.append(extra.bias.narrow(0, b0, mul_out) if b0 >= 0 else None)
-        any_bias = any_bias or b0 >= 0
-    mat = torch.cat(mats, dim=1) if len(mats) > 1 else mats[0]
+        extra_mats, extra_biases = _param_pieces(extra)
+        cols.append(extra_mats[0])
+        bias_parts.append(extra_biases.get(0))
+    mat = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
     bias = None
-    if any_bias:
-        cols = [m.shape[1] for m in mats]
-        bias = torch.cat([b if b is not None else mat.new_zeros(c) for b, c in zip(biases, cols)])
+    if any(b is not None for b in bias_parts):
+        bias = torch.cat([b if b is not None else mat.new_zeros(m.shape[1]) for b, m in zip(bias_parts, cols)])
     return mat, bias
 
 
-def _rows(mat: torch.Tensor, runs: tuple) -> torch.Tensor:
-    """The rows ``runs`` (``(start, length)`` pairs) of ``mat``, in order."""
-    if len(runs) == 1 and runs[0] == (0, mat.shape[0]):
-        return mat
-    parts = [mat.narrow(0, start, length) for start, length in runs]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+def _row_pieces(mat: torch.Tensor, segments: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """The rows ``(start, length)`` of ``mat`` for each segment (non-overlapping), from one ``split``."""
+    order = sorted(range(len(segments)), key=lambda k: segments[k][0])
+    sizes, index, pos = [], [0] * len(segments), 0
+    for k in order:
+        start, length = segments[k]
+        if start > pos:
+            sizes.append(start - pos)
+        index[k] = len(sizes)
+        sizes.append(length)
+        pos = start + length
+    if pos < mat.shape[0]:
+        sizes.append(mat.shape[0] - pos)
+    pieces = mat.split(sizes) if len(sizes) > 1 else (mat,)
+    return [pieces[i] for i in index]
 
 
 def _block_products(
@@ -274,8 +286,8 @@ def _block_products(
     shared_input: bool,
 ) -> tuple[list[dict], list[torch.Tensor]]:
     """Per input block: its needed paths' products ``{m: [E, 2 l_out + 1, u]}`` (unweighted), one
-    batched matmul per block (an outer product for scalar inputs), and the block's harmonics x
-    Clebsch-Gordan rows ``[E, Ktot, d1]`` (the outer paths read theirs)."""
+    batched matmul per block (an outer product for scalar inputs), and per block its paths' harmonics x
+    Clebsch-Gordan rows ``[E, 2 l_out + 1, d1]`` (the outer and inner paths read theirs)."""
     n = edge_sh.shape[0]
     # [E, sum_i Ktot_i * d1_i]: harmonics x Clebsch-Gordan, each block's [Ktot, d1] rows side by side
     t_all = edge_sh @ dtp._cg_km.to(dtype=edge_sh.dtype)
@@ -285,18 +297,19 @@ def _block_products(
         tt = t.view(n, ktot, d1)  # [E, Ktot, d1]
         if d1 > 1:  # contiguous operands: MKL's batched matmul runs 3-5x slower on strided ones
             tt = tt.contiguous()
-        tts.append(tt)
+        by_path = tt.split(sizes, dim=1) if len(sizes) > 1 else (tt,)
+        tts.append(by_path)
         products = {}
         if needed:
             x = xs[i]  # [E, d1, u]
             if d1 == 1 and len(needed) < len(sizes):  # only these paths: their rows times the scalars
                 for m in needed:
-                    products[m] = tt.narrow(1, sum(sizes[:m]), sizes[m]) * x
+                    products[m] = by_path[m] * x
             else:
                 kept = [sizes[m] for m in needed]
                 rows = tt
                 if len(needed) < len(sizes):  # only the needed paths' rows (the others run linear first)
-                    rows = cat([tt.narrow(1, sum(sizes[:m]), sizes[m]) for m in needed], dim=1).contiguous()
+                    rows = cat([by_path[m] for m in needed], dim=1).contiguous()
                 if d1 == 1:
                     y = rows * x  # [E, K, 1] * [E, 1, u]
                 elif shared_input:  # one input [1, d1, u] for every edge (the edge-degree embedding)
@@ -339,52 +352,58 @@ def fused_tp_linear(
         if weight is None:
             raise ValueError("DepthwiseTensorProduct without internal weights needs per-edge weights")
         w_all = weight.split(sizes, dim=1)
+    mats, biases = _param_pieces(lin)
     results, extra_out, k = [], None, 0
     for t, tp in enumerate(plan.types):
         w, w_outer = w_all[k], w_all[k + 1 : k + 1 + len(tp.outer)]
         w_inner = w_all[k + 1 + len(tp.outer) : k + 1 + len(tp.outer) + len(tp.inner)]
         k += 1 + len(tp.outer) + len(tp.inner)
-        mat, bias = _matrix(lin, tp, extra if t == 0 else None)
+        mat, bias = _matrix(tp, mats, biases, extra if t == 0 else None)
+        cols = mat.shape[1]
+        pieces = _row_pieces(mat, list(tp.rows) + [(o[2], o[3]) for o in tp.outer + tp.inner])
         out = None
         if tp.paths:
             y = cat([products[b][m] for b, m in tp.paths], dim=2)  # [E, d, fan]
-            rows = _rows(mat, tp.rows)
+            rows = cat(pieces[: len(tp.rows)], dim=0)
             if shared is not None:  # shared tensor-product weights fold into the rows: (Y * w) L = Y (w L)
                 rows = rows * w.unsqueeze(1)
             else:
                 y = y * w.unsqueeze(1)
             y = y.reshape(n * tp.d, tp.fan)
             out = torch.addmm(bias, y, rows) if bias is not None else y @ rows
-            out = out.view(n, tp.d, mat.shape[1])
+            out = out.view(n, tp.d, cols)
         elif bias is not None:
-            out = bias.expand(n, tp.d, mat.shape[1])
-        for (b, _, row, u, i, t0), wo in zip(tp.outer, w_outer):
-            rows = mat.narrow(0, row, u)
-            x0 = xs[i][:, 0, :]  # [E, u] ([1, u] with shared_input)
+            out = bias.expand(n, tp.d, cols)
+        pieces = pieces[len(tp.rows):]
+        for (b, m, _, u, i, _), wo, rows in zip(tp.outer, w_outer, pieces):
+            x0 = xs[i].squeeze(1)  # [E, u] ([1, u] with shared_input)
             s = x0 @ (rows * wo.unsqueeze(1)) if shared is not None else (x0 * wo) @ rows  # [E, cols]
-            harm = tts[b].narrow(1, t0, tp.d)  # [E, d, 1]: the path's harmonics
+            harm = tts[b][m]  # [E, d, 1]: the path's harmonics
             out = harm * s.unsqueeze(1) if out is None else torch.addcmul(out, harm, s.unsqueeze(1))
         if tp.inner:
             harms, lins = [], []
-            for (b, _, row, u, i, t0), wi in zip(tp.inner, w_inner):
-                rows = mat.narrow(0, row, u)
+            for (b, m, _, u, i, _), wi, rows in zip(tp.inner, w_inner, pieces[len(tp.outer):]):
                 x = xs[i]  # [E, d1, u] ([1, d1, u] with shared_input)
                 d1 = x.shape[1]
                 if shared is not None:
                     s = x.reshape(-1, u) @ (rows * wi.unsqueeze(1))
                 else:
                     s = (x * wi.unsqueeze(1)).reshape(-1, u) @ rows
-                lins.append(s.view(-1, d1, mat.shape[1]).expand(n, d1, mat.shape[1]))  # [E, d1, cols]
-                harms.append(tts[b].narrow(1, t0, tp.d))  # [E, d, d1]
+                lins.append(s.view(-1, d1, cols).expand(n, d1, cols))  # [E, d1, cols]
+                harms.append(tts[b][m])  # [E, d, d1]
             harm, lin_in = cat(harms, dim=2).contiguous(), cat(lins, dim=1)  # [E, d, sum d1], [E, sum d1, cols]
             out = torch.bmm(harm, lin_in) if out is None else torch.baddbmm(out, harm, lin_in)
-        if t == 0 and extra is not None:
-            extra_out = out[:, 0, mat.shape[1] - extra.irreps_out.dim:]
         results.append(out)
-    parts = [
-        results[t].narrow(2, col, mul) if results[t].shape[2] != mul else results[t]
-        for t, col, mul in plan.out_entries
-    ]
+    # each type's columns split into the linear's output entries (one split: its backward is one cat)
+    widths = [[] for _ in plan.types]
+    for t, _, mul in plan.out_entries:
+        widths[t].append(mul)
+    if extra is not None:
+        widths[0].append(extra.irreps_out.dim)
+    split = [list(r.split(w, dim=2)) if len(w) > 1 else [r] for r, w in zip(results, widths)]
+    if extra is not None:
+        extra_out = split[0].pop().squeeze(1)  # [E, mul]
+    parts = [split[t].pop(0) for t, _, _ in plan.out_entries]
     return parts, extra_out
 
 

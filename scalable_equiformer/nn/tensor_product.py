@@ -78,11 +78,13 @@ class EquivariantLinear(torch.nn.Module):
         # split (not narrow): its backward is one cat, where each narrow's backward fills a full-size zero tensor
         chunks = x.split(self._in_sizes, dim=1) if len(self._in_sizes) > 1 else (x,)
         outs = []
-        for inputs, offset, fan_in, mul_out, d, b0 in self._plan:
+        # one split of the weight (a narrow per entry would fill a full-size zero gradient for each)
+        weights = self.weight.split([fan_in * mul_out for _, _, fan_in, mul_out, _, _ in self._plan])
+        for (inputs, offset, fan_in, mul_out, d, b0), w in zip(self._plan, weights):
             if fan_in == 0:
                 out = x.new_zeros(n, d, mul_out) if dim_major else x.new_zeros(n, mul_out * d)
             else:
-                w = self.weight.narrow(0, offset, fan_in * mul_out).view(fan_in, mul_out)
+                w = w.view(fan_in, mul_out)
                 # a copy of the one input block, not a view: the matmul saves its input for the weight
                 # gradient, and a saved view would keep all of x (a whole tensor-product output per
                 # edge) alive until the loss's backward; the d > 1 branch copies anyway (issue 15)
