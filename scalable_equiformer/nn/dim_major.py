@@ -121,10 +121,10 @@ class _Type:
     d: int  # 2 l + 1
     paths: tuple  # ((block n, path m), ...): the paths concatenated into the type's matmul, in the linear's order
     fan_in: int  # the linear's input channels (rows of its matrix) of every path of the type
-    entries: tuple  # ((lin output entry j, weight offset, mul_out, bias offset or -1), ...)
+    entries: tuple  # the lin output entries j of this type, in order
     rows: tuple  # ((first row, rows), ...): the runs of matrix rows that ``paths`` read
     fan: int  # sum of the paths' channels (the rows of ``rows``)
-    outer: tuple  # ((block n, path m, first row, u, input entry i, first harmonic row), ...): scalar-input paths
+    outer: tuple  # ((block n, path m, first row, u, input entry i), ...): scalar-input paths
     inner: tuple  # the same for the paths from a smaller non-scalar input, 1 < 2 l_in + 1 < d (linear first)
 
 
@@ -134,7 +134,7 @@ class FusedPlan:
 
     types: tuple  # _Type per output irrep type of the tensor product, in the linear's input order
     weight_perm: tuple  # the per-edge weight columns the types read, type by type: paths, outer, inner paths
-    out_entries: tuple  # per lin output entry: (type index, column offset in that type's matmul, mul)
+    out_entries: tuple  # per lin output entry: (type index, mul), its columns in the type's matmul in order
     needed: tuple  # per block: the paths m whose products the types concatenate
 
 
@@ -171,10 +171,10 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
     if lin.irreps_in != mid.simplify() or len(set(types_in)) != len(types_in):  # one entry per irrep type
         return None
     ins = dtp.tp.instructions
-    where = {}  # instruction -> (block n, path m, first harmonic row of the path in the block's products)
-    for n, (_, _, _, _, sizes, paths) in enumerate(dtp._blocks):
+    where = {}  # instruction -> (block n, path m)
+    for n, (_, _, _, _, _, paths) in enumerate(dtp._blocks):
         for m, k in enumerate(paths):
-            where[k] = (n, m, sum(sizes[:m]))
+            where[k] = (n, m)
     w_offsets = [sum(dtp._w_sizes[:k]) for k in range(len(ins))]
     types, perm, needed = [], [], [set() for _ in dtp._blocks]
     entry_type = {}
@@ -182,16 +182,16 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
         ks = sorted((k for k in range(len(ins)) if mid[ins[k].i_out].ir == ir_t), key=lambda k: ins[k].i_out)
         paths, rows, outer, outer_cols, inner, inner_cols, row = [], [], [], [], [], [], 0
         for k in ks:
-            n, m, t0 = where[k]
+            n, m = where[k]
             i, u, d1 = dtp._blocks[n][0], dtp._blocks[n][1], dtp._blocks[n][2]
             cols = list(range(w_offsets[k], w_offsets[k] + dtp._w_sizes[k]))
             if i in zero_inputs:
                 pass
             elif d1 == 1 and ir_t.dim > 1:
-                outer.append((n, m, row, u, i, t0))
+                outer.append((n, m, row, u, i))
                 outer_cols.extend(cols)
             elif 1 < d1 < ir_t.dim:
-                inner.append((n, m, row, u, i, t0))
+                inner.append((n, m, row, u, i))
                 inner_cols.extend(cols)
             else:
                 paths.append((n, m))
@@ -201,11 +201,11 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
             row += u
         perm.extend(outer_cols + inner_cols)
         entries = []
-        for j, (inputs, offset, fan_in, mul_out, d, b0) in enumerate(lin._plan):
+        for j, (inputs, _, fan_in, _, _, _) in enumerate(lin._plan):
             if lin.irreps_out[j].ir == ir_t:
                 if inputs != [t] or fan_in != mul_t:
                     return None
-                entries.append((j, offset, mul_out, b0))
+                entries.append(j)
                 entry_type[j] = t
         if not paths and not outer and not inner:
             return None
@@ -213,12 +213,8 @@ def fused_plan(dtp, lin, zero_inputs: frozenset = frozenset()) -> FusedPlan | No
                            tuple(outer), tuple(inner)))
     if len(entry_type) != len(lin._plan):
         return None  # an output type the tensor product does not make (zeros in the plain path)
-    out_entries, col = [], {}
-    for j, (mul, _) in enumerate(lin.irreps_out):
-        t = entry_type[j]
-        out_entries.append((t, col.get(t, 0), mul))
-        col[t] = col.get(t, 0) + mul
-    return FusedPlan(tuple(types), tuple(perm), tuple(out_entries), tuple(tuple(sorted(s)) for s in needed))
+    out_entries = tuple((entry_type[j], mul) for j, (mul, _) in enumerate(lin.irreps_out))
+    return FusedPlan(tuple(types), tuple(perm), out_entries, tuple(tuple(sorted(s)) for s in needed))
 
 
 def extra_scalar_columns(plan: FusedPlan, dtp, extra) -> bool:
@@ -248,8 +244,8 @@ def _param_pieces(lin) -> tuple[list[torch.Tensor], dict]:
 def _matrix(tp: _Type, mats: list, biases: dict, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linear's matrix for one type, [fan_in, sum of its entries' mul (+ extra's columns)], and
     its bias (or None); ``mats``, ``biases``: :func:`_param_pieces` of the linear."""
-    cols = [mats[j] for j, _, _, _ in tp.entries]
-    bias_parts = [biases.get(j) for j, _, _, _ in tp.entries]
+    cols = [mats[j] for j in tp.entries]
+    bias_parts = [biases.get(j) for j in tp.entries]
     if extra is not None:
         extra_mats, extra_biases = _param_pieces(extra)
         cols.append(extra_mats[0])
@@ -302,22 +298,18 @@ def _block_products(
         products = {}
         if needed:
             x = xs[i]  # [E, d1, u]
-            if d1 == 1 and len(needed) < len(sizes):  # only these paths: their rows times the scalars
-                for m in needed:
-                    products[m] = by_path[m] * x
-            else:
-                kept = [sizes[m] for m in needed]
-                rows = tt
-                if len(needed) < len(sizes):  # only the needed paths' rows (the others run linear first)
-                    rows = cat([by_path[m] for m in needed], dim=1).contiguous()
-                if d1 == 1:
-                    y = rows * x  # [E, K, 1] * [E, 1, u]
-                elif shared_input:  # one input [1, d1, u] for every edge (the edge-degree embedding)
-                    y = rows @ x[0]
-                else:  # x contiguous also makes autograd's gradient of x the faster tt^T @ grad
-                    y = torch.bmm(rows, x.contiguous())  # [E, K, u]
-                ys = y.split(kept, dim=1) if len(kept) > 1 else (y,)
-                products = dict(zip(needed, ys))
+            kept = [sizes[m] for m in needed]
+            rows = tt
+            if len(needed) < len(sizes):  # only the needed paths' rows (the others run linear first)
+                rows = cat([by_path[m] for m in needed], dim=1).contiguous()
+            if d1 == 1:
+                y = rows * x  # [E, K, 1] * [E, 1, u]
+            elif shared_input:  # one input [1, d1, u] for every edge (the edge-degree embedding)
+                y = rows @ x[0]
+            else:  # x contiguous also makes autograd's gradient of x the faster tt^T @ grad
+                y = torch.bmm(rows, x.contiguous())  # [E, K, u]
+            ys = y.split(kept, dim=1) if len(kept) > 1 else (y,)
+            products = dict(zip(needed, ys))
         out.append(products)
     return out, tts
 
@@ -375,14 +367,14 @@ def fused_tp_linear(
         elif bias is not None:
             out = bias.expand(n, tp.d, cols)
         pieces = pieces[len(tp.rows):]
-        for (b, m, _, u, i, _), wo, rows in zip(tp.outer, w_outer, pieces):
+        for (b, m, _, u, i), wo, rows in zip(tp.outer, w_outer, pieces):
             x0 = xs[i].squeeze(1)  # [E, u] ([1, u] with shared_input)
             s = x0 @ (rows * wo.unsqueeze(1)) if shared is not None else (x0 * wo) @ rows  # [E, cols]
             harm = tts[b][m]  # [E, d, 1]: the path's harmonics
             out = harm * s.unsqueeze(1) if out is None else torch.addcmul(out, harm, s.unsqueeze(1))
         if tp.inner:
             harms, lins = [], []
-            for (b, m, _, u, i, _), wi, rows in zip(tp.inner, w_inner, pieces[len(tp.outer):]):
+            for (b, m, _, u, i), wi, rows in zip(tp.inner, w_inner, pieces[len(tp.outer):]):
                 x = xs[i]  # [E, d1, u] ([1, d1, u] with shared_input)
                 d1 = x.shape[1]
                 if shared is not None:
@@ -396,14 +388,14 @@ def fused_tp_linear(
         results.append(out)
     # each type's columns split into the linear's output entries (one split: its backward is one cat)
     widths = [[] for _ in plan.types]
-    for t, _, mul in plan.out_entries:
+    for t, mul in plan.out_entries:
         widths[t].append(mul)
     if extra is not None:
         widths[0].append(extra.irreps_out.dim)
     split = [list(r.split(w, dim=2)) if len(w) > 1 else [r] for r, w in zip(results, widths)]
     if extra is not None:
         extra_out = split[0].pop().squeeze(1)  # [E, mul]
-    parts = [split[t].pop(0) for t, _, _ in plan.out_entries]
+    parts = [split[t].pop(0) for t, _ in plan.out_entries]
     return parts, extra_out
 
 
