@@ -80,7 +80,7 @@ class EquivariantLinear(torch.nn.Module):
         outs = []
         # one split of the weight (a narrow per entry would fill a full-size zero gradient for each)
         weights = self.weight.split([fan_in * mul_out for _, _, fan_in, mul_out, _, _ in self._plan])
-        for (inputs, offset, fan_in, mul_out, d, b0), w in zip(self._plan, weights):
+        for (inputs, _, fan_in, mul_out, d, b0), w in zip(self._plan, weights):
             if fan_in == 0:
                 out = x.new_zeros(n, d, mul_out) if dim_major else x.new_zeros(n, mul_out * d)
             else:
